@@ -1,0 +1,354 @@
+//! Minimum hardware configuration (seed 000, claim 1): which nodes can host the VM at all.
+//! Every node left out carries a reason a person can read in `kubectl describe`.
+
+use std::collections::BTreeMap;
+
+use super::cluster::{
+    NodeFacts, NodeSelectorTerm, SelectorOperator, SelectorRequirement, TaintEffect, Toleration,
+    TolerationOperator, VmRequest,
+};
+
+pub const KUBEVIRT_SCHEDULABLE_LABEL: &str = "kubevirt.io/schedulable";
+pub const CPU_MODEL_LABEL_PREFIX: &str = "cpu-model.node.kubevirt.io/";
+pub const CPU_MODEL_MIGRATION_LABEL_PREFIX: &str = "cpu-model-migration.node.kubevirt.io/";
+pub const CPU_FEATURE_LABEL_PREFIX: &str = "cpu-feature.node.kubevirt.io/";
+
+/// Why a node cannot take the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FilterReason {
+    SourceNode,
+    NotReady,
+    Unschedulable,
+    NotKubevirtSchedulable,
+    InsufficientCpu { free_millis: u64, needed_millis: u64 },
+    InsufficientMemory { free_bytes: u64, needed_bytes: u64 },
+    NodeSelectorMismatch { key: String, want: String },
+    AffinityMismatch,
+    UntoleratedTaint { key: String, effect: TaintEffect },
+    MissingCpuModel(String),
+    MissingCpuFeature(String),
+    NotPinnedTarget(String),
+    OutsideWorkGroup { node_group: String, wanted: String },
+}
+
+impl std::fmt::Display for FilterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SourceNode => write!(f, "source node of the migration"),
+            Self::NotReady => write!(f, "node is not Ready"),
+            Self::Unschedulable => write!(f, "node is cordoned (spec.unschedulable)"),
+            Self::NotKubevirtSchedulable => {
+                write!(f, "node lacks label {KUBEVIRT_SCHEDULABLE_LABEL}=true")
+            }
+            Self::InsufficientCpu {
+                free_millis,
+                needed_millis,
+            } => write!(f, "insufficient cpu: {free_millis}m free, {needed_millis}m needed"),
+            Self::InsufficientMemory {
+                free_bytes,
+                needed_bytes,
+            } => write!(
+                f,
+                "insufficient memory: {} free, {} needed",
+                human_bytes(*free_bytes),
+                human_bytes(*needed_bytes)
+            ),
+            Self::NodeSelectorMismatch { key, want } => {
+                write!(f, "node selector {key}={want} does not match")
+            }
+            Self::AffinityMismatch => write!(f, "required node affinity does not match"),
+            Self::UntoleratedTaint { key, effect } => {
+                write!(f, "untolerated taint {key}:{effect:?}")
+            }
+            Self::MissingCpuModel(m) => write!(f, "CPU model {m} not supported"),
+            Self::MissingCpuFeature(x) => write!(f, "CPU feature {x} not supported"),
+            Self::NotPinnedTarget(t) => write!(f, "migration is pinned to node {t}"),
+            Self::OutsideWorkGroup { node_group, wanted } => {
+                write!(f, "in work group {node_group}, migration asks for {wanted}")
+            }
+        }
+    }
+}
+
+/// 1.5 GiB style sizes for messages.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The first reason `node` cannot host `vm`, or `None` when it can.
+pub fn check_node(vm: &VmRequest, node: &NodeFacts) -> Option<FilterReason> {
+    if node.name == vm.source_node {
+        return Some(FilterReason::SourceNode);
+    }
+    if !node.ready {
+        return Some(FilterReason::NotReady);
+    }
+    if node.unschedulable {
+        return Some(FilterReason::Unschedulable);
+    }
+    if node
+        .labels
+        .get(KUBEVIRT_SCHEDULABLE_LABEL)
+        .map(String::as_str)
+        != Some("true")
+    {
+        return Some(FilterReason::NotKubevirtSchedulable);
+    }
+    let free = node.free();
+    if vm.requests.cpu_millis > free.cpu_millis {
+        return Some(FilterReason::InsufficientCpu {
+            free_millis: free.cpu_millis,
+            needed_millis: vm.requests.cpu_millis,
+        });
+    }
+    if vm.requests.memory_bytes > free.memory_bytes {
+        return Some(FilterReason::InsufficientMemory {
+            free_bytes: free.memory_bytes,
+            needed_bytes: vm.requests.memory_bytes,
+        });
+    }
+    if let Some(reason) = selector_mismatch(&vm.node_selector, &node.labels) {
+        return Some(reason);
+    }
+    if !vm.affinity_terms.is_empty()
+        && !vm
+            .affinity_terms
+            .iter()
+            .any(|t| term_matches(t, &node.name, &node.labels))
+    {
+        return Some(FilterReason::AffinityMismatch);
+    }
+    for taint in &node.taints {
+        if taint.effect != TaintEffect::PreferNoSchedule
+            && !vm
+                .tolerations
+                .iter()
+                .any(|t| tolerates(t, &taint.key, taint.value.as_deref(), taint.effect))
+        {
+            return Some(FilterReason::UntoleratedTaint {
+                key: taint.key.clone(),
+                effect: taint.effect,
+            });
+        }
+    }
+    if let Some(model) = &vm.cpu_model {
+        let has = |prefix: &str| {
+            node.labels.get(&format!("{prefix}{model}")).map(String::as_str) == Some("true")
+        };
+        if !has(CPU_MODEL_LABEL_PREFIX) && !has(CPU_MODEL_MIGRATION_LABEL_PREFIX) {
+            return Some(FilterReason::MissingCpuModel(model.clone()));
+        }
+    }
+    for feature in &vm.cpu_features {
+        let label = format!("{CPU_FEATURE_LABEL_PREFIX}{feature}");
+        if node.labels.get(&label).map(String::as_str) != Some("true") {
+            return Some(FilterReason::MissingCpuFeature(feature.clone()));
+        }
+    }
+    None
+}
+
+fn selector_mismatch(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> Option<FilterReason> {
+    selector
+        .iter()
+        .find(|(k, v)| labels.get(*k) != Some(*v))
+        .map(|(k, v)| FilterReason::NodeSelectorMismatch {
+            key: k.clone(),
+            want: v.clone(),
+        })
+}
+
+fn term_matches(term: &NodeSelectorTerm, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    // An empty term matches nothing, as in Kubernetes.
+    if term.match_expressions.is_empty() && term.match_fields.is_empty() {
+        return false;
+    }
+    term.match_expressions
+        .iter()
+        .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
+        && term.match_fields.iter().all(|r| {
+            r.key == "metadata.name" && requirement_matches(r, Some(name))
+        })
+}
+
+fn requirement_matches(r: &SelectorRequirement, value: Option<&str>) -> bool {
+    let number = |s: &str| s.parse::<i64>().ok();
+    match r.operator {
+        SelectorOperator::In => value.is_some_and(|v| r.values.iter().any(|x| x == v)),
+        SelectorOperator::NotIn => !value.is_some_and(|v| r.values.iter().any(|x| x == v)),
+        SelectorOperator::Exists => value.is_some(),
+        SelectorOperator::DoesNotExist => value.is_none(),
+        SelectorOperator::Gt | SelectorOperator::Lt => {
+            let (Some(v), Some(bound)) = (
+                value.and_then(number),
+                r.values.first().and_then(|s| number(s)),
+            ) else {
+                return false;
+            };
+            if r.operator == SelectorOperator::Gt {
+                v > bound
+            } else {
+                v < bound
+            }
+        }
+    }
+}
+
+fn tolerates(t: &Toleration, key: &str, value: Option<&str>, effect: TaintEffect) -> bool {
+    if t.effect.is_some_and(|e| e != effect) {
+        return false;
+    }
+    match t.operator {
+        TolerationOperator::Exists => t.key.as_deref().is_none_or(|k| k.is_empty() || k == key),
+        TolerationOperator::Equal => {
+            t.key.as_deref() == Some(key) && t.value.as_deref().unwrap_or("") == value.unwrap_or("")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::cluster::{Resources, Taint, VmKey};
+
+    const GIB: u64 = 1 << 30;
+
+    fn node(name: &str) -> NodeFacts {
+        NodeFacts {
+            name: name.into(),
+            labels: [(KUBEVIRT_SCHEDULABLE_LABEL.to_string(), "true".to_string())].into(),
+            taints: vec![],
+            unschedulable: false,
+            ready: true,
+            allocatable: Resources { cpu_millis: 8000, memory_bytes: 32 * GIB },
+            requested: Resources::default(),
+            work_group: "a".into(),
+            load: None,
+        }
+    }
+
+    fn vm() -> VmRequest {
+        VmRequest {
+            vm: VmKey::new("ns", "vm"),
+            source_node: "src".into(),
+            requests: Resources { cpu_millis: 2000, memory_bytes: 8 * GIB },
+            node_selector: BTreeMap::new(),
+            affinity_terms: vec![],
+            tolerations: vec![],
+            cpu_model: None,
+            cpu_features: vec![],
+            summary: None,
+            memory_bytes: 8 * GIB,
+        }
+    }
+
+    #[test]
+    fn source_node_always_fails() {
+        assert_eq!(check_node(&vm(), &node("src")), Some(FilterReason::SourceNode));
+    }
+
+    #[test]
+    fn capacity_is_checked_with_a_readable_reason() {
+        let mut n = node("n");
+        n.requested = Resources { cpu_millis: 0, memory_bytes: 30 * GIB };
+        let r = check_node(&vm(), &n).unwrap();
+        assert_eq!(r.to_string(), "insufficient memory: 2.0 GiB free, 8.0 GiB needed");
+        n.requested = Resources { cpu_millis: 7000, memory_bytes: 0 };
+        assert!(matches!(check_node(&vm(), &n), Some(FilterReason::InsufficientCpu { .. })));
+    }
+
+    #[test]
+    fn cordoned_unready_and_non_kubevirt_nodes_fail() {
+        let mut n = node("n");
+        n.unschedulable = true;
+        assert_eq!(check_node(&vm(), &n), Some(FilterReason::Unschedulable));
+        let mut n = node("n");
+        n.ready = false;
+        assert_eq!(check_node(&vm(), &n), Some(FilterReason::NotReady));
+        let mut n = node("n");
+        n.labels.clear();
+        assert_eq!(check_node(&vm(), &n), Some(FilterReason::NotKubevirtSchedulable));
+    }
+
+    #[test]
+    fn taints_need_tolerations_but_prefer_no_schedule_does_not() {
+        let mut n = node("n");
+        n.taints.push(Taint { key: "gpu".into(), value: Some("yes".into()), effect: TaintEffect::NoSchedule });
+        assert!(matches!(check_node(&vm(), &n), Some(FilterReason::UntoleratedTaint { .. })));
+        let mut v = vm();
+        v.tolerations.push(Toleration {
+            key: Some("gpu".into()),
+            operator: TolerationOperator::Equal,
+            value: Some("yes".into()),
+            effect: None,
+        });
+        assert_eq!(check_node(&v, &n), None);
+        let mut n = node("n");
+        n.taints.push(Taint { key: "x".into(), value: None, effect: TaintEffect::PreferNoSchedule });
+        assert_eq!(check_node(&vm(), &n), None);
+        let mut v = vm();
+        v.tolerations.push(Toleration { operator: TolerationOperator::Exists, ..Default::default() });
+        let mut n = node("n");
+        n.taints.push(Taint { key: "any".into(), value: None, effect: TaintEffect::NoExecute });
+        assert_eq!(check_node(&v, &n), None, "empty key with Exists tolerates everything");
+    }
+
+    #[test]
+    fn selectors_affinity_and_cpu_labels() {
+        let mut v = vm();
+        v.node_selector.insert("disk".into(), "ssd".into());
+        assert!(matches!(check_node(&v, &node("n")), Some(FilterReason::NodeSelectorMismatch { .. })));
+        let mut v = vm();
+        v.affinity_terms.push(NodeSelectorTerm {
+            match_expressions: vec![SelectorRequirement {
+                key: "rack".into(),
+                operator: SelectorOperator::Gt,
+                values: vec!["3".into()],
+            }],
+            match_fields: vec![],
+        });
+        let mut n = node("n");
+        n.labels.insert("rack".into(), "2".into());
+        assert_eq!(check_node(&v, &n), Some(FilterReason::AffinityMismatch));
+        n.labels.insert("rack".into(), "4".into());
+        assert_eq!(check_node(&v, &n), None);
+        let mut v = vm();
+        v.cpu_model = Some("Skylake".into());
+        v.cpu_features = vec!["avx2".into()];
+        let mut n = node("n");
+        assert_eq!(check_node(&v, &n), Some(FilterReason::MissingCpuModel("Skylake".into())));
+        n.labels.insert(format!("{CPU_MODEL_LABEL_PREFIX}Skylake"), "true".into());
+        assert_eq!(check_node(&v, &n), Some(FilterReason::MissingCpuFeature("avx2".into())));
+        n.labels.insert(format!("{CPU_FEATURE_LABEL_PREFIX}avx2"), "true".into());
+        assert_eq!(check_node(&v, &n), None);
+    }
+
+    #[test]
+    fn match_fields_can_pin_by_name() {
+        let mut v = vm();
+        v.affinity_terms.push(NodeSelectorTerm {
+            match_expressions: vec![],
+            match_fields: vec![SelectorRequirement {
+                key: "metadata.name".into(),
+                operator: SelectorOperator::In,
+                values: vec!["b".into()],
+            }],
+        });
+        assert_eq!(check_node(&v, &node("a")), Some(FilterReason::AffinityMismatch));
+        assert_eq!(check_node(&v, &node("b")), None);
+    }
+}

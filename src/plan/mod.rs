@@ -1,0 +1,15 @@
+//! The planning core: plain Rust, no Kubernetes types. The controller, the extender and
+//! `simulate` all call these functions, so what is measured offline is what runs in a cluster.
+
+pub mod cluster;
+pub mod hardware;
+pub mod overlap_index;
+pub mod planner;
+pub mod rank;
+pub mod region;
+pub mod replicated;
+pub mod sketch;
+pub mod workgroups;
+
+pub use cluster::*;
+pub use planner::{Plan, PlanError, PlanOptions, Planner, Scope, Verdict};

@@ -1,0 +1,184 @@
+//! An inverted index from sampled region keys to the nodes that hold them, so ranking touches
+//! only the migrating VM's keys (a few thousand) instead of every node's sketch: ranking 5,000
+//! nodes costs the sum of the VM's posting lists, not 5,000 sketch intersections.
+//!
+//! Layout: postings sorted by key, split into `2^d` buckets by the key's high bits; a posting
+//! stores the key's low bits and the node position. Built once per view (the glue rebuilds it,
+//! debounced, when digests change) and shared read-only.
+
+use super::sketch::RegionSketch;
+
+pub struct OverlapIndex {
+    /// Keys below a node's threshold were sampled by it; above, the node says nothing.
+    node_thresholds: Vec<u64>,
+    has_digest: Vec<bool>,
+    low_bits: u32,
+    directory: Vec<u32>,
+    low_keys: Vec<u32>,
+    nodes: Vec<u32>,
+}
+
+impl OverlapIndex {
+    /// `sketches[i]` is node i's sketch (or `None` without a digest).
+    pub fn build(sketches: &[Option<&RegionSketch>]) -> Self {
+        let node_thresholds: Vec<u64> = sketches
+            .iter()
+            .map(|s| s.map_or(0, |s| s.threshold()))
+            .collect();
+        let has_digest = sketches.iter().map(Option::is_some).collect();
+        let max_threshold = node_thresholds.iter().copied().max().unwrap_or(1).max(1);
+        let key_bits = 64 - (max_threshold - 1).leading_zeros().min(63);
+        let total: usize = sketches.iter().flatten().map(|s| s.len()).sum();
+        // About four postings per bucket; low bits must fit in u32.
+        let wanted_dir_bits = (usize::BITS - total.max(1).leading_zeros()).saturating_sub(2);
+        let dir_bits = wanted_dir_bits.clamp(key_bits.saturating_sub(32), key_bits.max(1));
+        let low_bits = key_bits.saturating_sub(dir_bits);
+        let buckets = 1usize << dir_bits;
+
+        // Counting sort by bucket, then sort each bucket by (low key, node).
+        let mut directory = vec![0u32; buckets + 1];
+        for s in sketches.iter().flatten() {
+            for &k in s.keys() {
+                directory[(k >> low_bits) as usize + 1] += 1;
+            }
+        }
+        for b in 0..buckets {
+            directory[b + 1] += directory[b];
+        }
+        let mut fill: Vec<u32> = directory[..buckets].to_vec();
+        let mut low_keys = vec![0u32; total];
+        let mut nodes = vec![0u32; total];
+        let low_mask = if low_bits == 0 {
+            0
+        } else {
+            (1u64 << low_bits) - 1
+        };
+        for (node, s) in sketches.iter().enumerate() {
+            let Some(s) = s else { continue };
+            for &k in s.keys() {
+                let b = (k >> low_bits) as usize;
+                let at = fill[b] as usize;
+                fill[b] += 1;
+                low_keys[at] = (k & low_mask) as u32;
+                nodes[at] = node as u32;
+            }
+        }
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for b in 0..buckets {
+            let (lo, hi) = (directory[b] as usize, directory[b + 1] as usize);
+            if hi - lo > 1 {
+                pairs.clear();
+                pairs.extend((lo..hi).map(|i| (low_keys[i], nodes[i])));
+                pairs.sort_unstable();
+                for (i, (l, n)) in pairs.iter().enumerate() {
+                    low_keys[lo + i] = *l;
+                    nodes[lo + i] = *n;
+                }
+            }
+        }
+        Self {
+            node_thresholds,
+            has_digest,
+            low_bits,
+            directory,
+            low_keys,
+            nodes,
+        }
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.node_thresholds.len()
+    }
+
+    pub fn has_digest(&self, node: usize) -> bool {
+        self.has_digest[node]
+    }
+
+    pub fn node_threshold(&self, node: usize) -> u64 {
+        self.node_thresholds[node]
+    }
+
+    /// Heap bytes held by the index.
+    pub fn memory_bytes(&self) -> usize {
+        self.directory.len() * 4
+            + self.low_keys.len() * 4
+            + self.nodes.len() * 4
+            + self.node_thresholds.len() * 9
+    }
+
+    /// Calls `visit(node)` for every node holding `key` (only nodes whose threshold covers it).
+    #[inline]
+    pub fn for_each_holder(&self, key: u64, mut visit: impl FnMut(usize)) {
+        let b = (key >> self.low_bits) as usize;
+        if b + 1 >= self.directory.len() {
+            return;
+        }
+        let (lo, hi) = (self.directory[b] as usize, self.directory[b + 1] as usize);
+        let low = (key & ((1u64 << self.low_bits) - 1)) as u32;
+        let slice = &self.low_keys[lo..hi];
+        let start = slice.partition_point(|l| *l < low);
+        for i in lo + start..hi {
+            if self.low_keys[i] != low {
+                break;
+            }
+            let node = self.nodes[i] as usize;
+            if key < self.node_thresholds[node] {
+                visit(node);
+            }
+        }
+    }
+
+    /// For every node, how many of the VM's sampled keys it holds. `hits` is resized to the
+    /// node count and overwritten.
+    pub fn count_hits(&self, vm: &RegionSketch, hits: &mut Vec<u32>) {
+        hits.clear();
+        hits.resize(self.node_count(), 0);
+        for &key in vm.keys() {
+            self.for_each_holder(key, |n| hits[n] += 1);
+        }
+    }
+
+    /// The VM's keys a node could have sampled: the denominator of its overlap fraction.
+    pub fn sampled_for(&self, vm: &RegionSketch, node: usize) -> u32 {
+        vm.count_below(self.node_thresholds[node])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::sketch::{KEY_SPACE, RegionSketch};
+
+    #[test]
+    fn index_counts_match_pairwise_overlap() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let pool: Vec<u64> = (0..20_000).map(|_| rng.random::<u64>() >> 24).collect();
+        let mut sketches = Vec::new();
+        for i in 0..20 {
+            let keys: Vec<u64> = pool.iter().copied().filter(|_| rng.random_bool(0.3)).collect();
+            let t = if i % 3 == 0 { KEY_SPACE / 2 } else { KEY_SPACE };
+            sketches.push(RegionSketch::from_keys(t, keys));
+        }
+        let vm = RegionSketch::from_keys(KEY_SPACE, pool[..5000].iter().copied());
+        let refs: Vec<Option<&RegionSketch>> = sketches.iter().map(Some).chain([None]).collect();
+        let index = OverlapIndex::build(&refs);
+        let mut hits = Vec::new();
+        index.count_hits(&vm, &mut hits);
+        for (i, s) in sketches.iter().enumerate() {
+            let o = vm.overlap(s);
+            assert_eq!(hits[i], o.hits, "node {i}");
+            assert_eq!(index.sampled_for(&vm, i), o.sampled, "node {i}");
+        }
+        assert_eq!(hits[20], 0);
+        assert!(!index.has_digest(20));
+    }
+
+    #[test]
+    fn empty_index_answers_nothing() {
+        let index = OverlapIndex::build(&[]);
+        let mut hits = vec![1, 2, 3];
+        index.count_hits(&RegionSketch::from_keys(KEY_SPACE, [1, 2, 3]), &mut hits);
+        assert!(hits.is_empty());
+    }
+}

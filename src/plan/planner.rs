@@ -1,0 +1,464 @@
+//! The planner: from a VM to a target node, with every decision explained.
+//!
+//! 1. Minimum hardware filter (seed 000, claim 1) → candidates, each left-out node with a reason.
+//! 2. Work group (seed 002): scope `WorkGroup` keeps the source's work group when it has a
+//!    candidate; scope `Cluster` scores every work group by the VM regions available in it,
+//!    the highest wins and a tie goes to the work group nearest the source.
+//! 3. Inside the work group, [`rank`](super::rank) (seed 000: most regions in common, then load).
+//! 4. Bytes to move = memory - common - zero.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::cluster::{ClusterSnapshot, VmKey, VmRegionSummary, VmRequest};
+use super::hardware::{check_node, FilterReason};
+use super::overlap_index::OverlapIndex;
+use super::rank::{extender_scores, rank_order, why_lost, Scored};
+use super::sketch::RegionSketch;
+use super::workgroups::DistanceError;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    /// Stay in the source's work group when it has a candidate.
+    #[default]
+    WorkGroup,
+    /// Long-distance rule across all work groups.
+    Cluster,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    pub scope: Scope,
+    pub pinned_node: Option<String>,
+    pub pinned_work_group: Option<String>,
+    /// Only these nodes are considered (the extender's node list); `None` means all.
+    pub only_nodes: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("source node {0:?} of the VM is not a known node")]
+    UnknownSourceNode(String),
+    #[error("pinned target node {0:?} is not a known node")]
+    UnknownPinnedNode(String),
+    #[error(transparent)]
+    Distance(#[from] DistanceError),
+}
+
+/// How a node fared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "verdict", content = "reason")]
+pub enum Verdict {
+    Chosen,
+    Lost(String),
+    Filtered(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidate {
+    pub node: String,
+    pub work_group: String,
+    pub common_regions: f64,
+    pub common_bytes: u64,
+    pub distance: f64,
+    pub load: f64,
+    pub has_digest: bool,
+    /// Scheduler-extender score 0..=10 (0 for filtered nodes).
+    pub score: u8,
+    pub verdict: Verdict,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkGroupScore {
+    pub work_group: String,
+    /// Estimated VM regions available somewhere in the work group (source node excluded).
+    pub regions_available: f64,
+    pub distance: f64,
+    pub candidates: usize,
+    pub chosen: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ByteEstimate {
+    pub total: u64,
+    pub zero: u64,
+    pub common: u64,
+    pub to_move: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub vm: VmKey,
+    pub source_node: String,
+    pub source_work_group: String,
+    pub target_node: Option<String>,
+    pub target_work_group: Option<String>,
+    /// Passing candidates best first, then filtered nodes.
+    pub candidates: Vec<Candidate>,
+    pub work_groups: Vec<WorkGroupScore>,
+    /// Bytes for the chosen target (all zeros when there is none).
+    pub bytes: ByteEstimate,
+    /// Things a person should know (missing summary, fallbacks taken).
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn target(&self) -> Option<&Candidate> {
+        self.candidates
+            .iter()
+            .find(|c| c.verdict == Verdict::Chosen)
+    }
+}
+
+/// A cluster snapshot made ready for planning. Cheap to query, rebuilt when the view changes.
+pub struct Planner {
+    snapshot: ClusterSnapshot,
+    node_pos: HashMap<String, usize>,
+    group_of: Vec<usize>,
+    groups: Vec<String>,
+    vm_home: HashMap<VmKey, (usize, usize)>,
+    index: OverlapIndex,
+}
+
+impl Planner {
+    pub fn new(snapshot: ClusterSnapshot) -> Self {
+        let node_pos: HashMap<String, usize> = snapshot
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let mut groups: Vec<String> = snapshot.nodes.iter().map(|n| n.work_group.clone()).collect();
+        groups.sort();
+        groups.dedup();
+        let group_of = snapshot
+            .nodes
+            .iter()
+            .map(|n| groups.binary_search(&n.work_group).unwrap_or(0))
+            .collect();
+        let mut node_sketch: Vec<Option<&RegionSketch>> = vec![None; snapshot.nodes.len()];
+        let mut vm_home = HashMap::new();
+        for (d, digest) in snapshot.digests.iter().enumerate() {
+            if digest.geometry != snapshot.geometry {
+                continue; // a digest with another region size cannot be compared
+            }
+            if let Some(&i) = node_pos.get(&digest.node) {
+                node_sketch[i] = Some(&digest.sketch);
+            }
+            for (v, vm) in digest.vms.iter().enumerate() {
+                vm_home.insert(vm.vm.clone(), (d, v));
+            }
+        }
+        let index = OverlapIndex::build(&node_sketch);
+        Self {
+            node_pos,
+            group_of,
+            groups,
+            vm_home,
+            index,
+            snapshot,
+        }
+    }
+
+    pub fn snapshot(&self) -> &ClusterSnapshot {
+        &self.snapshot
+    }
+
+    pub fn index(&self) -> &OverlapIndex {
+        &self.index
+    }
+
+    /// The VM's published summary, wherever a digest holds it.
+    pub fn vm_summary(&self, vm: &VmKey) -> Option<&VmRegionSummary> {
+        self.vm_home
+            .get(vm)
+            .map(|&(d, v)| &self.snapshot.digests[d].vms[v])
+    }
+
+    pub fn node_position(&self, name: &str) -> Option<usize> {
+        self.node_pos.get(name).copied()
+    }
+
+    /// Estimated regions of the VM on every node (index order), from the sampled overlap.
+    pub fn common_regions(&self, summary: &VmRegionSummary, hits: &mut Vec<u32>) -> Vec<f64> {
+        self.index.count_hits(&summary.sketch, hits);
+        let nonzero = summary.nonzero_regions() as f64;
+        (0..self.index.node_count())
+            .map(|i| {
+                let sampled = self.index.sampled_for(&summary.sketch, i);
+                if sampled == 0 {
+                    0.0
+                } else {
+                    hits[i] as f64 / sampled as f64 * nonzero
+                }
+            })
+            .collect()
+    }
+
+    /// Estimated VM regions available in each work group, the source node left out.
+    fn work_group_regions(&self, summary: &VmRegionSummary, source: usize) -> Vec<f64> {
+        let g = self.groups.len();
+        let mut threshold = vec![u64::MAX; g];
+        for i in 0..self.index.node_count() {
+            if i != source && self.index.has_digest(i) {
+                let t = &mut threshold[self.group_of[i]];
+                *t = (*t).min(self.index.node_threshold(i));
+            }
+        }
+        let mut hits = vec![0u32; g];
+        let mut seen_at = vec![usize::MAX; g];
+        for (k, &key) in summary.sketch.keys().iter().enumerate() {
+            self.index.for_each_holder(key, |n| {
+                let grp = self.group_of[n];
+                if n != source && key < threshold[grp] && seen_at[grp] != k {
+                    seen_at[grp] = k;
+                    hits[grp] += 1;
+                }
+            });
+        }
+        let nonzero = summary.nonzero_regions() as f64;
+        (0..g)
+            .map(|grp| {
+                let sampled = if threshold[grp] == u64::MAX {
+                    0
+                } else {
+                    summary.sketch.count_below(threshold[grp])
+                };
+                if sampled == 0 {
+                    0.0
+                } else {
+                    hits[grp] as f64 / sampled as f64 * nonzero
+                }
+            })
+            .collect()
+    }
+
+    pub fn plan(&self, req: &VmRequest, opts: &PlanOptions) -> Result<Plan, PlanError> {
+        let source = *self
+            .node_pos
+            .get(&req.source_node)
+            .ok_or_else(|| PlanError::UnknownSourceNode(req.source_node.clone()))?;
+        if let Some(p) = &opts.pinned_node {
+            if !self.node_pos.contains_key(p) {
+                return Err(PlanError::UnknownPinnedNode(p.clone()));
+            }
+        }
+        let nodes = &self.snapshot.nodes;
+        let source_group = nodes[source].work_group.clone();
+        let region_bytes = self.snapshot.geometry.region_bytes();
+        let mut notes = Vec::new();
+
+        let summary = req.summary.as_ref().or_else(|| self.vm_summary(&req.vm));
+        if summary.is_none() {
+            notes.push(format!(
+                "no memory summary for {} yet: ranked by load only",
+                req.vm
+            ));
+        }
+        let mut hits = Vec::new();
+        let common: Vec<f64> = match summary {
+            Some(s) => self.common_regions(s, &mut hits),
+            None => vec![0.0; nodes.len()],
+        };
+
+        // 1. Minimum hardware configuration.
+        let considered: Vec<usize> = match &opts.only_nodes {
+            Some(names) => names.iter().filter_map(|n| self.node_pos.get(n).copied()).collect(),
+            None => (0..nodes.len()).collect(),
+        };
+        let mut passing = Vec::new();
+        let mut filtered = Vec::new();
+        for &i in &considered {
+            let node = &nodes[i];
+            let reason = check_node(req, node)
+                .or_else(|| {
+                    opts.pinned_node
+                        .as_ref()
+                        .filter(|p| **p != node.name)
+                        .map(|p| FilterReason::NotPinnedTarget(p.clone()))
+                })
+                .or_else(|| {
+                    opts.pinned_work_group
+                        .as_ref()
+                        .filter(|g| **g != node.work_group)
+                        .map(|g| FilterReason::OutsideWorkGroup {
+                            node_group: node.work_group.clone(),
+                            wanted: g.clone(),
+                        })
+                });
+            match reason {
+                Some(r) => filtered.push((i, r)),
+                None => passing.push(i),
+            }
+        }
+
+        // 2. Work group.
+        let distance_to = |g: &str| self.snapshot.distances.distance(&source_group, g);
+        let mut group_candidates = vec![0usize; self.groups.len()];
+        for &i in &passing {
+            group_candidates[self.group_of[i]] += 1;
+        }
+        let source_gi = self.group_of[source];
+        let use_cluster_rule = match opts.scope {
+            Scope::Cluster => true,
+            Scope::WorkGroup => {
+                let stay = group_candidates[source_gi] > 0;
+                if !stay && !passing.is_empty() {
+                    notes.push(format!(
+                        "no candidate in work group {source_group}: chose across work groups"
+                    ));
+                }
+                !stay
+            }
+        };
+        let group_regions = match summary {
+            Some(s) => self.work_group_regions(s, source),
+            None => vec![0.0; self.groups.len()],
+        };
+        let mut work_groups = Vec::new();
+        for (gi, name) in self.groups.iter().enumerate() {
+            if group_candidates[gi] == 0 {
+                continue;
+            }
+            work_groups.push(WorkGroupScore {
+                work_group: name.clone(),
+                regions_available: group_regions[gi],
+                distance: distance_to(name)?,
+                candidates: group_candidates[gi],
+                chosen: false,
+            });
+        }
+        // Highest score first; a tie goes to the shortest distance, then the name.
+        work_groups.sort_by(|a, b| {
+            b.regions_available
+                .total_cmp(&a.regions_available)
+                .then(a.distance.total_cmp(&b.distance))
+                .then_with(|| a.work_group.cmp(&b.work_group))
+        });
+        if !use_cluster_rule {
+            // Source work group first, the others in the long-distance order behind it.
+            if let Some(pos) = work_groups.iter().position(|w| w.work_group == source_group) {
+                let w = work_groups.remove(pos);
+                work_groups.insert(0, w);
+            }
+        }
+        if let Some(first) = work_groups.first_mut() {
+            first.chosen = true;
+        }
+        let group_rank: HashMap<&str, usize> = work_groups
+            .iter()
+            .enumerate()
+            .map(|(r, w)| (w.work_group.as_str(), r))
+            .collect();
+
+        // 3. Rank: work groups in their order, inside each by regions in common and load.
+        let mut ranked: Vec<(usize, Scored)> = passing
+            .iter()
+            .map(|&i| {
+                (
+                    i,
+                    Scored {
+                        node: nodes[i].name.clone(),
+                        common_regions: common[i],
+                        load: nodes[i].effective_load(),
+                        has_digest: self.index.has_digest(i),
+                    },
+                )
+            })
+            .collect();
+        ranked.sort_by(|(a, sa), (b, sb)| {
+            let ga = group_rank[nodes[*a].work_group.as_str()];
+            let gb = group_rank[nodes[*b].work_group.as_str()];
+            ga.cmp(&gb).then_with(|| rank_order(sa, sb))
+        });
+        let scored: Vec<Scored> = ranked.iter().map(|(_, s)| s.clone()).collect();
+        let scores = extender_scores(&scored);
+        let winner = scored.first().cloned();
+        let chosen_group = work_groups.first().map(|w| w.work_group.clone());
+
+        let mut candidates = Vec::with_capacity(considered.len());
+        for (pos, ((i, s), score)) in ranked.iter().zip(scores).enumerate() {
+            let node = &nodes[*i];
+            let verdict = if pos == 0 {
+                Verdict::Chosen
+            } else if Some(&node.work_group) != chosen_group.as_ref() {
+                Verdict::Lost(format!(
+                    "in work group {}, work group {} was chosen",
+                    node.work_group,
+                    chosen_group.as_deref().unwrap_or("")
+                ))
+            } else {
+                Verdict::Lost(why_lost(s, winner.as_ref().expect("ranked is not empty")))
+            };
+            candidates.push(Candidate {
+                node: node.name.clone(),
+                work_group: node.work_group.clone(),
+                common_regions: s.common_regions,
+                common_bytes: (s.common_regions * region_bytes as f64) as u64,
+                distance: distance_to(&node.work_group).unwrap_or(f64::NAN),
+                load: s.load,
+                has_digest: s.has_digest,
+                score,
+                verdict,
+            });
+        }
+        for (i, reason) in filtered {
+            let node = &nodes[i];
+            candidates.push(Candidate {
+                node: node.name.clone(),
+                work_group: node.work_group.clone(),
+                common_regions: common[i],
+                common_bytes: (common[i] * region_bytes as f64) as u64,
+                distance: distance_to(&node.work_group).unwrap_or(f64::NAN),
+                load: node.effective_load(),
+                has_digest: self.index.has_digest(i),
+                score: 0,
+                verdict: Verdict::Filtered(reason.to_string()),
+            });
+        }
+
+        // 4. Bytes.
+        let total = summary.map_or(req.memory_bytes, |s| s.memory_bytes);
+        let zero = summary.map_or(0, |s| (s.zero_regions * region_bytes).min(total));
+        let bytes = match candidates.first().filter(|c| c.verdict == Verdict::Chosen) {
+            Some(c) => {
+                let common = c.common_bytes.min(total - zero);
+                ByteEstimate {
+                    total,
+                    zero,
+                    common,
+                    to_move: total - zero - common,
+                }
+            }
+            None => ByteEstimate {
+                total,
+                zero,
+                common: 0,
+                to_move: total - zero,
+            },
+        };
+        let target = candidates
+            .first()
+            .filter(|c| c.verdict == Verdict::Chosen)
+            .cloned();
+        if target.is_none() {
+            notes.push("no node passes the minimum hardware configuration".into());
+        }
+        Ok(Plan {
+            vm: req.vm.clone(),
+            source_node: req.source_node.clone(),
+            source_work_group: source_group,
+            target_node: target.as_ref().map(|c| c.node.clone()),
+            target_work_group: target.map(|c| c.work_group),
+            candidates,
+            work_groups,
+            bytes,
+            notes,
+        })
+    }
+}
