@@ -2,4 +2,7 @@
 //! load. See README.md for the architecture.
 #![deny(warnings)]
 
+pub mod api;
+pub mod cli;
 pub mod plan;
+pub mod telemetry;

@@ -1,1 +1,30 @@
-fn main() {}
+//! The `commonground` binary: parse the command line, hand over to one subcommand.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "commonground", version, about = "KubeVirt live-migration placement by memory in common, work-group distance and load")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the CustomResourceDefinitions (what crds/ must equal).
+    Crd(commonground::cli::crd::CrdArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

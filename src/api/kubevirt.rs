@@ -1,0 +1,256 @@
+//! The KubeVirt, Multus and nmstate types commonground reads or writes: only the fields it uses,
+//! everything else preserved by the API server. Their CRDs belong to those projects.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+/// Label on the migration target pod naming the migration's UID.
+pub const MIGRATION_JOB_UID_LABEL: &str = "kubevirt.io/migrationJobUID";
+/// Annotation on the migration target pod naming the migration.
+pub const MIGRATION_JOB_NAME_ANNOTATION: &str = "kubevirt.io/migrationJobName";
+/// Label on virt-launcher pods holding the VMI's UID.
+pub const CREATED_BY_LABEL: &str = "kubevirt.io/created-by";
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// VMI condition KubeVirt sets when the VMI can be live-migrated.
+pub const LIVE_MIGRATABLE: &str = "LiveMigratable";
+/// KubeVirt defaults when the KubeVirt CR says nothing.
+pub const DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER: u32 = 5;
+pub const DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE: u32 = 2;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "VirtualMachineInstance",
+    plural = "virtualmachineinstances",
+    namespaced,
+    status = "VmiStatus",
+    schema = "disabled",
+    derive = "Default",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+    #[serde(default)]
+    pub domain: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<VmiCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_state: Option<MigrationState>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiCondition {
+    pub r#type: String,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// VMI `status.migrationState` (also mirrored in VMIM status).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_timestamp: Option<String>,
+    #[serde(default)]
+    pub completed: bool,
+    #[serde(default)]
+    pub failed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_requested: Option<bool>,
+}
+
+impl VirtualMachineInstance {
+    pub fn condition_true(&self, kind: &str) -> bool {
+        self.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == kind && c.status == "True")
+        })
+    }
+
+    pub fn node_name(&self) -> Option<&str> {
+        self.status.as_ref()?.node_name.as_deref()
+    }
+
+    /// A migration has started and not finished.
+    pub fn is_migrating(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.migration_state.as_ref())
+            .is_some_and(|m| m.start_timestamp.is_some() && !m.completed && !m.failed)
+    }
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "VirtualMachineInstanceMigration",
+    plural = "virtualmachineinstancemigrations",
+    namespaced,
+    status = "VmimStatus",
+    schema = "disabled",
+    derive = "Default",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VmimSpec {
+    pub vmi_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_node_selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmimStatus {
+    /// Pending, Scheduling, Scheduled, PreparingTarget, TargetReady, Running, Succeeded, Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_state: Option<MigrationState>,
+}
+
+impl VirtualMachineInstanceMigration {
+    pub fn phase(&self) -> Option<&str> {
+        self.status.as_ref()?.phase.as_deref()
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self.phase(), Some("Succeeded" | "Failed"))
+    }
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "KubeVirt",
+    plural = "kubevirts",
+    namespaced,
+    schema = "disabled",
+    derive = "Default",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeVirtSpec {
+    #[serde(default)]
+    pub configuration: KubeVirtConfiguration,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeVirtConfiguration {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<MigrationConfiguration>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationConfiguration {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_migrations_per_cluster: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_outbound_migrations_per_node: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_per_migration: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "migrations.kubevirt.io",
+    version = "v1alpha1",
+    kind = "MigrationPolicy",
+    plural = "migrationpolicies",
+    schema = "disabled",
+    derive = "Default",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPolicySpec {
+    #[serde(default)]
+    pub selectors: MigrationPolicySelectors,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_per_migration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_timeout_per_gi_b: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_auto_converge: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_post_copy: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPolicySelectors {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_machine_instance_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "nmstate.io",
+    version = "v1",
+    kind = "NodeNetworkConfigurationPolicy",
+    plural = "nodenetworkconfigurationpolicies",
+    status = "NncpStatus",
+    schema = "disabled",
+    derive = "Default",
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NncpSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub desired_state: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NncpStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<VmiCondition>,
+}

@@ -1,0 +1,230 @@
+//! `VirtualMachineMigration`: a request to live-migrate one VMI to the best node.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::conditions::Condition;
+
+/// Ask commonground to live-migrate a VirtualMachineInstance to the node that already holds
+/// the most of its memory, then the nearest work group, then the least load.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "commonground.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachineMigration",
+    namespaced,
+    shortname = "vmm",
+    category = "commonground",
+    category = "all",
+    status = "VirtualMachineMigrationStatus",
+    derive = "PartialEq",
+    doc = "A request to live-migrate one KubeVirt VirtualMachineInstance to the node that already holds the most of its memory.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "VMI", type_ = "string", json_path = ".spec.vmiName"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".status.sourceNode"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".status.targetNode"),
+    printcolumn(name = "Common", type_ = "string", json_path = ".status.estimate.commonHuman"),
+    printcolumn(name = "ToMove", type_ = "string", json_path = ".status.estimate.toMoveHuman"),
+    printcolumn(name = "Estimate", type_ = "string", json_path = ".status.estimate.durationHuman", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self.vmiName == oldSelf.vmiName").message("vmiName is immutable"))]
+#[x_kube(validation = Rule::new("!has(self.target) || !has(oldSelf.target) || self.target == oldSelf.target").message("target is immutable"))]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineMigrationSpec {
+    /// Name of the VirtualMachineInstance to migrate, in the same namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub vmi_name: String,
+    /// Where the VM may go. Empty: anywhere in the source's work group first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<MigrationTarget>,
+    /// Time budget for the migration (Go duration, e.g. `90s`, `5m`). When the estimate
+    /// exceeds it, commonground adds migration network paths (see MigrationNetwork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub max_duration: Option<String>,
+    /// How long setting up one extra network path may take at most (Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub path_setup_budget: Option<String>,
+    /// VMs that share memory with this one: `Follow` (members that touch the shared memory
+    /// follow to the same node), `Together` (all move as one unit), `None` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMode>,
+    /// Plan only: stop at phase `Planned` and never create a KubeVirt migration.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Target constraints.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(has(self.nodeName) && has(self.workGroup))").message("nodeName and workGroup are mutually exclusive"))]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationTarget {
+    /// Pin the target node (it must still pass the minimum hardware filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: Option<String>,
+    /// Restrict the target to one work group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub work_group: Option<String>,
+    /// `WorkGroup` (default): stay in the source's work group when it has a candidate.
+    /// `Cluster`: every work group scores the VM's regions it holds; the highest wins and a
+    /// tie goes to the nearest work group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<TargetScope>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TargetScope {
+    #[default]
+    WorkGroup,
+    Cluster,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GroupMode {
+    Follow,
+    Together,
+    #[default]
+    None,
+}
+
+/// Phase of a VirtualMachineMigration.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MigrationPhase {
+    #[default]
+    Pending,
+    Planning,
+    Planned,
+    PreparingPaths,
+    Migrating,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Observed state of a VirtualMachineMigration.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineMigrationStatus {
+    #[serde(default)]
+    pub phase: MigrationPhase,
+    /// Why the migration is in this phase (for Pending and Failed especially).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_work_group: Option<String>,
+    /// The best candidates, and why each lost or was filtered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<CandidateStatus>,
+    /// Work-group scores (scope Cluster, or when the source's work group had no candidate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub work_groups: Vec<WorkGroupStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<EstimateStatus>,
+    /// Name of the KubeVirt VirtualMachineInstanceMigration created for this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubevirt_migration: Option<String>,
+    /// KubeVirt's phase of that migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubevirt_phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+    /// KubeVirt's failure reason when the migration failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// Things to know about the plan (fallbacks taken, missing data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One node as the planner saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CandidateStatus {
+    pub node: String,
+    pub work_group: String,
+    /// Estimated bytes of the VM's memory already on the node.
+    pub common_bytes: u64,
+    /// Distance of the node's work group from the source's.
+    pub distance: f64,
+    pub load: f64,
+    /// Extender score 0..10.
+    pub score: u8,
+    /// `Chosen`, `Lost` or `Filtered`.
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkGroupStatus {
+    pub work_group: String,
+    /// Estimated bytes of the VM's memory available in the work group.
+    pub available_bytes: u64,
+    pub distance: f64,
+    pub candidates: u32,
+    pub chosen: bool,
+}
+
+/// Bytes and time the migration is expected to take.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EstimateStatus {
+    pub total_bytes: u64,
+    pub zero_bytes: u64,
+    pub common_bytes: u64,
+    /// Bytes a transport that skips regions the target holds would send.
+    pub to_move_bytes: u64,
+    /// Bytes stock KubeVirt/QEMU sends (every non-zero page).
+    #[serde(default)]
+    pub stock_bytes: u64,
+    pub common_human: String,
+    pub to_move_human: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_human: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converges: Option<bool>,
+    /// Network paths the estimate counts on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_with_camel_case_keys() {
+        let spec: VirtualMachineMigrationSpec = serde_json::from_value(serde_json::json!({
+            "vmiName": "db-0", "target": {"scope": "Cluster"}, "dryRun": true, "group": "Together"
+        }))
+        .unwrap();
+        assert_eq!(spec.vmi_name, "db-0");
+        assert_eq!(spec.target.unwrap().scope, Some(TargetScope::Cluster));
+        assert!(spec.dry_run);
+        assert_eq!(spec.group, Some(GroupMode::Together));
+    }
+}

@@ -1,0 +1,3 @@
+//! Glue for the admin subcommands that are not long-running services.
+
+pub mod crd;
