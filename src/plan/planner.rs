@@ -462,3 +462,7 @@ impl Planner {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;

@@ -1,0 +1,1 @@
+//! Tests of the planner's numbered rules (filled in alongside `simulate`).
