@@ -6,3 +6,4 @@ pub mod api;
 pub mod cli;
 pub mod plan;
 pub mod telemetry;
+pub mod view;

@@ -1,0 +1,8 @@
+//! The cluster as the controller and the extender see it: watch-fed stores and the conversion
+//! of Kubernetes objects into the planner's plain facts.
+
+pub mod convert;
+pub mod quantity;
+pub mod store;
+
+pub use store::{ClusterView, MigrationLimits, ViewConfig};

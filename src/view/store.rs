@@ -1,0 +1,259 @@
+//! Watch-fed in-memory indexes of the cluster, shared by the controller and the extender.
+//! No API call happens on a planning path: everything is read from these stores, and the
+//! planner is rebuilt from them (at most every `rebuild_interval`) when something changed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use super::convert;
+use crate::api::kubevirt::{
+    KubeVirt, VirtualMachineInstance, VirtualMachineInstanceMigration,
+    DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER, DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE,
+};
+use crate::api::{NodeRegionDigest, VirtualMachineMigration};
+use crate::plan::region::RegionGeometry;
+use crate::plan::workgroups::DistanceMatrix;
+use crate::plan::{ClusterSnapshot, Planner, VmKey, VmRequest};
+
+#[derive(Clone, Debug)]
+pub struct ViewConfig {
+    pub work_group_label: String,
+    pub distances: DistanceMatrix,
+    pub geometry: RegionGeometry,
+    /// Minimum time between two planner rebuilds (large clusters rebuild in the background
+    /// of requests; small ones effectively at once).
+    pub rebuild_interval: Duration,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        Self {
+            work_group_label: crate::plan::workgroups::DEFAULT_WORK_GROUP_LABEL.into(),
+            distances: DistanceMatrix::default(),
+            geometry: RegionGeometry::default(),
+            rebuild_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// KubeVirt's migration limits (from the KubeVirt CR, or KubeVirt's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationLimits {
+    pub per_cluster: u32,
+    pub outbound_per_node: u32,
+}
+
+#[derive(Clone)]
+pub struct ClusterView {
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub digests: Store<NodeRegionDigest>,
+    pub vmis: Store<VirtualMachineInstance>,
+    pub vmims: Store<VirtualMachineInstanceMigration>,
+    pub vmms: Store<VirtualMachineMigration>,
+    pub kubevirts: Store<KubeVirt>,
+    config: ViewConfig,
+    version: Arc<AtomicU64>,
+    cache: Arc<Mutex<Option<Cached>>>,
+}
+
+struct Cached {
+    version: u64,
+    built: Instant,
+    planner: Arc<Planner>,
+}
+
+fn watch<K>(
+    api: Api<K>,
+    version: Arc<AtomicU64>,
+) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).to_string();
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .map(move |event| {
+            match event {
+                Ok(_) => {
+                    version.fetch_add(1, Ordering::Relaxed);
+                }
+                // The watcher retries with backoff; say what is failing.
+                Err(e) => tracing::warn!(kind = %kind, error = %e, "watch error"),
+            }
+        });
+    (reader, stream)
+}
+
+impl ClusterView {
+    /// Starts every watch as a background task and returns the view at once; use
+    /// [`ClusterView::wait_ready`] before trusting it.
+    pub fn start(client: Client, config: ViewConfig) -> Self {
+        let version = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        macro_rules! watched {
+            ($api:expr) => {{
+                let (store, stream) = watch($api, version.clone());
+                tasks.push(stream.boxed());
+                store
+            }};
+        }
+        let view = ClusterView {
+            nodes: watched!(Api::<Node>::all(client.clone())),
+            pods: watched!(Api::<Pod>::all(client.clone())),
+            digests: watched!(Api::<NodeRegionDigest>::all(client.clone())),
+            vmis: watched!(Api::<VirtualMachineInstance>::all(client.clone())),
+            vmims: watched!(Api::<VirtualMachineInstanceMigration>::all(client.clone())),
+            vmms: watched!(Api::<VirtualMachineMigration>::all(client.clone())),
+            kubevirts: watched!(Api::<KubeVirt>::all(client)),
+            config,
+            version,
+            cache: Arc::new(Mutex::new(None)),
+        };
+        for task in tasks {
+            tokio::spawn(task.for_each(|_| async {}));
+        }
+        view
+    }
+
+    /// Waits until every store has seen its first full list.
+    pub async fn wait_ready(&self) {
+        let _ = tokio::join!(
+            self.nodes.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.digests.wait_until_ready(),
+            self.vmis.wait_until_ready(),
+            self.vmims.wait_until_ready(),
+            self.vmms.wait_until_ready(),
+            self.kubevirts.wait_until_ready(),
+        );
+    }
+
+    pub fn config(&self) -> &ViewConfig {
+        &self.config
+    }
+
+    /// The planner's input, built from the stores.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let mut digests = Vec::new();
+        let mut loads = std::collections::HashMap::new();
+        for d in self.digests.state() {
+            match d.to_summary() {
+                Ok(s) => {
+                    if let Some(status) = &d.status {
+                        loads.insert(s.node.clone(), status.load.composite);
+                    }
+                    digests.push(s);
+                }
+                // One bad digest is skipped, the others still plan.
+                Err(e) => tracing::warn!(error = %e, "skipping unusable digest"),
+            }
+        }
+        let mut requested = std::collections::HashMap::<String, crate::plan::Resources>::new();
+        for pod in self.pods.state() {
+            if let Some((node, r)) = convert::pod_requests(&pod) {
+                let e = requested.entry(node).or_default();
+                *e = e.add(r);
+            }
+        }
+        let mut nodes: Vec<_> = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| {
+                let mut f = convert::node_facts(n, &self.config.work_group_label);
+                f.requested = requested.get(&f.name).copied().unwrap_or_default();
+                f.load = loads.get(&f.name).copied();
+                f
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterSnapshot {
+            geometry: self.config.geometry,
+            nodes,
+            digests,
+            distances: self.config.distances.clone(),
+        }
+    }
+
+    /// The current planner; rebuilt when the stores changed and the last build is older
+    /// than the rebuild interval (`fresh` forces a rebuild when anything changed).
+    pub fn planner(&self, fresh: bool) -> Arc<Planner> {
+        let version = self.version.load(Ordering::Relaxed);
+        let mut cache = self.cache.lock().expect("planner cache lock");
+        if let Some(c) = cache.as_ref() {
+            let unchanged = c.version == version;
+            let recent = c.built.elapsed() < self.config.rebuild_interval;
+            if unchanged || (recent && !fresh) {
+                return c.planner.clone();
+            }
+        }
+        let planner = Arc::new(Planner::new(self.snapshot()));
+        *cache = Some(Cached {
+            version,
+            built: Instant::now(),
+            planner: planner.clone(),
+        });
+        planner
+    }
+
+    pub fn vmi(&self, namespace: &str, name: &str) -> Option<Arc<VirtualMachineInstance>> {
+        self.vmis
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn vm_request(&self, vm: &VmKey) -> Option<VmRequest> {
+        convert::vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+    }
+
+    pub fn migration_limits(&self) -> MigrationLimits {
+        let m = self
+            .kubevirts
+            .state()
+            .first()
+            .and_then(|kv| kv.spec.configuration.migrations.clone());
+        MigrationLimits {
+            per_cluster: m
+                .as_ref()
+                .and_then(|m| m.parallel_migrations_per_cluster)
+                .unwrap_or(DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER),
+            outbound_per_node: m
+                .as_ref()
+                .and_then(|m| m.parallel_outbound_migrations_per_node)
+                .unwrap_or(DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE),
+        }
+    }
+
+    /// KubeVirt migrations not yet final: total, and per source node.
+    pub fn running_migrations(&self) -> (u32, std::collections::HashMap<String, u32>) {
+        let mut total = 0;
+        let mut per_node = std::collections::HashMap::new();
+        for m in self.vmims.state() {
+            if m.is_final() {
+                continue;
+            }
+            total += 1;
+            let ns = m.metadata.namespace.as_deref().unwrap_or_default();
+            let source = m
+                .status
+                .as_ref()
+                .and_then(|s| s.migration_state.as_ref())
+                .and_then(|s| s.source_node.clone())
+                .or_else(|| self.vmi(ns, &m.spec.vmi_name).and_then(|v| v.node_name().map(str::to_string)));
+            if let Some(source) = source {
+                *per_node.entry(source).or_insert(0) += 1;
+            }
+        }
+        (total, per_node)
+    }
+}
