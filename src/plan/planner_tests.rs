@@ -1,1 +1,553 @@
-//! Tests of the planner's numbered rules (filled in alongside `simulate`).
+//! Tests of the planner's numbered rules (issue 10), all through [`Planner::plan`].
+//!
+//! Snapshots are built by hand with sketches at threshold `KEY_SPACE` (every region sampled),
+//! so the estimated regions in common are exact and every expectation below is a number.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::plan::cluster::{NodeFacts, NodeRegionSummary, Resources};
+use crate::plan::hardware::KUBEVIRT_SCHEDULABLE_LABEL;
+use crate::plan::region::RegionGeometry;
+use crate::plan::sketch::KEY_SPACE;
+use crate::plan::workgroups::DistanceMatrix;
+
+const GIB: u64 = 1 << 30;
+
+fn region_bytes() -> u64 {
+    RegionGeometry::default().region_bytes()
+}
+
+fn node(name: &str, group: &str, load: f64) -> NodeFacts {
+    NodeFacts {
+        name: name.into(),
+        labels: [(KUBEVIRT_SCHEDULABLE_LABEL.to_string(), "true".to_string())].into(),
+        taints: vec![],
+        unschedulable: false,
+        ready: true,
+        allocatable: Resources {
+            cpu_millis: 64_000,
+            memory_bytes: 256 * GIB,
+        },
+        requested: Resources::default(),
+        work_group: group.into(),
+        load: Some(load),
+    }
+}
+
+/// A VM summary whose non-zero regions are exactly `keys`, plus `zero` zero regions.
+fn vm(name: &str, keys: impl IntoIterator<Item = u64>, zero: u64) -> VmRegionSummary {
+    let sketch = RegionSketch::from_keys(KEY_SPACE, keys);
+    let regions = sketch.len() as u64 + zero;
+    VmRegionSummary {
+        vm: VmKey::new("ns", name),
+        memory_bytes: regions * region_bytes(),
+        regions,
+        zero_regions: zero,
+        sketch,
+        dirty_rate: 0.0,
+        working_set_bytes: 0,
+        load: 0.1,
+    }
+}
+
+/// A node digest holding `keys` (one resident VM named after the node holds them).
+fn digest(node: &NodeFacts, keys: impl IntoIterator<Item = u64>) -> NodeRegionSummary {
+    let resident = vm(&format!("resident-{}", node.name), keys, 0);
+    NodeRegionSummary {
+        node: node.name.clone(),
+        work_group: node.work_group.clone(),
+        geometry: RegionGeometry::default(),
+        key_id: "test".into(),
+        sketch: resident.sketch.clone(),
+        vms: vec![resident],
+    }
+}
+
+fn request(summary: &VmRegionSummary, source: &str) -> VmRequest {
+    VmRequest {
+        vm: summary.vm.clone(),
+        source_node: source.into(),
+        requests: Resources {
+            cpu_millis: 2_000,
+            memory_bytes: summary.memory_bytes,
+        },
+        node_selector: BTreeMap::new(),
+        affinity_terms: vec![],
+        tolerations: vec![],
+        cpu_model: None,
+        cpu_features: vec![],
+        summary: Some(summary.clone()),
+        memory_bytes: summary.memory_bytes,
+    }
+}
+
+/// The migrating VM has regions 0..100; `common` says how many of them each node holds
+/// (node keys beyond the VM's are private to the node).
+fn cluster(nodes: &[(&str, &str, f64, u64)], distances: DistanceMatrix) -> (Planner, VmRequest) {
+    let the_vm = vm("mover", 0..100, 0);
+    let mut snap = ClusterSnapshot {
+        geometry: RegionGeometry::default(),
+        distances,
+        ..Default::default()
+    };
+    for (i, &(name, group, load, common)) in nodes.iter().enumerate() {
+        let n = node(name, group, load);
+        let private = 1_000_000 * (i as u64 + 1);
+        snap.digests
+            .push(digest(&n, (0..common).chain(private..private + 50)));
+        snap.nodes.push(n);
+    }
+    let req = request(&the_vm, nodes[0].0);
+    (Planner::new(snap), req)
+}
+
+fn verdict_of<'a>(plan: &'a Plan, node: &str) -> &'a Verdict {
+    &plan
+        .candidates
+        .iter()
+        .find(|c| c.node == node)
+        .unwrap_or_else(|| panic!("{node} missing from the plan"))
+        .verdict
+}
+
+fn chosen(plan: &Plan) -> &str {
+    plan.target_node.as_deref().expect("a target was chosen")
+}
+
+#[test]
+fn rule4_chosen_node_has_at_least_as_many_common_regions_as_every_candidate() {
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("n1", "a", 0.0, 20),
+            ("n2", "a", 0.9, 70),
+            ("n3", "a", 0.5, 45),
+            ("n4", "a", 0.2, 0),
+        ],
+        DistanceMatrix::default(),
+    );
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(
+        chosen(&plan),
+        "n2",
+        "most in common wins despite the highest load"
+    );
+    let target = plan.target().unwrap();
+    assert_eq!(target.common_regions, 70.0);
+    assert_eq!(target.common_bytes, 70 * region_bytes());
+    assert_eq!(target.score, 10);
+    for c in plan
+        .candidates
+        .iter()
+        .filter(|c| !matches!(c.verdict, Verdict::Filtered(_)))
+    {
+        assert!(target.common_regions >= c.common_regions, "{c:?}");
+    }
+    assert!(
+        matches!(verdict_of(&plan, "n3"), Verdict::Lost(r) if r.contains("fewer regions in common"))
+    );
+    // Scores never rise down the ranking.
+    let passing: Vec<u8> = plan
+        .candidates
+        .iter()
+        .filter(|c| !matches!(c.verdict, Verdict::Filtered(_)))
+        .map(|c| c.score)
+        .collect();
+    assert!(passing.windows(2).all(|w| w[0] >= w[1]), "{passing:?}");
+}
+
+#[test]
+fn rule4_ties_go_to_lower_load_then_name() {
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("n-c", "a", 0.4, 30),
+            ("n-b", "a", 0.2, 30),
+            ("n-a", "a", 0.7, 30),
+        ],
+        DistanceMatrix::default(),
+    );
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(
+        chosen(&plan),
+        "n-b",
+        "equal common regions: lower load wins"
+    );
+    assert!(matches!(verdict_of(&plan, "n-c"), Verdict::Lost(r) if r.contains("higher load")));
+
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("n-c", "a", 0.3, 30),
+            ("n-b", "a", 0.3, 30),
+        ],
+        DistanceMatrix::default(),
+    );
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(
+        chosen(&plan),
+        "n-b",
+        "equal regions and load: name breaks the tie"
+    );
+    assert!(
+        matches!(verdict_of(&plan, "n-c"), Verdict::Lost(r) if r.contains("tie broken by name"))
+    );
+}
+
+fn three_groups() -> DistanceMatrix {
+    DistanceMatrix::parse("a:b=20,a:c=10,b:c=5").unwrap()
+}
+
+#[test]
+fn rule5_cluster_scope_highest_work_group_score_wins_even_when_far() {
+    // Group b holds 60 of the VM's regions (spread over two nodes: 0..40 and 20..60 →
+    // union 60), group c 50 on one node; b wins although c is nearer.
+    let the_vm = vm("mover", 0..100, 0);
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, keys) in [
+        ("src", "a", (0..100).collect::<Vec<u64>>()),
+        ("a1", "a", (0..10).collect()),
+        ("b1", "b", (0..40).collect()),
+        ("b2", "b", (20..60).collect()),
+        ("c1", "c", (0..50).collect()),
+    ] {
+        let n = node(name, group, 0.3);
+        snap.digests.push(digest(&n, keys));
+        snap.nodes.push(n);
+    }
+    let planner = Planner::new(snap);
+    let req = request(&the_vm, "src");
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let plan = planner.plan(&req, &opts).unwrap();
+    let groups: Vec<(&str, f64, bool)> = plan
+        .work_groups
+        .iter()
+        .map(|w| (w.work_group.as_str(), w.regions_available, w.chosen))
+        .collect();
+    assert_eq!(
+        groups,
+        [("b", 60.0, true), ("c", 50.0, false), ("a", 10.0, false)]
+    );
+    assert_eq!(plan.target_work_group.as_deref(), Some("b"));
+    // Inside b, rule 4: both nodes hold 40, equal load, so the name decides.
+    assert_eq!(chosen(&plan), "b1");
+    assert!(
+        matches!(verdict_of(&plan, "c1"), Verdict::Lost(r) if r.contains("work group b was chosen"))
+    );
+}
+
+#[test]
+fn rule5_cluster_scope_tie_goes_to_the_nearest_work_group() {
+    // Seed 002: b and c both score 50; c is at distance 10 from the source's group a, b at 20.
+    let the_vm = vm("mover", 0..100, 0);
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, keys) in [
+        ("src", "a", (0..100).collect::<Vec<u64>>()),
+        ("b1", "b", (0..50).collect()),
+        ("c1", "c", (50..100).collect()),
+        ("a1", "a", (0..5).collect()),
+    ] {
+        let n = node(name, group, if name == "b1" { 0.0 } else { 0.8 });
+        snap.digests.push(digest(&n, keys));
+        snap.nodes.push(n);
+    }
+    let planner = Planner::new(snap);
+    let req = request(&the_vm, "src");
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let plan = planner.plan(&req, &opts).unwrap();
+    let first = &plan.work_groups[0];
+    assert_eq!((first.work_group.as_str(), first.distance), ("c", 10.0));
+    assert_eq!(plan.work_groups[1].work_group, "b");
+    assert_eq!(
+        plan.work_groups[1].regions_available,
+        first.regions_available
+    );
+    assert_eq!(
+        chosen(&plan),
+        "c1",
+        "tie on score goes to the nearer group, not the idler node"
+    );
+
+    // The same cluster with the distances swapped picks b.
+    let mut snap = planner.snapshot().clone();
+    snap.distances = DistanceMatrix::parse("a:b=10,a:c=20,b:c=5").unwrap();
+    let plan = Planner::new(snap).plan(&req, &opts).unwrap();
+    assert_eq!(chosen(&plan), "b1");
+}
+
+#[test]
+fn rule5_work_group_scope_stays_home_and_falls_back_with_a_note() {
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("a1", "a", 0.1, 10),
+            ("b1", "b", 0.1, 90),
+        ],
+        DistanceMatrix::default(),
+    );
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(
+        chosen(&plan),
+        "a1",
+        "default scope keeps the source's work group"
+    );
+    assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+    assert!(
+        matches!(verdict_of(&plan, "b1"), Verdict::Lost(r) if r.contains("work group a was chosen"))
+    );
+
+    // a1 is full: no candidate at home, so the planner goes across work groups and says so.
+    let mut snap = planner.snapshot().clone();
+    snap.nodes[1].requested.memory_bytes = snap.nodes[1].allocatable.memory_bytes;
+    let plan = Planner::new(snap)
+        .plan(&req, &PlanOptions::default())
+        .unwrap();
+    assert_eq!(chosen(&plan), "b1");
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.contains("no candidate in work group a")),
+        "{:?}",
+        plan.notes
+    );
+}
+
+#[test]
+fn rule3_every_left_out_node_has_a_reason() {
+    let (planner, mut req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("ok", "a", 0.1, 10),
+            ("cordoned", "a", 0.1, 90),
+            ("full", "a", 0.1, 90),
+            ("notready", "a", 0.1, 90),
+            ("wrongdisk", "a", 0.1, 90),
+        ],
+        DistanceMatrix::default(),
+    );
+    let mut snap = planner.snapshot().clone();
+    snap.nodes[2].unschedulable = true;
+    snap.nodes[3].requested.memory_bytes = snap.nodes[3].allocatable.memory_bytes - 1;
+    snap.nodes[4].ready = false;
+    for n in &mut snap.nodes {
+        if n.name != "wrongdisk" {
+            n.labels.insert("disk".into(), "ssd".into());
+        }
+    }
+    req.node_selector.insert("disk".into(), "ssd".into());
+    let plan = Planner::new(snap.clone())
+        .plan(&req, &PlanOptions::default())
+        .unwrap();
+    assert_eq!(chosen(&plan), "ok");
+    assert_eq!(
+        plan.candidates.len(),
+        snap.nodes.len(),
+        "every node appears once"
+    );
+    let reason = |n: &str| match verdict_of(&plan, n) {
+        Verdict::Filtered(r) => r.clone(),
+        v => panic!("{n} should be filtered, got {v:?}"),
+    };
+    assert_eq!(reason("src"), "source node of the migration");
+    assert!(reason("cordoned").contains("cordoned"));
+    assert!(reason("full").starts_with("insufficient memory"));
+    assert!(reason("notready").contains("not Ready"));
+    assert!(reason("wrongdisk").contains("disk=ssd"));
+    for c in &plan.candidates {
+        if let Verdict::Filtered(r) = &c.verdict {
+            assert!(!r.is_empty());
+            assert_eq!(c.score, 0);
+        }
+    }
+}
+
+#[test]
+fn rule6_zero_regions_are_excluded_from_bytes_to_move() {
+    // 100 non-zero regions and 40 zero regions; the target holds 30 of the non-zero ones.
+    let the_vm = vm("mover", 0..100, 40);
+    let mut snap = ClusterSnapshot::default();
+    for (name, keys) in [
+        ("src", (0..100).collect::<Vec<u64>>()),
+        ("t", (70..100).collect()),
+    ] {
+        let n = node(name, "a", 0.2);
+        snap.digests.push(digest(&n, keys));
+        snap.nodes.push(n);
+    }
+    let plan = Planner::new(snap)
+        .plan(&request(&the_vm, "src"), &PlanOptions::default())
+        .unwrap();
+    let rb = region_bytes();
+    assert_eq!(chosen(&plan), "t");
+    assert_eq!(plan.bytes.total, 140 * rb);
+    assert_eq!(plan.bytes.zero, 40 * rb);
+    assert_eq!(plan.bytes.common, 30 * rb);
+    assert_eq!(plan.bytes.to_move, 70 * rb, "memory - common - zero");
+    assert_eq!(
+        plan.bytes.to_move,
+        plan.bytes.total - plan.bytes.common - plan.bytes.zero
+    );
+}
+
+#[test]
+fn pinned_node_and_pinned_work_group_are_obeyed() {
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("a1", "a", 0.1, 80),
+            ("a2", "a", 0.1, 10),
+            ("b1", "b", 0.1, 50),
+            ("b2", "b", 0.1, 20),
+        ],
+        DistanceMatrix::default(),
+    );
+    let pin = PlanOptions {
+        pinned_node: Some("a2".into()),
+        ..Default::default()
+    };
+    let plan = planner.plan(&req, &pin).unwrap();
+    assert_eq!(chosen(&plan), "a2");
+    assert!(
+        matches!(verdict_of(&plan, "a1"), Verdict::Filtered(r) if r.contains("pinned to node a2"))
+    );
+    assert_eq!(plan.bytes.common, 10 * region_bytes());
+
+    let group = PlanOptions {
+        pinned_work_group: Some("b".into()),
+        ..Default::default()
+    };
+    let plan = planner.plan(&req, &group).unwrap();
+    assert_eq!(chosen(&plan), "b1");
+    assert!(matches!(verdict_of(&plan, "a1"), Verdict::Filtered(r) if r.contains("asks for b")));
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.contains("no candidate in work group a")),
+        "{:?}",
+        plan.notes
+    );
+
+    let unknown = PlanOptions {
+        pinned_node: Some("nope".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        planner.plan(&req, &unknown).unwrap_err(),
+        PlanError::UnknownPinnedNode("nope".into())
+    );
+}
+
+#[test]
+fn no_summary_ranks_by_load_with_a_note() {
+    let (planner, mut req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("busy", "a", 0.9, 90),
+            ("idle", "a", 0.1, 0),
+        ],
+        DistanceMatrix::default(),
+    );
+    req.summary = None;
+    req.vm = VmKey::new("ns", "unknown-vm");
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(chosen(&plan), "idle");
+    assert!(plan.notes.iter().any(|n| n.contains("no memory summary")));
+    assert_eq!(plan.bytes.to_move, req.memory_bytes);
+}
+
+#[test]
+fn bad_input_empty_cluster_is_a_clear_error() {
+    let planner = Planner::new(ClusterSnapshot::default());
+    let the_vm = vm("mover", 0..10, 0);
+    let err = planner
+        .plan(&request(&the_vm, "src"), &PlanOptions::default())
+        .unwrap_err();
+    assert_eq!(err, PlanError::UnknownSourceNode("src".into()));
+    assert!(err.to_string().contains("\"src\""));
+}
+
+#[test]
+fn bad_input_unknown_source_node_is_a_clear_error() {
+    let (planner, mut req) = cluster(
+        &[("src", "a", 0.1, 100), ("n1", "a", 0.1, 1)],
+        DistanceMatrix::default(),
+    );
+    req.source_node = "gone".into();
+    assert_eq!(
+        planner.plan(&req, &PlanOptions::default()).unwrap_err(),
+        PlanError::UnknownSourceNode("gone".into())
+    );
+}
+
+#[test]
+fn bad_input_vm_larger_than_every_node_gives_an_empty_candidate_list_with_reasons() {
+    let (planner, mut req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("n1", "a", 0.1, 50),
+            ("n2", "b", 0.1, 50),
+        ],
+        DistanceMatrix::default(),
+    );
+    req.requests.memory_bytes = 4096 * GIB;
+    for opts in [
+        PlanOptions::default(),
+        PlanOptions {
+            scope: Scope::Cluster,
+            ..Default::default()
+        },
+    ] {
+        let plan = planner.plan(&req, &opts).unwrap();
+        assert_eq!(plan.target_node, None);
+        assert!(plan.target().is_none());
+        assert!(plan.work_groups.is_empty());
+        assert_eq!(plan.candidates.len(), 3);
+        for c in &plan.candidates {
+            assert!(matches!(&c.verdict, Verdict::Filtered(_)), "{c:?}");
+        }
+        assert!(
+            matches!(verdict_of(&plan, "n1"), Verdict::Filtered(r) if r.contains("insufficient memory"))
+        );
+        assert!(plan.notes.iter().any(|n| n.contains("no node passes")));
+        assert_eq!(plan.bytes.common, 0);
+        assert_eq!(plan.bytes.to_move, plan.bytes.total - plan.bytes.zero);
+    }
+}
+
+#[test]
+fn bad_input_unknown_work_group_in_the_distance_matrix_is_a_clear_error() {
+    // The matrix knows a and b, but node c1 sits in work group c.
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("b1", "b", 0.1, 10),
+            ("c1", "c", 0.1, 50),
+        ],
+        DistanceMatrix::parse("a:b=10").unwrap(),
+    );
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let err = planner.plan(&req, &opts).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::Distance(crate::plan::workgroups::DistanceError::UnknownWorkGroup(
+            "c".into()
+        ))
+    );
+    assert!(err.to_string().contains("\"c\""), "{err}");
+}
