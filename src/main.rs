@@ -13,12 +13,15 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (what crds/ must equal).
     Crd(commonground::cli::crd::CrdArgs),
+    /// Estimate a live migration's time, bytes and downtime (the controller's model).
+    Estimate(commonground::cli::estimate::EstimateArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
+        Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 //! Glue for the admin subcommands that are not long-running services.
 
 pub mod crd;
+pub mod estimate;

@@ -2,6 +2,7 @@
 //! `simulate` all call these functions, so what is measured offline is what runs in a cluster.
 
 pub mod cluster;
+pub mod estimate;
 pub mod hardware;
 pub mod overlap_index;
 pub mod planner;
