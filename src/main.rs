@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Reconcile VirtualMachineMigration objects into KubeVirt live migrations.
+    Controller(commonground::controller::ControllerArgs),
     /// Print the CustomResourceDefinitions (what crds/ must equal).
     Crd(commonground::cli::crd::CrdArgs),
     /// Estimate a live migration's time, bytes and downtime (the controller's model).
@@ -20,6 +22,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Controller(args) => runtime().block_on(commonground::controller::run(args)).map_err(Into::into),
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
     };
@@ -30,4 +33,11 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }

@@ -2,6 +2,9 @@
 //! KubeVirt, Multus and nmstate types we read or write. Doc comments on CRD fields become the
 //! schema descriptions that `kubectl explain` shows.
 
+// kube-derive takes repeated `printcolumn`/`category` attributes by design.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 pub mod digest;
 pub mod kubevirt;

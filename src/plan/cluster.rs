@@ -24,14 +24,18 @@ impl Resources {
             memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
         }
     }
-    pub fn add(self, other: Resources) -> Resources {
+    pub fn fits_in(self, free: Resources) -> bool {
+        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
+    }
+}
+
+impl std::ops::Add for Resources {
+    type Output = Resources;
+    fn add(self, other: Resources) -> Resources {
         Resources {
             cpu_millis: self.cpu_millis + other.cpu_millis,
             memory_bytes: self.memory_bytes + other.memory_bytes,
         }
-    }
-    pub fn fits_in(self, free: Resources) -> bool {
-        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
     }
 }
 

@@ -163,7 +163,7 @@ impl ClusterView {
         for pod in self.pods.state() {
             if let Some((node, r)) = convert::pod_requests(&pod) {
                 let e = requested.entry(node).or_default();
-                *e = e.add(r);
+                *e = *e + r;
             }
         }
         let mut nodes: Vec<_> = self

@@ -1,0 +1,431 @@
+//! Reconciling a `VirtualMachineMigration`: validate, plan, create the KubeVirt migration,
+//! follow it to the end. Level-triggered: every step is recomputed from what the API holds,
+//! and the KubeVirt migration has a deterministic name, so a restart at any point continues
+//! without a second one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::Mutex;
+
+use super::error::{ControllerError, Result};
+use super::metrics::ControllerMetrics;
+use super::republish::republish_after_migration;
+use super::status::{self, TransferModel};
+use crate::api::conditions::{set_condition, Condition};
+use crate::api::kubevirt::{
+    VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, LIVE_MIGRATABLE,
+};
+use crate::api::migration::{
+    MigrationPhase, TargetScope, VirtualMachineMigrationStatus,
+};
+use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
+use crate::plan::{PlanOptions, Scope, VmKey};
+use crate::view::ClusterView;
+
+pub const FINALIZER: &str = "commonground.dev/migration-cleanup";
+/// Label on the KubeVirt migrations we create, naming the request.
+pub const OWNER_LABEL: &str = "commonground.dev/virtual-machine-migration";
+/// Candidates kept in status.
+const TOP_CANDIDATES: usize = 5;
+
+pub struct Context {
+    pub client: Client,
+    pub view: ClusterView,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+    pub transfer: TransferModel,
+    /// Serialises "check the parallel limits, then create" so concurrent reconciles cannot
+    /// exceed KubeVirt's limits between a create and the watch reporting it.
+    pub admission: Mutex<Vec<String>>,
+}
+
+/// Deterministic name of the KubeVirt migration for a request: a re-created request (new
+/// UID) gets a new one, a restarted controller finds the old one.
+pub fn vmim_name(vmm: &VirtualMachineMigration) -> String {
+    let uid = vmm.metadata.uid.as_deref().unwrap_or("0");
+    let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
+    let mut base = vmm.name_any();
+    base.truncate(253 - 12);
+    format!("cg-{base}-{short}")
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.inc();
+    let ns = vmm
+        .namespace()
+        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
+    let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    update_queue_depth(&ctx);
+    finalizer(&api, FINALIZER, vmm, |event| async {
+        match event {
+            FinalizerEvent::Apply(vmm) => apply(vmm, &ctx).await,
+            FinalizerEvent::Cleanup(vmm) => cleanup(vmm, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => ControllerError::Finalizer(other.to_string()),
+    })
+}
+
+fn update_queue_depth(ctx: &Context) {
+    let open = ctx
+        .view
+        .vmms
+        .state()
+        .iter()
+        .filter(|m| !m.status.as_ref().is_some_and(|s| s.phase.is_final()))
+        .count();
+    ctx.metrics.queue_depth.set(open as i64);
+}
+
+async fn write_status(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    status: &VirtualMachineMigrationStatus,
+) -> Result<()> {
+    if vmm.status.as_ref() == Some(status) {
+        return Ok(()); // nothing changed: no write, no loop
+    }
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1",
+        "kind": "VirtualMachineMigration",
+        "status": status,
+    });
+    api.patch_status(
+        &vmm.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, vmm: &VirtualMachineMigration, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vmm.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
+    }
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        r#type: kind.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: None,
+    }
+}
+
+async fn fail(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    mut status: VirtualMachineMigrationStatus,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    status.phase = MigrationPhase::Failed;
+    status.reason = Some(message.clone());
+    status.end_time.get_or_insert_with(now_rfc3339);
+    set_condition(&mut status.conditions, condition("Failed", true, reason, &message), &now_rfc3339());
+    write_status(ctx, vmm, &status).await?;
+    ctx.metrics.migrations.with_label_values(&["failed"]).inc();
+    event(ctx, vmm, true, reason, message).await;
+    Ok(Action::await_change())
+}
+
+async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
+    let mut status = vmm.status.clone().unwrap_or_default();
+    if status.phase.is_final() {
+        return Ok(Action::await_change());
+    }
+    status.observed_generation = vmm.metadata.generation;
+    let ns = vmm.namespace().unwrap_or_default();
+    let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = vmim_name(&vmm);
+
+    // Already handed to KubeVirt (possibly before a restart): follow it.
+    if let Some(vmim) = vmims.get_opt(&name).await? {
+        return follow(&vmm, ctx, status, &vmim).await;
+    }
+    if status.phase == MigrationPhase::Migrating {
+        return fail(ctx, &vmm, status, "KubevirtMigrationDeleted",
+            format!("KubeVirt migration {name} was deleted before it finished")).await;
+    }
+    if status.phase == MigrationPhase::Planned && vmm.spec.dry_run {
+        return Ok(Action::await_change());
+    }
+
+    // 1. Validate the VMI.
+    let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
+    let vmi = match ctx.view.vmi(&ns, &vmm.spec.vmi_name) {
+        Some(v) => v,
+        None => {
+            // The store may lag a fresh VMI; the API decides.
+            let api: Api<crate::api::kubevirt::VirtualMachineInstance> =
+                Api::namespaced(ctx.client.clone(), &ns);
+            match api.get_opt(&vmm.spec.vmi_name).await? {
+                Some(v) => Arc::new(v),
+                None => {
+                    return fail(ctx, &vmm, status, "VmiNotFound",
+                        format!("VirtualMachineInstance {vm} does not exist")).await
+                }
+            }
+        }
+    };
+    let phase = vmi.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    if phase != "Running" {
+        return fail(ctx, &vmm, status, "VmiNotRunning",
+            format!("VirtualMachineInstance {vm} is not running (phase {phase:?})")).await;
+    }
+    if !vmi.condition_true(LIVE_MIGRATABLE) {
+        return fail(ctx, &vmm, status, "VmiNotLiveMigratable",
+            format!("VirtualMachineInstance {vm} does not have condition {LIVE_MIGRATABLE}=True")).await;
+    }
+    if vmi.is_migrating() {
+        return fail(ctx, &vmm, status, "VmiAlreadyMigrating",
+            format!("VirtualMachineInstance {vm} is already migrating")).await;
+    }
+    let Some(request) = crate::view::convert::vm_request(&vmi) else {
+        return fail(ctx, &vmm, status, "VmiWithoutNode",
+            format!("VirtualMachineInstance {vm} has no node yet")).await;
+    };
+
+    // 2. Plan.
+    let started = Instant::now();
+    let planner = ctx.view.planner(true);
+    let target = vmm.spec.target.clone().unwrap_or_default();
+    let opts = PlanOptions {
+        scope: match target.scope {
+            Some(TargetScope::Cluster) => Scope::Cluster,
+            _ => Scope::WorkGroup,
+        },
+        pinned_node: target.node_name.clone(),
+        pinned_work_group: target.work_group.clone(),
+        only_nodes: None,
+    };
+    let plan = match planner.plan(&request, &opts) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(ctx, &vmm, status, "PlanError", format!("planning {vm}: {e}")).await;
+        }
+    };
+    ctx.metrics.plan_seconds.observe(started.elapsed().as_secs_f64());
+    let summary = planner.vm_summary(&vm).cloned();
+    status.source_node = Some(plan.source_node.clone());
+    status.candidates = status::candidates(&plan, TOP_CANDIDATES);
+    status.work_groups = status::work_groups(&plan, planner.snapshot().geometry.region_bytes());
+    status.notes = plan.notes.clone();
+    status.estimate = Some(status::estimate_status(
+        &plan,
+        summary.as_ref().map_or(0.0, |s| s.dirty_rate),
+        summary.as_ref().map_or(0, |s| s.working_set_bytes),
+        ctx.transfer,
+        Vec::new(),
+    ));
+    let Some(target_node) = plan.target_node.clone() else {
+        status.phase = MigrationPhase::Pending;
+        status.reason = Some("no node passes the minimum hardware configuration; retrying".into());
+        set_condition(&mut status.conditions,
+            condition("Planned", false, "NoCandidate", status.reason.clone().unwrap_or_default()), &now_rfc3339());
+        write_status(ctx, &vmm, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    status.target_node = Some(target_node.clone());
+    status.target_work_group = plan.target_work_group.clone();
+    let chosen = plan.target().cloned();
+    let why = chosen.map(|c| format!(
+        "target {} in work group {}: {} of {} already there, {} to move",
+        c.node, c.work_group,
+        crate::plan::hardware::human_bytes(plan.bytes.common),
+        crate::plan::hardware::human_bytes(plan.bytes.total),
+        crate::plan::hardware::human_bytes(plan.bytes.to_move))).unwrap_or_default();
+    set_condition(&mut status.conditions, condition("Planned", true, "TargetChosen", &why), &now_rfc3339());
+
+    // 3. Dry run stops here.
+    if vmm.spec.dry_run {
+        status.phase = MigrationPhase::Planned;
+        status.reason = Some("dry run".into());
+        write_status(ctx, &vmm, &status).await?;
+        event(ctx, &vmm, false, "Planned", why).await;
+        return Ok(Action::await_change());
+    }
+
+    // 4. KubeVirt's parallel limits, then the KubeVirt migration.
+    let mut admitted = ctx.admission.lock().await;
+    let limits = ctx.view.migration_limits();
+    let (mut running, per_node) = ctx.view.running_migrations();
+    // Migrations created by us that the watch has not reported yet.
+    admitted.retain(|n| !ctx.view.vmims.state().iter().any(|m| m.metadata.name.as_deref() == Some(n.as_str())));
+    running += admitted.len() as u32;
+    let outbound = per_node.get(&plan.source_node).copied().unwrap_or(0);
+    let waiting = if running >= limits.per_cluster {
+        Some(format!("waiting: {running} migrations running, KubeVirt allows parallelMigrationsPerCluster={}", limits.per_cluster))
+    } else if outbound >= limits.outbound_per_node {
+        Some(format!("waiting: {outbound} migrations leaving {}, KubeVirt allows parallelOutboundMigrationsPerNode={}", plan.source_node, limits.outbound_per_node))
+    } else {
+        None
+    };
+    if let Some(reason) = waiting {
+        drop(admitted);
+        status.phase = MigrationPhase::Pending;
+        status.reason = Some(reason);
+        write_status(ctx, &vmm, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let owner = vmm.controller_owner_ref(&()).ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
+    let mut vmim = VirtualMachineInstanceMigration::new(&name, VmimSpec {
+        vmi_name: vmm.spec.vmi_name.clone(),
+        added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target_node.clone())].into()),
+    });
+    vmim.metadata.namespace = Some(ns.clone());
+    vmim.metadata.owner_references = Some(vec![owner]);
+    vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
+    match vmims.create(&PostParams::default(), &vmim).await {
+        Ok(_) => admitted.push(name.clone()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {} // created before a restart
+        Err(e) => return Err(e.into()),
+    }
+    drop(admitted);
+    status.phase = MigrationPhase::Migrating;
+    status.reason = None;
+    status.kubevirt_migration = Some(name.clone());
+    status.start_time.get_or_insert_with(now_rfc3339);
+    if let Some(e) = &status.estimate {
+        ctx.metrics.planned_bytes_to_move.inc_by(e.to_move_bytes);
+        ctx.metrics.planned_bytes_saved.inc_by(e.common_bytes);
+    }
+    write_status(ctx, &vmm, &status).await?;
+    event(ctx, &vmm, false, "MigrationCreated", format!("created KubeVirt migration {name}; {why}")).await;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Mirrors the KubeVirt migration's progress into our status.
+async fn follow(
+    vmm: &VirtualMachineMigration,
+    ctx: &Context,
+    mut status: VirtualMachineMigrationStatus,
+    vmim: &VirtualMachineInstanceMigration,
+) -> Result<Action> {
+    let ns = vmm.namespace().unwrap_or_default();
+    let state = vmim
+        .status
+        .as_ref()
+        .and_then(|s| s.migration_state.clone())
+        .or_else(|| {
+            ctx.view
+                .vmi(&ns, &vmm.spec.vmi_name)
+                .and_then(|v| v.status.as_ref().and_then(|s| s.migration_state.clone()))
+        })
+        .unwrap_or_default();
+    status.kubevirt_migration = vmim.metadata.name.clone();
+    status.kubevirt_phase = vmim.phase().map(str::to_string);
+    if let Some(t) = &state.start_timestamp {
+        status.start_time = Some(t.clone());
+    }
+    if let Some(t) = &state.target_node {
+        status.target_node = Some(t.clone());
+    }
+    match vmim.phase() {
+        Some("Succeeded") => {
+            status.phase = MigrationPhase::Succeeded;
+            status.reason = None;
+            status.end_time = state.end_timestamp.clone().or_else(|| Some(now_rfc3339()));
+            let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
+            let (source, target) = (status.source_node.clone().unwrap_or_default(), status.target_node.clone().unwrap_or_default());
+            let digests: Api<NodeRegionDigest> = Api::all(ctx.client.clone());
+            match republish_after_migration(&digests, &ctx.view, &vm, &source, &target).await {
+                Ok(true) => ctx.metrics.digests_republished.inc(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not republish digests after migration"),
+            }
+            set_condition(&mut status.conditions, condition("Succeeded", true, "MigrationSucceeded",
+                format!("{vm} now runs on {target}")), &now_rfc3339());
+            if let (Some(s), Some(e)) = (&status.start_time, &status.end_time) {
+                if let (Ok(s), Ok(e)) = (chrono::DateTime::parse_from_rfc3339(s), chrono::DateTime::parse_from_rfc3339(e)) {
+                    ctx.metrics.migration_seconds.observe((e - s).num_milliseconds().max(0) as f64 / 1000.0);
+                }
+            }
+            write_status(ctx, vmm, &status).await?;
+            ctx.metrics.migrations.with_label_values(&["succeeded"]).inc();
+            event(ctx, vmm, false, "MigrationSucceeded", format!("{vm} migrated from {source} to {target}")).await;
+            Ok(Action::await_change())
+        }
+        Some("Failed") => {
+            status.failure_reason = state.failure_reason.clone();
+            status.end_time = state.end_timestamp.clone();
+            let msg = format!("KubeVirt migration failed: {}", state.failure_reason.as_deref().unwrap_or("no reason given"));
+            fail(ctx, vmm, status, "KubevirtMigrationFailed", msg).await
+        }
+        phase => {
+            status.phase = MigrationPhase::Migrating;
+            status.reason = phase.map(|p| format!("KubeVirt phase {p}"));
+            write_status(ctx, vmm, &status).await?;
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+    }
+}
+
+/// Deleting a request whose migration is not final deletes the KubeVirt migration, which makes
+/// KubeVirt abort it.
+async fn cleanup(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
+    let ns = vmm.namespace().unwrap_or_default();
+    let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = vmim_name(&vmm);
+    if let Some(vmim) = vmims.get_opt(&name).await? {
+        if !vmim.is_final() && vmim.metadata.deletion_timestamp.is_none() {
+            vmims.delete(&name, &DeleteParams::background()).await?;
+            ctx.metrics.migrations.with_label_values(&["cancelled"]).inc();
+            event(ctx, &vmm, false, "MigrationAborted",
+                format!("deleted unfinished KubeVirt migration {name}; KubeVirt aborts it")).await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::migration::VirtualMachineMigrationSpec;
+
+    fn vmm(name: &str, uid: &str) -> VirtualMachineMigration {
+        let mut v = VirtualMachineMigration::new(name, VirtualMachineMigrationSpec {
+            vmi_name: "vm".into(), target: None, max_duration: None,
+            path_setup_budget: None, group: None, dry_run: false,
+        });
+        v.metadata.uid = Some(uid.into());
+        v
+    }
+
+    #[test]
+    fn kubevirt_migration_name_is_deterministic_per_request() {
+        let a = vmm("move-db", "0a1b2c3d-4e5f-6789-abcd-ef0123456789");
+        assert_eq!(vmim_name(&a), "cg-move-db-0a1b2c3d");
+        assert_eq!(vmim_name(&a), vmim_name(&a.clone()));
+        let b = vmm("move-db", "ffffffff-4e5f-6789-abcd-ef0123456789");
+        assert_ne!(vmim_name(&a), vmim_name(&b), "a re-created request gets a new migration");
+        let long = vmm(&"x".repeat(253), "0a1b2c3d");
+        assert!(vmim_name(&long).len() <= 253);
+    }
+}

@@ -1,0 +1,205 @@
+//! `commonground controller`: reconciles `VirtualMachineMigration` objects into KubeVirt live
+//! migrations. Leader-elected; only the leader reconciles and writes status.
+
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod migration;
+pub mod republish;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+
+use self::error::{ControllerError, Result};
+use self::leader::{LeaderElector, LeaseConfig};
+use self::metrics::ControllerMetrics;
+use self::migration::Context;
+use self::status::TransferModel;
+use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
+use crate::api::VirtualMachineMigration;
+use crate::plan::region::RegionGeometry;
+use crate::plan::workgroups::{DistanceMatrix, DEFAULT_WORK_GROUP_LABEL};
+use crate::telemetry::{self, LogFormat, Readiness};
+use crate::view::{ClusterView, ViewConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "COMMONGROUND_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: SocketAddr,
+    /// Node label whose value is the node's work group.
+    #[arg(long, env = "COMMONGROUND_WORK_GROUP_LABEL", default_value = DEFAULT_WORK_GROUP_LABEL)]
+    pub work_group_label: String,
+    /// Distances between work groups: `a:b=10,a:c=20` (empty: all equally far).
+    #[arg(long, env = "COMMONGROUND_DISTANCES", default_value = "")]
+    pub distances: String,
+    /// Region size in 4 KiB pages; must equal the agents'.
+    #[arg(long, env = "COMMONGROUND_REGION_PAGES", default_value_t = crate::plan::region::DEFAULT_REGION_PAGES)]
+    pub region_pages: u32,
+    /// Bytes per second of the default migration network, for time estimates.
+    #[arg(long, env = "COMMONGROUND_MIGRATION_BANDWIDTH", default_value_t = 1.25e9)]
+    pub migration_bandwidth: f64,
+    /// Downtime limit of the stop-and-copy phase, for time estimates.
+    #[arg(long, env = "COMMONGROUND_DOWNTIME_LIMIT_MS", default_value_t = 300.0)]
+    pub downtime_limit_ms: f64,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "COMMONGROUND_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    #[arg(long, env = "COMMONGROUND_LEASE_NAME", default_value = "commonground-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Run without leader election (a single replica).
+    #[arg(long, env = "COMMONGROUND_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    #[arg(long, env = "COMMONGROUND_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+pub async fn run(args: ControllerArgs) -> Result<()> {
+    telemetry::init_logging(args.log_format);
+    let distances = DistanceMatrix::parse(&args.distances)
+        .map_err(|e| ControllerError::Config(e.to_string()))?;
+    let geometry = RegionGeometry::new(args.region_pages)
+        .map_err(|e| ControllerError::Config(e.to_string()))?;
+    let client = Client::try_default().await?;
+
+    // A clear exit with an install hint when the CRDs are missing.
+    let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());
+    if let Err(e) = vmms.list(&kube::api::ListParams::default().limit(1)).await {
+        return Err(ControllerError::CrdsMissing(e.to_string()));
+    }
+
+    let metrics = ControllerMetrics::new();
+    let ready = Readiness::default();
+    {
+        let (registry, ready) = (metrics.registry.clone(), ready.clone());
+        let addr = args.health_addr;
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve_health(addr, registry, ready).await {
+                tracing::error!(error = %e, "health server failed");
+            }
+        });
+    }
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!("{}-{}", hostname(), std::process::id())
+    });
+    let elector = (!args.no_leader_election).then(|| {
+        LeaderElector::new(client.clone(), LeaseConfig {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(2),
+        })
+    });
+    if let Some(e) = &elector {
+        tokio::select! {
+            r = e.acquire() => r?,
+            _ = telemetry::shutdown_signal() => return Ok(()),
+        }
+    }
+
+    let view = ClusterView::start(client.clone(), ViewConfig {
+        work_group_label: args.work_group_label.clone(),
+        distances,
+        geometry,
+        ..Default::default()
+    });
+    view.wait_ready().await;
+    ready.set(true);
+    tracing::info!("caches synced; reconciling");
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        view: view.clone(),
+        recorder: Recorder::new(client.clone(), Reporter {
+            controller: "commonground-controller".into(),
+            instance: Some(identity),
+        }),
+        metrics,
+        transfer: TransferModel {
+            bandwidth: args.migration_bandwidth,
+            downtime_limit_ms: args.downtime_limit_ms,
+        },
+        admission: tokio::sync::Mutex::new(Vec::new()),
+    });
+
+    let vmm_store = view.vmms.clone();
+    let controller = Controller::new(vmms, watcher::Config::default().any_semantic())
+        .owns(
+            Api::<VirtualMachineInstanceMigration>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .watches(
+            Api::<VirtualMachineInstance>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |vmi: VirtualMachineInstance| {
+                // A VMI change wakes the requests that name it.
+                let ns = vmi.namespace().unwrap_or_default();
+                let name = vmi.name_any();
+                vmm_store
+                    .state()
+                    .into_iter()
+                    .filter(|m| m.namespace().as_deref() == Some(&ns) && m.spec.vmi_name == name)
+                    .map(|m| ObjectRef::from_obj(&*m))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(telemetry::shutdown_signal())
+        .run(migration::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        });
+
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => { e.release().await; Ok(()) }
+                err = e.keep() => Err(err),
+            }
+        }
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}
+
+fn error_policy(
+    vmm: Arc<VirtualMachineMigration>,
+    error: &ControllerError,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.kind()])
+        .inc();
+    tracing::warn!(
+        namespace = vmm.namespace().unwrap_or_default(),
+        name = vmm.name_any(),
+        kind = error.kind(),
+        error = %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "commonground".into())
+}
