@@ -2,6 +2,7 @@
 //! load. See README.md for the architecture.
 #![deny(warnings)]
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod controller;

@@ -11,10 +11,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Node agent (DaemonSet): scan the memory of this node's VMs and publish its NodeRegionDigest.
+    Agent(commonground::agent::AgentArgs),
     /// Reconcile VirtualMachineMigration objects into KubeVirt live migrations.
     Controller(commonground::controller::ControllerArgs),
     /// Print the CustomResourceDefinitions (what crds/ must equal).
     Crd(commonground::cli::crd::CrdArgs),
+    /// Scan processes or memory image files and print their regions and pairwise overlap.
+    Digest(commonground::cli::digest::DigestArgs),
     /// Estimate a live migration's time, bytes and downtime (the controller's model).
     Estimate(commonground::cli::estimate::EstimateArgs),
 }
@@ -23,6 +27,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Controller(args) => runtime().block_on(commonground::controller::run(args)).map_err(Into::into),
+        Command::Agent(args) => runtime().block_on(commonground::agent::run(args)).map_err(Into::into),
+        Command::Digest(args) => commonground::cli::digest::run(args).map_err(Into::into),
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
     };

@@ -1,0 +1,336 @@
+//! The node agent (`commonground agent`, a DaemonSet): finds the QEMU processes of the VMs on
+//! its node, scans their memory through `/proc`, measures load and dirty rates, and publishes
+//! the node's `NodeRegionDigest` (seed 000, fig. 5: scan, update the table, publish).
+//!
+//! Where the agent reads /proc: [`discover`] (cmdline), [`proc_maps`] (maps),
+//! [`memory_reader`] (process_vm_readv), [`soft_dirty`] (clear_refs, pagemap), [`load`]
+//! (stat, io, meminfo, vmstat). It never publishes memory content, only keyed identities.
+
+pub mod dirty_sampler;
+pub mod discover;
+pub mod load;
+pub mod memory_reader;
+pub mod node_scanner;
+pub mod proc_maps;
+pub mod publish;
+pub mod scan;
+pub mod shared_memory;
+pub mod soft_dirty;
+pub mod vm_tracker;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kube::api::ListParams;
+use kube::Api;
+
+use crate::api::kubevirt::VirtualMachineInstance;
+use crate::api::NodeRegionDigest;
+use crate::plan::region::{ClusterKey, RegionGeometry, DEFAULT_REGION_PAGES};
+use crate::plan::VmKey;
+use crate::telemetry::{self, LogFormat, Readiness};
+
+use node_scanner::NodeScanner;
+use publish::{PublishDecision, PublishGate, REFRESH_ANNOTATION};
+use vm_tracker::{RescanMode, RescanPolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("process {0}: no such process")]
+    NoProcess(i32),
+    #[error("process {pid}: permission denied to {what}")]
+    PermissionDenied { pid: i32, what: &'static str },
+    #[error("/proc/{pid}/{file}: {what}")]
+    Proc {
+        pid: i32,
+        file: &'static str,
+        what: String,
+    },
+    #[error("/proc/{pid}/{file}: {source}")]
+    Io {
+        pid: i32,
+        file: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cluster key {path}: {what}")]
+    Key { path: String, what: String },
+    #[error("bad argument: {0}")]
+    Argument(String),
+    #[error("{what}: {source}")]
+    Kube {
+        what: String,
+        source: Box<kube::Error>,
+    },
+    #[error("health server on {addr}: {source}")]
+    Health {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// An I/O error on a /proc file, with "no such process" and "permission denied" named.
+    pub fn io(pid: i32, file: &'static str, source: std::io::Error) -> Self {
+        match source.kind() {
+            std::io::ErrorKind::NotFound if pid > 0 => AgentError::NoProcess(pid),
+            std::io::ErrorKind::PermissionDenied => AgentError::PermissionDenied {
+                pid,
+                what: match file {
+                    "maps" => "read /proc/<pid>/maps",
+                    "clear_refs" => "write /proc/<pid>/clear_refs",
+                    "pagemap" => "read /proc/<pid>/pagemap",
+                    _ => "read its /proc files",
+                },
+            },
+            _ => AgentError::Io { pid, file, source },
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The node this agent runs on (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Node label whose value is the node's work group.
+    #[arg(
+        long,
+        env = "WORK_GROUP_LABEL",
+        default_value = "topology.kubernetes.io/zone"
+    )]
+    pub work_group_label: String,
+    /// Region size in base pages; must equal the cluster's.
+    #[arg(long, env = "REGION_PAGES", default_value_t = DEFAULT_REGION_PAGES)]
+    pub region_pages: u32,
+    /// File holding the cluster key (32 hex characters), mounted from a Secret. Without it a
+    /// development key is used and digests are only comparable with other development agents.
+    #[arg(long, env = "CLUSTER_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Seconds between scans.
+    #[arg(long, env = "SCAN_INTERVAL", default_value_t = 10)]
+    pub interval: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8081")]
+    pub health_addr: SocketAddr,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+/// The cluster key from `path`, or the development key with a loud warning.
+pub fn load_key(path: Option<&std::path::Path>) -> Result<ClusterKey, AgentError> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| AgentError::Key {
+                path: p.display().to_string(),
+                what: e.to_string(),
+            })?;
+            ClusterKey::from_hex(&text).map_err(|e| AgentError::Key {
+                path: p.display().to_string(),
+                what: e.to_string(),
+            })
+        }
+        None => {
+            tracing::warn!(
+                "NO CLUSTER KEY: using the public development key; anyone can confirm guesses of \
+                 memory content from the published identities. Mount the cluster key Secret and \
+                 pass --key-file."
+            );
+            Ok(ClusterKey::development())
+        }
+    }
+}
+
+fn kube_err(what: String) -> impl FnOnce(kube::Error) -> AgentError {
+    move |e| AgentError::Kube {
+        what,
+        source: Box::new(e),
+    }
+}
+
+async fn vms_on_node(
+    api: &Api<VirtualMachineInstance>,
+    node: &str,
+) -> Result<BTreeSet<VmKey>, AgentError> {
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err("list VirtualMachineInstances".into()))?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|v| v.node_name() == Some(node))
+        .filter_map(|v| {
+            Some(VmKey::new(
+                v.metadata.namespace.clone()?,
+                v.metadata.name.clone()?,
+            ))
+        })
+        .collect())
+}
+
+async fn work_group(client: &kube::Client, node: &str, label: &str) -> String {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    match nodes.get_opt(node).await {
+        Ok(Some(n)) => n
+            .metadata
+            .labels
+            .and_then(|l| l.get(label).cloned())
+            .unwrap_or_default(),
+        Ok(None) => {
+            tracing::warn!(node, "node object not found; work group left empty");
+            String::new()
+        }
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read node; work group left empty");
+            String::new()
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    telemetry::init_logging(args.log_format);
+    if args.node_name.is_empty() {
+        return Err(AgentError::Argument(
+            "--node-name (NODE_NAME) is empty".into(),
+        ));
+    }
+    if args.interval == 0 {
+        return Err(AgentError::Argument(
+            "--interval must be at least 1 second".into(),
+        ));
+    }
+    let geometry =
+        RegionGeometry::new(args.region_pages).map_err(|e| AgentError::Argument(e.to_string()))?;
+    let key = load_key(args.key_file.as_deref())?;
+    let interval = Duration::from_secs(args.interval);
+    let mode = RescanMode::detect();
+    if mode == RescanMode::Sampled {
+        tracing::info!("kernel has no soft-dirty tracking: dirty rates from sampled pages, periodic full rescans");
+    }
+    let client = kube::Client::try_default()
+        .await
+        .map_err(kube_err("connect to the Kubernetes API".into()))?;
+    let ready = Readiness::default();
+    let registry = prometheus::Registry::new();
+    let publishes = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "commonground_agent_digest_writes_total",
+            "NodeRegionDigest writes by reason",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    let scan_seconds = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
+        "commonground_agent_scan_seconds",
+        "Time for one scan interval over every VM on the node",
+    ))
+    .expect("valid metric");
+    registry
+        .register(Box::new(publishes.clone()))
+        .expect("unique metric");
+    registry
+        .register(Box::new(scan_seconds.clone()))
+        .expect("unique metric");
+    let health = {
+        let listener = tokio::net::TcpListener::bind(args.health_addr)
+            .await
+            .map_err(|source| AgentError::Health {
+                addr: args.health_addr,
+                source,
+            })?;
+        let router = telemetry::health_routes(registry.clone(), ready.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    };
+
+    let node = args.node_name.clone();
+    let wg = work_group(&client, &node, &args.work_group_label).await;
+    let vmis: Api<VirtualMachineInstance> = Api::all(client.clone());
+    let digests: Api<NodeRegionDigest> = Api::all(client.clone());
+    let mut scanner = Some(NodeScanner::new(
+        node.clone(),
+        wg,
+        geometry,
+        key,
+        mode,
+        RescanPolicy::for_interval(interval),
+    ));
+    let mut gate = PublishGate::default();
+    let shutdown = telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let started = Instant::now();
+        match vms_on_node(&vmis, &node).await {
+            Ok(on_node) => {
+                let mut s = scanner.take().expect("scanner is put back after each tick");
+                let s_back = tokio::task::spawn_blocking(move || {
+                    let procs = node_scanner::discover();
+                    s.tick(&procs, &on_node);
+                    s
+                })
+                .await
+                .expect("scan task does not panic");
+                scan_seconds.observe(started.elapsed().as_secs_f64());
+                let inputs = s_back.inputs();
+                scanner = Some(s_back);
+                let refresh = match digests.get_opt(&node).await {
+                    Ok(d) => {
+                        d.and_then(|d| d.metadata.annotations?.get(REFRESH_ANNOTATION).cloned())
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, error = %e, "cannot read own NodeRegionDigest");
+                        None
+                    }
+                };
+                let status = publish::build_bounded_status(&inputs);
+                let now = Instant::now();
+                let decision = gate.decide(
+                    &inputs.summary,
+                    status.load.composite,
+                    refresh.as_deref(),
+                    now,
+                );
+                let reason = match decision {
+                    PublishDecision::Immediate(why) => Some(why),
+                    PublishDecision::Changed => Some("changed"),
+                    PublishDecision::Heartbeat => Some("heartbeat"),
+                    PublishDecision::Skip => None,
+                };
+                if let Some(reason) = reason {
+                    match publish::apply(&digests, &node, &status).await {
+                        Ok(()) => {
+                            tracing::info!(
+                                node,
+                                reason,
+                                vms = status.vm_count,
+                                "published NodeRegionDigest"
+                            );
+                            publishes.with_label_values(&[reason]).inc();
+                            gate.published(inputs.summary, status.load.composite, refresh, now);
+                            ready.set(true);
+                        }
+                        Err(e) => {
+                            tracing::warn!(node, error = %e, "cannot publish NodeRegionDigest")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(node, error = %e, "cannot list VMIs; skipping this interval"),
+        }
+        let next = started + interval;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    health.abort();
+    tracing::info!("agent stopped");
+    Ok(())
+}

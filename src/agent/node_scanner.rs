@@ -1,0 +1,195 @@
+//! The node's side of seed 000 fig. 5: scan every VM on the node, update the replicated-region
+//! table, and produce what is published. Blocking work; the agent runs it off the async runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::digest::{LoadStatus, NodeCapacity};
+use crate::plan::region::{ClusterKey, RegionGeometry};
+use crate::plan::replicated::{rebuild_node_sketch, RegionTable};
+use crate::plan::sketch::DEFAULT_THRESHOLD;
+use crate::plan::{NodeRegionSummary, VmKey, VmRegionSummary};
+
+use super::discover::{self, QemuProcess};
+use super::load;
+use super::publish::DigestInputs;
+use super::shared_memory;
+use super::vm_tracker::{RescanMode, RescanPolicy, TrackedVm};
+
+/// Regions held at least this many times on a node are listed as replicated.
+pub const REPLICATION_THRESHOLD: u32 = 2;
+/// At most this many replicated entries are published.
+const MAX_REPLICATED: usize = 2000;
+
+pub struct NodeScanner {
+    pub node: String,
+    pub work_group: String,
+    pub geometry: RegionGeometry,
+    pub key: ClusterKey,
+    pub mode: RescanMode,
+    pub policy: RescanPolicy,
+    pub vms: BTreeMap<VmKey, TrackedVm>,
+    table: RegionTable,
+    node_counters: Option<load::NodeCounters>,
+    node_rates: load::LoadRates,
+}
+
+impl NodeScanner {
+    pub fn new(
+        node: String,
+        work_group: String,
+        geometry: RegionGeometry,
+        key: ClusterKey,
+        mode: RescanMode,
+        policy: RescanPolicy,
+    ) -> Self {
+        Self {
+            node,
+            work_group,
+            geometry,
+            key,
+            mode,
+            policy,
+            vms: BTreeMap::new(),
+            table: RegionTable::default(),
+            node_counters: load::sample_node().ok(),
+            node_rates: load::LoadRates::default(),
+        }
+    }
+
+    /// One interval: start tracking new VMs among `processes` that are in `on_node`, refresh
+    /// the others, forget those gone. A VM whose process cannot be read is logged and skipped.
+    pub fn tick(&mut self, processes: &[QemuProcess], on_node: &BTreeSet<VmKey>) {
+        let wanted: BTreeMap<&VmKey, i32> = processes
+            .iter()
+            .filter(|p| on_node.contains(&p.vm))
+            .map(|p| (&p.vm, p.pid))
+            .collect();
+        let gone: Vec<VmKey> = self
+            .vms
+            .iter()
+            .filter(|(vm, t)| wanted.get(vm) != Some(&t.pid))
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm in gone {
+            tracing::info!(namespace = %vm.namespace, name = %vm.name, "VM left the node or its process changed");
+            self.vms.remove(&vm);
+            self.table.release(&vm);
+        }
+        for (vm, pid) in wanted {
+            let result = match self.vms.get_mut(vm) {
+                Some(t) => t.refresh(self.mode, &self.policy).map(|o| o.exited),
+                None => {
+                    match TrackedVm::start(vm.clone(), pid, self.geometry, self.mode, &self.policy)
+                    {
+                        Ok(t) => {
+                            let exited = t.scan.exited;
+                            tracing::info!(namespace = %vm.namespace, name = %vm.name, pid, bytes = t.scan.counts().bytes, "first scan done");
+                            self.vms.insert(vm.clone(), t);
+                            Ok(exited)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match result {
+                Ok(false) => {
+                    let ids = self.vms[vm].scan.identities(&self.key);
+                    self.table.admit(vm.clone(), ids);
+                }
+                Ok(true) => {
+                    tracing::info!(namespace = %vm.namespace, name = %vm.name, pid, "QEMU process exited during the scan");
+                    self.vms.remove(vm);
+                    self.table.release(vm);
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %vm.namespace, name = %vm.name, pid, error = %e, "cannot scan VM");
+                    self.vms.remove(vm);
+                    self.table.release(vm);
+                }
+            }
+        }
+        if let Ok(c) = load::sample_node() {
+            if let Some(prev) = &self.node_counters {
+                self.node_rates = load::node_rates(prev, &c);
+            }
+            self.node_counters = Some(c);
+        }
+    }
+
+    /// What would be published now.
+    pub fn inputs(&self) -> DigestInputs {
+        let (cpus, total_mem) = self
+            .node_counters
+            .map(|c| (c.cpus, c.total_memory_bytes))
+            .unwrap_or((1, 0));
+        let load_status = |r: &load::LoadRates| LoadStatus {
+            cpu_cores: r.cpu_cores,
+            io_bytes_per_second: r.io_bytes_per_second,
+            memory_bytes: r.memory_bytes,
+            composite: load::composite(r, cpus, total_mem),
+        };
+        let mut vm_loads = BTreeMap::new();
+        let vms: Vec<VmRegionSummary> = self
+            .vms
+            .values()
+            .map(|t| {
+                let c = t.scan.counts();
+                let l = load_status(&t.load);
+                let composite = l.composite;
+                vm_loads.insert(t.vm.clone(), l);
+                VmRegionSummary {
+                    vm: t.vm.clone(),
+                    memory_bytes: c.bytes,
+                    regions: c.regions,
+                    zero_regions: c.zero_regions,
+                    sketch: t.scan.sketch(&self.key, DEFAULT_THRESHOLD),
+                    dirty_rate: t.dirty_rate,
+                    working_set_bytes: t.working_set_bytes,
+                    load: composite,
+                }
+            })
+            .collect();
+        let groups = shared_memory::memory_groups(
+            &self
+                .vms
+                .values()
+                .map(|t| (t.vm.clone(), t.maps.clone()))
+                .collect::<Vec<_>>(),
+        );
+        DigestInputs {
+            summary: NodeRegionSummary {
+                node: self.node.clone(),
+                work_group: self.work_group.clone(),
+                geometry: self.geometry,
+                key_id: self.key.key_id.clone(),
+                sketch: rebuild_node_sketch(DEFAULT_THRESHOLD, &vms),
+                vms,
+            },
+            vm_loads,
+            node_load: load_status(&self.node_rates),
+            capacity: NodeCapacity {
+                cpu_millis: cpus * 1000,
+                memory_bytes: total_mem,
+            },
+            replicated: self.table.replicated(
+                &self.node,
+                self.geometry.pages_per_region,
+                REPLICATION_THRESHOLD,
+                DEFAULT_THRESHOLD,
+                MAX_REPLICATED,
+            ),
+            replication_threshold: REPLICATION_THRESHOLD,
+            groups,
+            scan_mode: self.mode.as_str().to_string(),
+            scan_time: chrono::Utc::now(),
+        }
+    }
+}
+
+/// Every KubeVirt QEMU process on the host (an empty list if /proc cannot be listed).
+pub fn discover() -> Vec<QemuProcess> {
+    discover::find_qemu_processes().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot list /proc");
+        Vec::new()
+    })
+}

@@ -1,0 +1,381 @@
+//! Publishing the node's digest (seed 000, fig. 5, "send it to peers"): the `NodeRegionDigest`
+//! named after the node, status written by server-side apply. Bounded to
+//! [`MAX_DIGEST_BYTES`] by coarsening sketch thresholds; written only when the content changed
+//! beyond a threshold and at most once per minute at steady state, at once when a VM arrived or
+//! left, or when the digest carries a new [`REFRESH_ANNOTATION`] (set after a migration).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use kube::Api;
+
+use crate::api::digest::{
+    summary_into_status, LoadStatus, MemoryGroupStatus, NodeCapacity, NodeRegionDigest,
+    NodeRegionDigestStatus, ReplicatedStatus,
+};
+use crate::api::FIELD_MANAGER;
+use crate::plan::replicated::{rebuild_node_sketch, ReplicatedEntry};
+use crate::plan::{NodeRegionSummary, VmKey};
+
+use super::shared_memory::MemoryGroup;
+use super::AgentError;
+
+/// Largest serialized digest object the agent writes.
+pub const MAX_DIGEST_BYTES: usize = 256 * 1024;
+/// Room left for metadata (managed fields, labels) the API server adds around the status.
+const METADATA_ALLOWANCE: usize = 16 * 1024;
+/// Annotation whose new value makes the agent publish at once.
+pub const REFRESH_ANNOTATION: &str = "commonground.dev/refresh";
+
+/// Everything one digest is built from.
+#[derive(Clone, Debug)]
+pub struct DigestInputs {
+    pub summary: NodeRegionSummary,
+    pub vm_loads: BTreeMap<VmKey, LoadStatus>,
+    pub node_load: LoadStatus,
+    pub capacity: NodeCapacity,
+    pub replicated: Vec<ReplicatedEntry>,
+    pub replication_threshold: u32,
+    pub groups: Vec<MemoryGroup>,
+    pub scan_mode: String,
+    pub scan_time: chrono::DateTime<chrono::Utc>,
+}
+
+fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
+    let mut status = NodeRegionDigestStatus {
+        vms: inputs
+            .summary
+            .vms
+            .iter()
+            .map(|v| crate::api::digest::VmDigest {
+                namespace: v.vm.namespace.clone(),
+                name: v.vm.name.clone(),
+                load: inputs.vm_loads.get(&v.vm).cloned().unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    summary_into_status(&inputs.summary, &mut status);
+    status.capacity = inputs.capacity.clone();
+    status.load = inputs.node_load.clone();
+    status.replicated = inputs
+        .replicated
+        .iter()
+        .map(|e| ReplicatedStatus {
+            huge_pages: e.huge_pages,
+            pages: e.pages,
+            identity: format!("{:016x}", e.identity.0),
+            replicas: e.replicas,
+        })
+        .collect();
+    status.replication_threshold = inputs.replication_threshold;
+    status.memory_groups = inputs
+        .groups
+        .iter()
+        .map(|g| MemoryGroupStatus {
+            name: g.name.clone(),
+            members: g.members.iter().map(|m| m.to_string()).collect(),
+            shared_bytes: g.shared_bytes,
+            recently_accessed_by: Vec::new(),
+        })
+        .collect();
+    status.scan_time = inputs
+        .scan_time
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    status.scan_mode = inputs.scan_mode.clone();
+    status
+}
+
+/// Size of the object the status would be written in.
+pub fn serialized_size(node: &str, status: &NodeRegionDigestStatus) -> usize {
+    let mut d = NodeRegionDigest::new(
+        node,
+        crate::api::digest::NodeRegionDigestSpec {
+            node_name: node.to_string(),
+        },
+    );
+    d.status = Some(status.clone());
+    serde_json::to_vec(&d)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+/// Builds the status and coarsens every sketch (halving the sampling threshold, which keeps
+/// each an exact consistent sample) and the replicated sample until the object fits.
+pub fn build_bounded_status(inputs: &DigestInputs) -> NodeRegionDigestStatus {
+    let mut inputs = inputs.clone();
+    let budget = MAX_DIGEST_BYTES - METADATA_ALLOWANCE;
+    loop {
+        let status = status_of(&inputs);
+        let size = serialized_size(&inputs.summary.node, &status);
+        let threshold = inputs.summary.sketch.threshold();
+        if size <= budget || threshold <= 1 {
+            if size > budget {
+                tracing::warn!(size, "digest still over its bound at the coarsest sketches");
+            }
+            return status;
+        }
+        let t = (threshold / 2).max(1);
+        for v in &mut inputs.summary.vms {
+            v.sketch.coarsen(t);
+        }
+        inputs.summary.sketch = rebuild_node_sketch(t, &inputs.summary.vms);
+        inputs.summary.sketch.coarsen(t);
+        let keep = inputs.replicated.len() / 2;
+        inputs.replicated.truncate(keep);
+    }
+}
+
+/// Why a digest is (or is not) written now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishDecision {
+    /// Never published, a VM arrived or left, or a refresh was asked for.
+    Immediate(&'static str),
+    /// Changed beyond the threshold and the minimum interval has passed.
+    Changed,
+    /// Unchanged for `max_quiet`: republish so `scanTime` stays fresh.
+    Heartbeat,
+    Skip,
+}
+
+/// Rate limiting and change detection for digest writes.
+#[derive(Debug)]
+pub struct PublishGate {
+    pub min_interval: Duration,
+    pub max_quiet: Duration,
+    /// Fraction of a VM's sampled regions that must differ, or absolute composite load change.
+    pub change_threshold: f64,
+    last: Option<(NodeRegionSummary, f64, Instant)>,
+    last_refresh: Option<String>,
+}
+
+impl Default for PublishGate {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(60),
+            max_quiet: Duration::from_secs(600),
+            change_threshold: 0.02,
+            last: None,
+            last_refresh: None,
+        }
+    }
+}
+
+impl PublishGate {
+    /// How much the new summary differs from the last published one: the largest fraction of a
+    /// VM's sample not found in its previous sample, or its relative region count change.
+    fn change(old: &NodeRegionSummary, new: &NodeRegionSummary) -> f64 {
+        let mut worst: f64 = 0.0;
+        for v in &new.vms {
+            let Some(o) = old.vms.iter().find(|o| o.vm == v.vm) else {
+                return 1.0;
+            };
+            let moved = v
+                .sketch
+                .overlap(&o.sketch)
+                .fraction()
+                .map(|f| 1.0 - f)
+                .unwrap_or(0.0);
+            let size = (v.regions as f64 - o.regions as f64).abs() / (o.regions.max(1) as f64);
+            worst = worst.max(moved).max(size);
+        }
+        worst
+    }
+
+    pub fn decide(
+        &self,
+        summary: &NodeRegionSummary,
+        load: f64,
+        refresh: Option<&str>,
+        now: Instant,
+    ) -> PublishDecision {
+        let Some((old, old_load, at)) = &self.last else {
+            return PublishDecision::Immediate("first digest");
+        };
+        if refresh.is_some() && refresh != self.last_refresh.as_deref() {
+            return PublishDecision::Immediate("refresh requested");
+        }
+        let mut old_vms: Vec<&VmKey> = old.vms.iter().map(|v| &v.vm).collect();
+        let mut new_vms: Vec<&VmKey> = summary.vms.iter().map(|v| &v.vm).collect();
+        old_vms.sort();
+        new_vms.sort();
+        if old_vms != new_vms {
+            return PublishDecision::Immediate("VMs changed");
+        }
+        let since = now.duration_since(*at);
+        if since < self.min_interval {
+            return PublishDecision::Skip;
+        }
+        if Self::change(old, summary) > self.change_threshold
+            || (load - old_load).abs() > self.change_threshold.max(0.05)
+        {
+            return PublishDecision::Changed;
+        }
+        if since >= self.max_quiet {
+            return PublishDecision::Heartbeat;
+        }
+        PublishDecision::Skip
+    }
+
+    pub fn published(
+        &mut self,
+        summary: NodeRegionSummary,
+        load: f64,
+        refresh: Option<String>,
+        now: Instant,
+    ) {
+        self.last = Some((summary, load, now));
+        if refresh.is_some() {
+            self.last_refresh = refresh;
+        }
+    }
+}
+
+/// Creates the digest object if needed and writes its status, both by server-side apply.
+pub async fn apply(
+    api: &Api<NodeRegionDigest>,
+    node: &str,
+    status: &NodeRegionDigestStatus,
+) -> Result<(), AgentError> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let object = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1",
+        "kind": "NodeRegionDigest",
+        "metadata": { "name": node },
+        "spec": { "nodeName": node },
+    });
+    api.patch(node, &params, &Patch::Apply(&object))
+        .await
+        .map_err(|e| AgentError::Kube {
+            what: format!("apply NodeRegionDigest {node}"),
+            source: Box::new(e),
+        })?;
+    let with_status = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1",
+        "kind": "NodeRegionDigest",
+        "metadata": { "name": node },
+        "status": status,
+    });
+    api.patch_status(node, &params, &Patch::Apply(&with_status))
+        .await
+        .map_err(|e| AgentError::Kube {
+            what: format!("apply NodeRegionDigest {node} status"),
+            source: Box::new(e),
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::region::{RegionGeometry, RegionId};
+    use crate::plan::sketch::{RegionSketch, KEY_SPACE};
+    use crate::plan::VmRegionSummary;
+    use rand::{Rng, SeedableRng};
+
+    fn inputs(vms: usize, regions_per_vm: usize) -> DigestInputs {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let vms: Vec<VmRegionSummary> = (0..vms)
+            .map(|i| VmRegionSummary {
+                vm: VmKey::new("ns", format!("vm{i}")),
+                memory_bytes: regions_per_vm as u64 * 65536,
+                regions: regions_per_vm as u64,
+                zero_regions: 0,
+                sketch: RegionSketch::from_ids(
+                    KEY_SPACE,
+                    (0..regions_per_vm).map(|_| RegionId(rng.random())),
+                ),
+                dirty_rate: 0.0,
+                working_set_bytes: 0,
+                load: 0.0,
+            })
+            .collect();
+        DigestInputs {
+            summary: NodeRegionSummary {
+                node: "n1".into(),
+                work_group: "a".into(),
+                geometry: RegionGeometry::default(),
+                key_id: "k".into(),
+                sketch: rebuild_node_sketch(KEY_SPACE, &vms),
+                vms,
+            },
+            vm_loads: BTreeMap::new(),
+            node_load: LoadStatus::default(),
+            capacity: NodeCapacity::default(),
+            replicated: Vec::new(),
+            replication_threshold: 2,
+            groups: Vec::new(),
+            scan_mode: "Sampled".into(),
+            scan_time: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn large_digest_is_coarsened_under_the_bound() {
+        let i = inputs(20, 20_000);
+        let unbounded = status_of(&i);
+        assert!(serialized_size("n1", &unbounded) > MAX_DIGEST_BYTES);
+        let status = build_bounded_status(&i);
+        assert!(serialized_size("n1", &status) <= MAX_DIGEST_BYTES);
+        let node = RegionSketch::from_base64(&status.sketch).unwrap();
+        assert!(node.threshold() < KEY_SPACE);
+        assert!(node.len() > 1000, "coarsened, not emptied");
+        assert_eq!(status.vm_count, 20);
+    }
+
+    #[test]
+    fn small_digest_is_left_exact() {
+        let i = inputs(2, 100);
+        let status = build_bounded_status(&i);
+        assert_eq!(status, status_of(&i));
+    }
+
+    #[test]
+    fn gate_limits_steady_state_writes_and_publishes_changes() {
+        let i = inputs(2, 1000);
+        let mut gate = PublishGate::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, None, t0),
+            PublishDecision::Immediate("first digest")
+        );
+        gate.published(i.summary.clone(), 0.1, None, t0);
+        let same_later = t0 + Duration::from_secs(120);
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, None, same_later),
+            PublishDecision::Skip
+        );
+        let mut changed = i.summary.clone();
+        changed.vms[0].sketch = RegionSketch::from_keys(KEY_SPACE, 0..1000u64);
+        assert_eq!(
+            gate.decide(&changed, 0.1, None, t0 + Duration::from_secs(30)),
+            PublishDecision::Skip,
+            "at most once per minute"
+        );
+        assert_eq!(
+            gate.decide(&changed, 0.1, None, same_later),
+            PublishDecision::Changed
+        );
+        let mut fewer = i.summary.clone();
+        fewer.vms.pop();
+        assert_eq!(
+            gate.decide(&fewer, 0.1, None, t0 + Duration::from_secs(1)),
+            PublishDecision::Immediate("VMs changed")
+        );
+        assert_eq!(
+            gate.decide(
+                &i.summary,
+                0.1,
+                Some("after-migration-1"),
+                t0 + Duration::from_secs(1)
+            ),
+            PublishDecision::Immediate("refresh requested")
+        );
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, None, t0 + Duration::from_secs(601)),
+            PublishDecision::Heartbeat
+        );
+    }
+}
