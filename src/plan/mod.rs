@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod estimate;
 pub mod hardware;
 pub mod overlap_index;
+pub mod paths;
 pub mod planner;
 pub mod rank;
 pub mod region;
