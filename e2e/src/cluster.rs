@@ -116,7 +116,10 @@ impl TestCluster {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(BTreeMap::from([(E2E_LABEL.to_string(), "true".to_string())])),
+                labels: Some(BTreeMap::from([(
+                    E2E_LABEL.to_string(),
+                    "true".to_string(),
+                )])),
                 ..Default::default()
             },
             ..Default::default()
@@ -136,7 +139,8 @@ impl TestCluster {
 async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     // Everything is on loopback; never go through a proxy from the environment.
     config.proxy_url = None;
     Ok(Client::try_from(config)?)
@@ -236,7 +240,10 @@ impl TestNamespace {
         let mut v = VirtualMachineInstance::new(
             name,
             VmiSpec {
-                node_selector: Some(BTreeMap::from([(POOL_LABEL.to_string(), self.name.clone())])),
+                node_selector: Some(BTreeMap::from([(
+                    POOL_LABEL.to_string(),
+                    self.name.clone(),
+                )])),
                 domain: json!({
                     "cpu": {"cores": 1},
                     "memory": {"guest": memory},

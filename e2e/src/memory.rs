@@ -237,7 +237,11 @@ pub fn scan_processes() -> Vec<MemoryProcess> {
     };
     let mut out = Vec::new();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(raw) = fs::read(entry.path().join("cmdline")) else {

@@ -70,7 +70,9 @@ async fn main() -> anyhow::Result<()> {
             .memory_helper
             .clone()
             .or_else(commonground_e2e::memory::helper_next_to_current_exe)
-            .ok_or_else(|| anyhow::anyhow!("--memory: no vm-memory next to this binary; pass --memory-helper"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("--memory: no vm-memory next to this binary; pass --memory-helper")
+            })?;
         Some(MemoryConfig {
             helper,
             default_image: args.default_image.clone(),

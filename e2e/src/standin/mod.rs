@@ -300,7 +300,12 @@ async fn sweep_memory(
             .items
             .iter()
             .filter(|v| v.metadata.deletion_timestamp.is_none())
-            .map(|v| (format!("{}_{}", v.namespace().unwrap_or_default(), v.name_any()), v.uid().unwrap_or_default()))
+            .map(|v| {
+                (
+                    format!("{}_{}", v.namespace().unwrap_or_default(), v.name_any()),
+                    v.uid().unwrap_or_default(),
+                )
+            })
             .collect();
         for p in memory::scan_processes() {
             let Some((pns, _)) = p.guest.split_once('_') else {

@@ -31,11 +31,20 @@ fn pod_name(vmi: &str, key: &str) -> String {
 }
 
 pub fn launcher_pod_name(vmi: &VirtualMachineInstance) -> String {
-    pod_name(&vmi.name_any(), &format!("launcher/{}", vmi.uid().unwrap_or_default()))
+    pod_name(
+        &vmi.name_any(),
+        &format!("launcher/{}", vmi.uid().unwrap_or_default()),
+    )
 }
 
-pub fn target_pod_name(vmi: &VirtualMachineInstance, vmim: &VirtualMachineInstanceMigration) -> String {
-    pod_name(&vmi.name_any(), &format!("target/{}", vmim.uid().unwrap_or_default()))
+pub fn target_pod_name(
+    vmi: &VirtualMachineInstance,
+    vmim: &VirtualMachineInstanceMigration,
+) -> String {
+    pod_name(
+        &vmi.name_any(),
+        &format!("target/{}", vmim.uid().unwrap_or_default()),
+    )
 }
 
 /// Parses a Kubernetes quantity ("4Gi", "512M", "1.5", "250m", "1e9") to a number of base units.
@@ -277,7 +286,12 @@ mod tests {
         assert_eq!(terms.len(), 1);
         assert_eq!(terms[0].topology_key, HOSTNAME_LABEL);
         assert_ne!(p.metadata.name, Some(launcher_pod_name(&v)));
-        let req = spec.containers[0].resources.clone().unwrap().requests.unwrap();
+        let req = spec.containers[0]
+            .resources
+            .clone()
+            .unwrap()
+            .requests
+            .unwrap();
         assert_eq!(req["memory"].0, "2Gi");
         assert_eq!(req["cpu"].0, "2");
     }

@@ -42,7 +42,13 @@ pub(crate) async fn mark_pod_running(pods: &Api<Pod>, pod: &Pod) -> Result<(), E
         .as_ref()
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Running");
-    if running || pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none() {
+    if running
+        || pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_none()
+    {
         return Ok(());
     }
     let now = now_rfc3339();
@@ -96,9 +102,11 @@ pub(crate) async fn reconcile(
             let launchers = pods
                 .list(&ListParams::default().labels(&format!("{CREATED_BY_LABEL}={uid}")))
                 .await?;
-            for p in launchers.items.iter().filter(|p| {
-                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-            }) {
+            for p in launchers
+                .items
+                .iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            {
                 mark_pod_running(&pods, p).await?;
             }
             let want = conditions(&vmi);

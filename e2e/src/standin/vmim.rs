@@ -8,7 +8,9 @@ use commonground::api::kubevirt::{
     LIVE_MIGRATABLE,
 };
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -114,7 +116,25 @@ impl Migration {
         ms: &MigrationState,
         node: Option<&str>,
     ) -> Result<VirtualMachineInstance, Error> {
-        let mut status = json!({ "migrationState": null });
+        // One merge patch replacing migrationState whole: fields `ms` lacks are nulled (removed)
+        // so nothing lingers from an earlier migration, and no watcher sees a half-written state.
+        let mut state = serde_json::to_value(ms).map_err(|e| Error::Memory(e.to_string()))?;
+        for key in [
+            "sourceNode",
+            "targetNode",
+            "targetPod",
+            "startTimestamp",
+            "endTimestamp",
+            "failureReason",
+            "mode",
+            "migrationUid",
+            "abortRequested",
+        ] {
+            if state.get(key).is_none() {
+                state[key] = serde_json::Value::Null;
+            }
+        }
+        let mut status = json!({ "migrationState": state });
         if let Some(node) = node {
             self.vmis
                 .patch(
@@ -125,20 +145,12 @@ impl Migration {
                 .await?;
             status["nodeName"] = json!(node);
         }
-        // Clear first so fields absent from `ms` do not linger from an earlier migration.
-        self.vmis
-            .patch_status(
-                vmi,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
-            )
-            .await?;
         Ok(self
             .vmis
             .patch_status(
                 vmi,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"migrationState": ms}})),
+                &Patch::Merge(json!({ "status": status })),
             )
             .await?)
     }
@@ -196,7 +208,9 @@ impl Migration {
             let vmi_ms = vmi.status.as_ref().and_then(|s| s.migration_state.as_ref());
             if vmi_ms.and_then(|m| m.migration_uid.as_deref()) == Some(&self.uid()) {
                 let updated = self.patch_vmi(&vmi.name_any(), &ms, None).await?;
-                self.ctx.sync_memory(&updated, &wanted_nodes(&updated)).await?;
+                self.ctx
+                    .sync_memory(&updated, &wanted_nodes(&updated))
+                    .await?;
             }
         }
         tracing::info!(vmim = %self.name(), reason, "migration failed");
@@ -236,7 +250,9 @@ impl Migration {
                 ignore_404(self.pods.delete(&p.name_any(), &grace0()).await)?;
             }
         }
-        self.ctx.sync_memory(&updated, &wanted_nodes(&updated)).await?;
+        self.ctx
+            .sync_memory(&updated, &wanted_nodes(&updated))
+            .await?;
         self.set_phase("Succeeded", &ms).await
     }
 
@@ -289,7 +305,8 @@ impl Migration {
                 }) {
                     tracing::debug!(vmim = %self.name(), other = ?other.migration_uid, "another migration in progress; waiting");
                     if self.m.phase().is_none() {
-                        self.set_phase("Pending", &MigrationState::default()).await?;
+                        self.set_phase("Pending", &MigrationState::default())
+                            .await?;
                     }
                     return Ok(Next::Done(Action::requeue(Duration::from_secs(1))));
                 }
@@ -386,8 +403,7 @@ impl Migration {
             "Running" => {
                 let ms = self.state();
                 let vmi_ms = vmi.status.as_ref().and_then(|s| s.migration_state.as_ref());
-                if vmi_ms.is_some_and(|m| m.migration_uid.as_deref() == Some(&uid) && m.completed)
-                {
+                if vmi_ms.is_some_and(|m| m.migration_uid.as_deref() == Some(&uid) && m.completed) {
                     // A previous run moved the VMI and stopped before finishing up.
                     self.succeed(&vmi).await?;
                     return Ok(Next::Step);
