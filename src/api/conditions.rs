@@ -70,7 +70,11 @@ mod tests {
         assert!(!set_condition(&mut list, c("True", "m"), "t2"));
         assert_eq!(list[0].last_transition_time.as_deref(), Some("t1"));
         assert!(set_condition(&mut list, c("True", "other"), "t3"));
-        assert_eq!(list[0].last_transition_time.as_deref(), Some("t1"), "same status keeps time");
+        assert_eq!(
+            list[0].last_transition_time.as_deref(),
+            Some("t1"),
+            "same status keeps time"
+        );
         assert!(set_condition(&mut list, c("False", "other"), "t4"));
         assert_eq!(list[0].last_transition_time.as_deref(), Some("t4"));
     }

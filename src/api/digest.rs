@@ -162,10 +162,15 @@ impl NodeRegionDigest {
             .as_ref()
             .ok_or_else(|| invalid("no status yet".into()))?;
         if status.page_size as usize != PAGE_SIZE {
-            return Err(invalid(format!("page size {} unsupported", status.page_size)));
+            return Err(invalid(format!(
+                "page size {} unsupported",
+                status.page_size
+            )));
         }
-        let geometry = RegionGeometry::new(status.region_pages).map_err(|e| invalid(e.to_string()))?;
-        let sketch = RegionSketch::from_base64(&status.sketch).map_err(|e| invalid(e.to_string()))?;
+        let geometry =
+            RegionGeometry::new(status.region_pages).map_err(|e| invalid(e.to_string()))?;
+        let sketch =
+            RegionSketch::from_base64(&status.sketch).map_err(|e| invalid(e.to_string()))?;
         let mut vms = Vec::with_capacity(status.vms.len());
         for v in &status.vms {
             vms.push(VmRegionSummary {
@@ -252,7 +257,12 @@ mod tests {
                 load: 0.3,
             }],
         };
-        let mut d = NodeRegionDigest::new("n1", NodeRegionDigestSpec { node_name: "n1".into() });
+        let mut d = NodeRegionDigest::new(
+            "n1",
+            NodeRegionDigestSpec {
+                node_name: "n1".into(),
+            },
+        );
         let mut status = NodeRegionDigestStatus::default();
         summary_into_status(&summary, &mut status);
         d.status = Some(status);
@@ -261,7 +271,12 @@ mod tests {
 
     #[test]
     fn malformed_sketch_is_a_named_error() {
-        let mut d = NodeRegionDigest::new("n1", NodeRegionDigestSpec { node_name: "n1".into() });
+        let mut d = NodeRegionDigest::new(
+            "n1",
+            NodeRegionDigestSpec {
+                node_name: "n1".into(),
+            },
+        );
         d.status = Some(NodeRegionDigestStatus {
             page_size: 4096,
             region_pages: 16,

@@ -23,17 +23,37 @@ use super::conditions::Condition;
     printcolumn(name = "VMI", type_ = "string", json_path = ".spec.vmiName"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.sourceNode"),
     printcolumn(name = "Target", type_ = "string", json_path = ".status.targetNode"),
-    printcolumn(name = "Common", type_ = "string", json_path = ".status.estimate.commonHuman"),
-    printcolumn(name = "ToMove", type_ = "string", json_path = ".status.estimate.toMoveHuman"),
-    printcolumn(name = "Estimate", type_ = "string", json_path = ".status.estimate.durationHuman", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Common",
+        type_ = "string",
+        json_path = ".status.estimate.commonHuman"
+    ),
+    printcolumn(
+        name = "ToMove",
+        type_ = "string",
+        json_path = ".status.estimate.toMoveHuman"
+    ),
+    printcolumn(
+        name = "Estimate",
+        type_ = "string",
+        json_path = ".status.estimate.durationHuman",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self.vmiName == oldSelf.vmiName").message("vmiName is immutable"))]
 #[x_kube(validation = Rule::new("!has(self.target) || !has(oldSelf.target) || self.target == oldSelf.target").message("target is immutable"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineMigrationSpec {
     /// Name of the VirtualMachineInstance to migrate, in the same namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub vmi_name: String,
     /// Where the VM may go. Empty: anywhere in the source's work group first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,14 +96,18 @@ pub struct MigrationTarget {
     pub scope: Option<TargetScope>,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum TargetScope {
     #[default]
     WorkGroup,
     Cluster,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum GroupMode {
     Follow,
     Together,
@@ -92,7 +116,9 @@ pub enum GroupMode {
 }
 
 /// Phase of a VirtualMachineMigration.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum MigrationPhase {
     #[default]
     Pending,
@@ -147,6 +173,10 @@ pub struct VirtualMachineMigrationStatus {
     /// KubeVirt's failure reason when the migration failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// Extra network paths used to meet `maxDuration` (seed 004), with when they were added
+    /// and removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathUseStatus>,
     /// Things to know about the plan (fallbacks taken, missing data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -155,6 +185,21 @@ pub struct VirtualMachineMigrationStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One extra migration path and its life cycle.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PathUseStatus {
+    /// MigrationNetwork name.
+    pub network: String,
+    pub bandwidth_bytes_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_time: Option<String>,
 }
 
 /// One node as the planner saw it.

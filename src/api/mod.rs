@@ -22,7 +22,8 @@ pub const GROUP: &str = "commonground.dev";
 pub const FIELD_MANAGER: &str = "commonground";
 
 /// Every CRD commonground installs, in the order `commonground crd` prints them.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     vec![

@@ -15,11 +15,19 @@ use serde::{Deserialize, Serialize};
     status = "MigrationNetworkStatus",
     derive = "PartialEq",
     doc = "A network path live migrations can add to meet their time budget.",
-    printcolumn(name = "NAD", type_ = "string", json_path = ".spec.networkAttachmentDefinition.name"),
+    printcolumn(
+        name = "NAD",
+        type_ = "string",
+        json_path = ".spec.networkAttachmentDefinition.name"
+    ),
     printcolumn(name = "Bandwidth", type_ = "string", json_path = ".spec.bandwidth"),
     printcolumn(name = "Activation", type_ = "string", json_path = ".spec.activation"),
     printcolumn(name = "InUseBy", type_ = "string", json_path = ".status.inUseBy"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationNetworkSpec {
@@ -57,7 +65,9 @@ pub struct NadReference {
     pub name: String,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum Activation {
     #[default]
     Preattached,

@@ -20,8 +20,16 @@ use super::conditions::Condition;
     doc = "Automatic load balancing of VMs across nodes by live migration.",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "DryRun", type_ = "boolean", json_path = ".spec.dryRun"),
-    printcolumn(name = "LastRound", type_ = "date", json_path = ".status.lastRoundTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "LastRound",
+        type_ = "date",
+        json_path = ".status.lastRoundTime"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("!has(self.lowThreshold) || !has(self.highThreshold) || self.lowThreshold < self.highThreshold").message("lowThreshold must be below highThreshold"))]
 #[serde(rename_all = "camelCase")]
@@ -88,7 +96,9 @@ fn default_cooldown() -> String {
     "30m".into()
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum RebalanceMode {
     Random,
     SenderInitiated,

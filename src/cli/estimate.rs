@@ -46,14 +46,21 @@ pub fn run(args: EstimateArgs) -> Result<(), EstimateError> {
         v["skip_common"] = serde_json::to_value(&skip).expect("estimate serializes");
         println!("{v}");
     } else {
-        for (name, e) in [("stock KubeVirt/QEMU", &stock), ("skipping common regions", &skip)] {
+        for (name, e) in [
+            ("stock KubeVirt/QEMU", &stock),
+            ("skipping common regions", &skip),
+        ] {
             println!(
                 "{name:>24}: {:.1} s, {} sent in {} rounds, downtime {:.0} ms, {}",
                 e.seconds,
                 crate::plan::hardware::human_bytes(e.bytes_sent),
                 e.rounds,
                 e.downtime_ms,
-                if e.converges { "converges" } else { "does NOT converge" }
+                if e.converges {
+                    "converges"
+                } else {
+                    "does NOT converge"
+                }
             );
         }
         if let Some(a) = &stock.advice {

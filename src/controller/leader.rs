@@ -87,7 +87,11 @@ impl LeaderElector {
                 spec.renew_time = Some(now());
                 spec.lease_duration_seconds = Some(duration);
                 // replace() carries the resourceVersion we read: a concurrent writer makes it 409.
-                match self.api.replace(&self.config.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.config.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                     Err(e) => Err(e.into()),
@@ -124,7 +128,9 @@ impl LeaderElector {
             tokio::time::sleep(self.config.renew_every).await;
             match self.try_acquire().await {
                 Ok(true) => last_ok = std::time::Instant::now(),
-                Ok(false) => return ControllerError::Leader("lease taken by another replica".into()),
+                Ok(false) => {
+                    return ControllerError::Leader("lease taken by another replica".into())
+                }
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
             }
             if last_ok.elapsed() > self.config.duration {

@@ -24,7 +24,10 @@ impl ControllerMetrics {
         let registry = Registry::new_custom(Some("commonground_controller".into()), None)
             .expect("valid registry prefix");
         let migrations = IntCounterVec::new(
-            Opts::new("migrations_total", "VirtualMachineMigrations reaching a final phase, by result"),
+            Opts::new(
+                "migrations_total",
+                "VirtualMachineMigrations reaching a final phase, by result",
+            ),
             &["result"],
         )
         .expect("metric");
@@ -44,8 +47,11 @@ impl ControllerMetrics {
         )
         .expect("metric");
         let migration_seconds = Histogram::with_opts(
-            HistogramOpts::new("migration_duration_seconds", "KubeVirt migration start to end")
-                .buckets(exponential_buckets(0.5, 2.0, 14).expect("buckets")),
+            HistogramOpts::new(
+                "migration_duration_seconds",
+                "KubeVirt migration start to end",
+            )
+            .buckets(exponential_buckets(0.5, 2.0, 14).expect("buckets")),
         )
         .expect("metric");
         let reconcile_errors = IntCounterVec::new(

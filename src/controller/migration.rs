@@ -15,16 +15,16 @@ use tokio::sync::Mutex;
 
 use super::error::{ControllerError, Result};
 use super::metrics::ControllerMetrics;
+use super::paths;
 use super::republish::republish_after_migration;
 use super::status::{self, TransferModel};
 use crate::api::conditions::{set_condition, Condition};
 use crate::api::kubevirt::{
     VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, LIVE_MIGRATABLE,
 };
-use crate::api::migration::{
-    MigrationPhase, TargetScope, VirtualMachineMigrationStatus,
-};
+use crate::api::migration::{MigrationPhase, TargetScope, VirtualMachineMigrationStatus};
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
+use crate::plan::paths::PathOutcome;
 use crate::plan::{PlanOptions, Scope, VmKey};
 use crate::view::ClusterView;
 
@@ -115,9 +115,19 @@ async fn write_status(
     Ok(())
 }
 
-async fn event(ctx: &Context, vmm: &VirtualMachineMigration, warning: bool, reason: &str, note: String) {
+async fn event(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
         action: reason.into(),
@@ -145,10 +155,18 @@ async fn fail(
     reason: &str,
     message: String,
 ) -> Result<Action> {
+    if let Err(e) = paths::cleanup(ctx, vmm, &mut status).await {
+        tracing::warn!(error = %e, "path cleanup failed; will retry");
+        return Err(e);
+    }
     status.phase = MigrationPhase::Failed;
     status.reason = Some(message.clone());
     status.end_time.get_or_insert_with(now_rfc3339);
-    set_condition(&mut status.conditions, condition("Failed", true, reason, &message), &now_rfc3339());
+    set_condition(
+        &mut status.conditions,
+        condition("Failed", true, reason, &message),
+        &now_rfc3339(),
+    );
     write_status(ctx, vmm, &status).await?;
     ctx.metrics.migrations.with_label_values(&["failed"]).inc();
     event(ctx, vmm, true, reason, message).await;
@@ -158,6 +176,11 @@ async fn fail(
 async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
     let mut status = vmm.status.clone().unwrap_or_default();
     if status.phase.is_final() {
+        // A restart between the end and the cleanup: finish the cleanup.
+        if status.paths.iter().any(|p| p.removed_time.is_none()) {
+            paths::cleanup(ctx, &vmm, &mut status).await?;
+            write_status(ctx, &vmm, &status).await?;
+        }
         return Ok(Action::await_change());
     }
     status.observed_generation = vmm.metadata.generation;
@@ -170,8 +193,14 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         return follow(&vmm, ctx, status, &vmim).await;
     }
     if status.phase == MigrationPhase::Migrating {
-        return fail(ctx, &vmm, status, "KubevirtMigrationDeleted",
-            format!("KubeVirt migration {name} was deleted before it finished")).await;
+        return fail(
+            ctx,
+            &vmm,
+            status,
+            "KubevirtMigrationDeleted",
+            format!("KubeVirt migration {name} was deleted before it finished"),
+        )
+        .await;
     }
     if status.phase == MigrationPhase::Planned && vmm.spec.dry_run {
         return Ok(Action::await_change());
@@ -188,28 +217,62 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
             match api.get_opt(&vmm.spec.vmi_name).await? {
                 Some(v) => Arc::new(v),
                 None => {
-                    return fail(ctx, &vmm, status, "VmiNotFound",
-                        format!("VirtualMachineInstance {vm} does not exist")).await
+                    return fail(
+                        ctx,
+                        &vmm,
+                        status,
+                        "VmiNotFound",
+                        format!("VirtualMachineInstance {vm} does not exist"),
+                    )
+                    .await
                 }
             }
         }
     };
-    let phase = vmi.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    let phase = vmi
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
     if phase != "Running" {
-        return fail(ctx, &vmm, status, "VmiNotRunning",
-            format!("VirtualMachineInstance {vm} is not running (phase {phase:?})")).await;
+        return fail(
+            ctx,
+            &vmm,
+            status,
+            "VmiNotRunning",
+            format!("VirtualMachineInstance {vm} is not running (phase {phase:?})"),
+        )
+        .await;
     }
     if !vmi.condition_true(LIVE_MIGRATABLE) {
-        return fail(ctx, &vmm, status, "VmiNotLiveMigratable",
-            format!("VirtualMachineInstance {vm} does not have condition {LIVE_MIGRATABLE}=True")).await;
+        return fail(
+            ctx,
+            &vmm,
+            status,
+            "VmiNotLiveMigratable",
+            format!("VirtualMachineInstance {vm} does not have condition {LIVE_MIGRATABLE}=True"),
+        )
+        .await;
     }
     if vmi.is_migrating() {
-        return fail(ctx, &vmm, status, "VmiAlreadyMigrating",
-            format!("VirtualMachineInstance {vm} is already migrating")).await;
+        return fail(
+            ctx,
+            &vmm,
+            status,
+            "VmiAlreadyMigrating",
+            format!("VirtualMachineInstance {vm} is already migrating"),
+        )
+        .await;
     }
     let Some(request) = crate::view::convert::vm_request(&vmi) else {
-        return fail(ctx, &vmm, status, "VmiWithoutNode",
-            format!("VirtualMachineInstance {vm} has no node yet")).await;
+        return fail(
+            ctx,
+            &vmm,
+            status,
+            "VmiWithoutNode",
+            format!("VirtualMachineInstance {vm} has no node yet"),
+        )
+        .await;
     };
 
     // 2. Plan.
@@ -221,47 +284,139 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
             Some(TargetScope::Cluster) => Scope::Cluster,
             _ => Scope::WorkGroup,
         },
-        pinned_node: target.node_name.clone(),
+        // Once paths are being prepared for a target, keep it.
+        pinned_node: target.node_name.clone().or_else(|| {
+            (status.phase == MigrationPhase::PreparingPaths)
+                .then(|| status.target_node.clone())
+                .flatten()
+        }),
         pinned_work_group: target.work_group.clone(),
         only_nodes: None,
     };
     let plan = match planner.plan(&request, &opts) {
         Ok(p) => p,
         Err(e) => {
-            return fail(ctx, &vmm, status, "PlanError", format!("planning {vm}: {e}")).await;
+            return fail(
+                ctx,
+                &vmm,
+                status,
+                "PlanError",
+                format!("planning {vm}: {e}"),
+            )
+            .await;
         }
     };
-    ctx.metrics.plan_seconds.observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .plan_seconds
+        .observe(started.elapsed().as_secs_f64());
     let summary = planner.vm_summary(&vm).cloned();
     status.source_node = Some(plan.source_node.clone());
     status.candidates = status::candidates(&plan, TOP_CANDIDATES);
     status.work_groups = status::work_groups(&plan, planner.snapshot().geometry.region_bytes());
     status.notes = plan.notes.clone();
-    status.estimate = Some(status::estimate_status(
+    let base = status::estimate_input(
         &plan,
         summary.as_ref().map_or(0.0, |s| s.dirty_rate),
         summary.as_ref().map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
-        Vec::new(),
+    );
+    // Seed 004: add paths while the estimate exceeds the time budget.
+    let decision = match paths::decide(ctx, &vmm, &plan, &base, ctx.transfer.cores_per_gbps) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            return fail(
+                ctx,
+                &vmm,
+                status,
+                "InvalidTimeBudget",
+                format!("time budget: {e}"),
+            )
+            .await;
+        }
+    };
+    let mut with_paths = base;
+    if let Some(d) = &decision {
+        with_paths.bandwidth = d.bandwidth;
+        let (ok, reason, message) = match d.outcome {
+            PathOutcome::FitsAsIs => (
+                true,
+                "FitsAsIs",
+                "the estimate fits maxDuration without extra paths".to_string(),
+            ),
+            PathOutcome::FitsWithPaths => (
+                true,
+                "FitsWithPaths",
+                format!("fits maxDuration with paths {}", d.added.join(", ")),
+            ),
+            PathOutcome::OverBudget => (
+                false,
+                "OverBudget",
+                format!(
+                    "no further path can be added ({}); migrating anyway, estimate {:.0}s",
+                    if d.skipped.is_empty() {
+                        "none configured".to_string()
+                    } else {
+                        d.skipped
+                            .iter()
+                            .map(|(n, r)| format!("{n}: {r}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    },
+                    d.estimate.seconds
+                ),
+            ),
+        };
+        set_condition(
+            &mut status.conditions,
+            condition("TimeBudget", ok, reason, message),
+            &now_rfc3339(),
+        );
+    }
+    status.estimate = Some(status::estimate_status(
+        &plan,
+        &with_paths,
+        decision
+            .as_ref()
+            .map(|d| d.added.clone())
+            .unwrap_or_default(),
     ));
     let Some(target_node) = plan.target_node.clone() else {
         status.phase = MigrationPhase::Pending;
         status.reason = Some("no node passes the minimum hardware configuration; retrying".into());
-        set_condition(&mut status.conditions,
-            condition("Planned", false, "NoCandidate", status.reason.clone().unwrap_or_default()), &now_rfc3339());
+        set_condition(
+            &mut status.conditions,
+            condition(
+                "Planned",
+                false,
+                "NoCandidate",
+                status.reason.clone().unwrap_or_default(),
+            ),
+            &now_rfc3339(),
+        );
         write_status(ctx, &vmm, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
     status.target_node = Some(target_node.clone());
     status.target_work_group = plan.target_work_group.clone();
     let chosen = plan.target().cloned();
-    let why = chosen.map(|c| format!(
-        "target {} in work group {}: {} of {} already there, {} to move",
-        c.node, c.work_group,
-        crate::plan::hardware::human_bytes(plan.bytes.common),
-        crate::plan::hardware::human_bytes(plan.bytes.total),
-        crate::plan::hardware::human_bytes(plan.bytes.to_move))).unwrap_or_default();
-    set_condition(&mut status.conditions, condition("Planned", true, "TargetChosen", &why), &now_rfc3339());
+    let why = chosen
+        .map(|c| {
+            format!(
+                "target {} in work group {}: {} of {} already there, {} to move",
+                c.node,
+                c.work_group,
+                crate::plan::hardware::human_bytes(plan.bytes.common),
+                crate::plan::hardware::human_bytes(plan.bytes.total),
+                crate::plan::hardware::human_bytes(plan.bytes.to_move)
+            )
+        })
+        .unwrap_or_default();
+    set_condition(
+        &mut status.conditions,
+        condition("Planned", true, "TargetChosen", &why),
+        &now_rfc3339(),
+    );
 
     // 3. Dry run stops here.
     if vmm.spec.dry_run {
@@ -272,12 +427,51 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         return Ok(Action::await_change());
     }
 
-    // 4. KubeVirt's parallel limits, then the KubeVirt migration.
+    // 4. Extra paths up (seed 004), then KubeVirt's parallel limits and the migration.
+    if let Some(d) = &decision {
+        let ready =
+            paths::activate(ctx, &vmm, &mut status, d, &plan.source_node, &target_node).await?;
+        if !ready {
+            let waited = status
+                .paths
+                .iter()
+                .filter_map(|p| p.added_time.as_deref())
+                .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
+                .max()
+                .unwrap_or(0);
+            let limit = vmm
+                .spec
+                .path_setup_budget
+                .as_deref()
+                .and_then(|b| crate::view::quantity::duration(b).ok())
+                .map_or(60, |d| d.as_secs() as i64 * 2 + 10);
+            if waited <= limit {
+                status.phase = MigrationPhase::PreparingPaths;
+                status.reason = Some(format!(
+                    "waiting for paths {} to be ready",
+                    d.added.join(", ")
+                ));
+                write_status(ctx, &vmm, &status).await?;
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+            status.notes.push(format!(
+                "paths not ready after {waited}s; migrating without them"
+            ));
+            paths::cleanup(ctx, &vmm, &mut status).await?;
+        }
+    }
     let mut admitted = ctx.admission.lock().await;
     let limits = ctx.view.migration_limits();
     let (mut running, per_node) = ctx.view.running_migrations();
     // Migrations created by us that the watch has not reported yet.
-    admitted.retain(|n| !ctx.view.vmims.state().iter().any(|m| m.metadata.name.as_deref() == Some(n.as_str())));
+    admitted.retain(|n| {
+        !ctx.view
+            .vmims
+            .state()
+            .iter()
+            .any(|m| m.metadata.name.as_deref() == Some(n.as_str()))
+    });
     running += admitted.len() as u32;
     let outbound = per_node.get(&plan.source_node).copied().unwrap_or(0);
     let waiting = if running >= limits.per_cluster {
@@ -294,11 +488,16 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         write_status(ctx, &vmm, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let owner = vmm.controller_owner_ref(&()).ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
-    let mut vmim = VirtualMachineInstanceMigration::new(&name, VmimSpec {
-        vmi_name: vmm.spec.vmi_name.clone(),
-        added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target_node.clone())].into()),
-    });
+    let owner = vmm
+        .controller_owner_ref(&())
+        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
+    let mut vmim = VirtualMachineInstanceMigration::new(
+        &name,
+        VmimSpec {
+            vmi_name: vmm.spec.vmi_name.clone(),
+            added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target_node.clone())].into()),
+        },
+    );
     vmim.metadata.namespace = Some(ns.clone());
     vmim.metadata.owner_references = Some(vec![owner]);
     vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
@@ -317,7 +516,14 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         ctx.metrics.planned_bytes_saved.inc_by(e.common_bytes);
     }
     write_status(ctx, &vmm, &status).await?;
-    event(ctx, &vmm, false, "MigrationCreated", format!("created KubeVirt migration {name}; {why}")).await;
+    event(
+        ctx,
+        &vmm,
+        false,
+        "MigrationCreated",
+        format!("created KubeVirt migration {name}; {why}"),
+    )
+    .await;
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
@@ -349,33 +555,63 @@ async fn follow(
     }
     match vmim.phase() {
         Some("Succeeded") => {
+            paths::cleanup(ctx, vmm, &mut status).await?;
             status.phase = MigrationPhase::Succeeded;
             status.reason = None;
             status.end_time = state.end_timestamp.clone().or_else(|| Some(now_rfc3339()));
             let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
-            let (source, target) = (status.source_node.clone().unwrap_or_default(), status.target_node.clone().unwrap_or_default());
+            let (source, target) = (
+                status.source_node.clone().unwrap_or_default(),
+                status.target_node.clone().unwrap_or_default(),
+            );
             let digests: Api<NodeRegionDigest> = Api::all(ctx.client.clone());
             match republish_after_migration(&digests, &ctx.view, &vm, &source, &target).await {
                 Ok(true) => ctx.metrics.digests_republished.inc(),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "could not republish digests after migration"),
             }
-            set_condition(&mut status.conditions, condition("Succeeded", true, "MigrationSucceeded",
-                format!("{vm} now runs on {target}")), &now_rfc3339());
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    "Succeeded",
+                    true,
+                    "MigrationSucceeded",
+                    format!("{vm} now runs on {target}"),
+                ),
+                &now_rfc3339(),
+            );
             if let (Some(s), Some(e)) = (&status.start_time, &status.end_time) {
-                if let (Ok(s), Ok(e)) = (chrono::DateTime::parse_from_rfc3339(s), chrono::DateTime::parse_from_rfc3339(e)) {
-                    ctx.metrics.migration_seconds.observe((e - s).num_milliseconds().max(0) as f64 / 1000.0);
+                if let (Ok(s), Ok(e)) = (
+                    chrono::DateTime::parse_from_rfc3339(s),
+                    chrono::DateTime::parse_from_rfc3339(e),
+                ) {
+                    ctx.metrics
+                        .migration_seconds
+                        .observe((e - s).num_milliseconds().max(0) as f64 / 1000.0);
                 }
             }
             write_status(ctx, vmm, &status).await?;
-            ctx.metrics.migrations.with_label_values(&["succeeded"]).inc();
-            event(ctx, vmm, false, "MigrationSucceeded", format!("{vm} migrated from {source} to {target}")).await;
+            ctx.metrics
+                .migrations
+                .with_label_values(&["succeeded"])
+                .inc();
+            event(
+                ctx,
+                vmm,
+                false,
+                "MigrationSucceeded",
+                format!("{vm} migrated from {source} to {target}"),
+            )
+            .await;
             Ok(Action::await_change())
         }
         Some("Failed") => {
             status.failure_reason = state.failure_reason.clone();
             status.end_time = state.end_timestamp.clone();
-            let msg = format!("KubeVirt migration failed: {}", state.failure_reason.as_deref().unwrap_or("no reason given"));
+            let msg = format!(
+                "KubeVirt migration failed: {}",
+                state.failure_reason.as_deref().unwrap_or("no reason given")
+            );
             fail(ctx, vmm, status, "KubevirtMigrationFailed", msg).await
         }
         phase => {
@@ -393,12 +629,23 @@ async fn cleanup(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Act
     let ns = vmm.namespace().unwrap_or_default();
     let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let name = vmim_name(&vmm);
+    let mut status = vmm.status.clone().unwrap_or_default();
+    paths::cleanup(ctx, &vmm, &mut status).await?;
     if let Some(vmim) = vmims.get_opt(&name).await? {
         if !vmim.is_final() && vmim.metadata.deletion_timestamp.is_none() {
             vmims.delete(&name, &DeleteParams::background()).await?;
-            ctx.metrics.migrations.with_label_values(&["cancelled"]).inc();
-            event(ctx, &vmm, false, "MigrationAborted",
-                format!("deleted unfinished KubeVirt migration {name}; KubeVirt aborts it")).await;
+            ctx.metrics
+                .migrations
+                .with_label_values(&["cancelled"])
+                .inc();
+            event(
+                ctx,
+                &vmm,
+                false,
+                "MigrationAborted",
+                format!("deleted unfinished KubeVirt migration {name}; KubeVirt aborts it"),
+            )
+            .await;
         }
     }
     Ok(Action::await_change())
@@ -410,10 +657,17 @@ mod tests {
     use crate::api::migration::VirtualMachineMigrationSpec;
 
     fn vmm(name: &str, uid: &str) -> VirtualMachineMigration {
-        let mut v = VirtualMachineMigration::new(name, VirtualMachineMigrationSpec {
-            vmi_name: "vm".into(), target: None, max_duration: None,
-            path_setup_budget: None, group: None, dry_run: false,
-        });
+        let mut v = VirtualMachineMigration::new(
+            name,
+            VirtualMachineMigrationSpec {
+                vmi_name: "vm".into(),
+                target: None,
+                max_duration: None,
+                path_setup_budget: None,
+                group: None,
+                dry_run: false,
+            },
+        );
         v.metadata.uid = Some(uid.into());
         v
     }
@@ -424,7 +678,11 @@ mod tests {
         assert_eq!(vmim_name(&a), "cg-move-db-0a1b2c3d");
         assert_eq!(vmim_name(&a), vmim_name(&a.clone()));
         let b = vmm("move-db", "ffffffff-4e5f-6789-abcd-ef0123456789");
-        assert_ne!(vmim_name(&a), vmim_name(&b), "a re-created request gets a new migration");
+        assert_ne!(
+            vmim_name(&a),
+            vmim_name(&b),
+            "a re-created request gets a new migration"
+        );
         let long = vmm(&"x".repeat(253), "0a1b2c3d");
         assert!(vmim_name(&long).len() <= 253);
     }

@@ -5,6 +5,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod migration;
+pub mod paths;
 pub mod republish;
 pub mod status;
 
@@ -46,15 +47,26 @@ pub struct ControllerArgs {
     #[arg(long, env = "COMMONGROUND_REGION_PAGES", default_value_t = crate::plan::region::DEFAULT_REGION_PAGES)]
     pub region_pages: u32,
     /// Bytes per second of the default migration network, for time estimates.
-    #[arg(long, env = "COMMONGROUND_MIGRATION_BANDWIDTH", default_value_t = 1.25e9)]
+    #[arg(
+        long,
+        env = "COMMONGROUND_MIGRATION_BANDWIDTH",
+        default_value_t = 1.25e9
+    )]
     pub migration_bandwidth: f64,
     /// Downtime limit of the stop-and-copy phase, for time estimates.
     #[arg(long, env = "COMMONGROUND_DOWNTIME_LIMIT_MS", default_value_t = 300.0)]
     pub downtime_limit_ms: f64,
+    /// CPU cores a target needs per Gbit/s of an extra migration path.
+    #[arg(long, env = "COMMONGROUND_CORES_PER_GBPS", default_value_t = 0.25)]
+    pub cores_per_gbps: f64,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "COMMONGROUND_LEASE_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    #[arg(long, env = "COMMONGROUND_LEASE_NAME", default_value = "commonground-controller")]
+    #[arg(
+        long,
+        env = "COMMONGROUND_LEASE_NAME",
+        default_value = "commonground-controller"
+    )]
     pub lease_name: String,
     /// This replica's identity in the Lease (the pod name from the downward API).
     #[arg(long, env = "POD_NAME")]
@@ -62,7 +74,12 @@ pub struct ControllerArgs {
     /// Run without leader election (a single replica).
     #[arg(long, env = "COMMONGROUND_NO_LEADER_ELECTION")]
     pub no_leader_election: bool,
-    #[arg(long, env = "COMMONGROUND_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(
+        long,
+        env = "COMMONGROUND_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -92,17 +109,21 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         });
     }
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        format!("{}-{}", hostname(), std::process::id())
-    });
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let elector = (!args.no_leader_election).then(|| {
-        LeaderElector::new(client.clone(), LeaseConfig {
-            namespace: args.lease_namespace.clone(),
-            name: args.lease_name.clone(),
-            identity: identity.clone(),
-            duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(2),
-        })
+        LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(2),
+            },
+        )
     });
     if let Some(e) = &elector {
         tokio::select! {
@@ -111,12 +132,15 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         }
     }
 
-    let view = ClusterView::start(client.clone(), ViewConfig {
-        work_group_label: args.work_group_label.clone(),
-        distances,
-        geometry,
-        ..Default::default()
-    });
+    let view = ClusterView::start(
+        client.clone(),
+        ViewConfig {
+            work_group_label: args.work_group_label.clone(),
+            distances,
+            geometry,
+            ..Default::default()
+        },
+    );
     view.wait_ready().await;
     ready.set(true);
     tracing::info!("caches synced; reconciling");
@@ -124,14 +148,18 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         view: view.clone(),
-        recorder: Recorder::new(client.clone(), Reporter {
-            controller: "commonground-controller".into(),
-            instance: Some(identity),
-        }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "commonground-controller".into(),
+                instance: Some(identity),
+            },
+        ),
         metrics,
         transfer: TransferModel {
             bandwidth: args.migration_bandwidth,
             downtime_limit_ms: args.downtime_limit_ms,
+            cores_per_gbps: args.cores_per_gbps,
         },
         admission: tokio::sync::Mutex::new(Vec::new()),
     });

@@ -23,7 +23,10 @@ pub async fn republish_after_migration(
     source: &str,
     destination: &str,
 ) -> Result<bool> {
-    let get = |name: &str| view.digests.get(&kube::runtime::reflector::ObjectRef::new(name));
+    let get = |name: &str| {
+        view.digests
+            .get(&kube::runtime::reflector::ObjectRef::new(name))
+    };
     let (Some(src), Some(dst)) = (get(source), get(destination)) else {
         return Ok(false);
     };

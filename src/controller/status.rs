@@ -29,7 +29,11 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
                 node: c.node.clone(),
                 work_group: c.work_group.clone(),
                 common_bytes: c.common_bytes,
-                distance: if c.distance.is_finite() { c.distance } else { -1.0 },
+                distance: if c.distance.is_finite() {
+                    c.distance
+                } else {
+                    -1.0
+                },
                 load: (c.load * 1000.0).round() / 1000.0,
                 score: c.score,
                 verdict: verdict.into(),
@@ -58,16 +62,17 @@ pub struct TransferModel {
     /// Bytes per second of the default migration network.
     pub bandwidth: f64,
     pub downtime_limit_ms: f64,
+    /// CPU cores a target needs per Gbit/s of extra migration stream (seed 004).
+    pub cores_per_gbps: f64,
 }
 
-/// The estimate in status: both byte figures, and the time for the transport in use.
-pub fn estimate_status(
+/// The estimate input for a plan over the default network, stock transport.
+pub fn estimate_input(
     plan: &Plan,
     dirty_rate: f64,
     working_set: u64,
     model: TransferModel,
-    paths: Vec<String>,
-) -> EstimateStatus {
+) -> EstimateInput {
     let b = plan.bytes;
     let mut input = EstimateInput::new(b.total, dirty_rate, model.bandwidth);
     input.zero_bytes = b.zero;
@@ -75,7 +80,13 @@ pub fn estimate_status(
     input.working_set_bytes = working_set;
     input.downtime_limit_ms = model.downtime_limit_ms;
     input.transport = Transport::Stock;
-    let time = estimate(&input).ok();
+    input
+}
+
+/// The estimate in status: both byte figures, and the time for the transport in use.
+pub fn estimate_status(plan: &Plan, input: &EstimateInput, paths: Vec<String>) -> EstimateStatus {
+    let b = plan.bytes;
+    let time = estimate(input).ok();
     EstimateStatus {
         total_bytes: b.total,
         zero_bytes: b.zero,

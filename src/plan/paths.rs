@@ -55,7 +55,12 @@ pub struct PathDecision {
 
 const BYTES_PER_GBIT: f64 = 1e9 / 8.0;
 
-fn unusable(p: &PathOption, budget: &PathBudget, spare_cores: f64, cores_per_gbps: f64) -> Option<String> {
+fn unusable(
+    p: &PathOption,
+    budget: &PathBudget,
+    spare_cores: f64,
+    cores_per_gbps: f64,
+) -> Option<String> {
     if !(p.on_source && p.on_target) {
         return Some("not available on both nodes".into());
     }
@@ -95,7 +100,11 @@ pub fn choose_paths(
         });
     }
     let mut order: Vec<&PathOption> = paths.iter().collect();
-    order.sort_by(|a, b| b.bandwidth.total_cmp(&a.bandwidth).then_with(|| a.name.cmp(&b.name)));
+    order.sort_by(|a, b| {
+        b.bandwidth
+            .total_cmp(&a.bandwidth)
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let mut spare = budget.target_spare_cores;
     let mut added = Vec::new();
     let mut skipped = Vec::new();
@@ -182,7 +191,10 @@ mod tests {
         let d = choose_paths(&base(), &paths, &budget(6.0)).unwrap();
         assert_eq!(d.outcome, PathOutcome::FitsWithPaths);
         assert_eq!(d.added, vec!["fast", "spare"]);
-        assert!(d.skipped.iter().any(|(n, r)| n == "slow" && r == "not needed"));
+        assert!(d
+            .skipped
+            .iter()
+            .any(|(n, r)| n == "slow" && r == "not needed"));
     }
 
     #[test]

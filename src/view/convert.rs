@@ -121,7 +121,10 @@ pub fn placement(
 ) -> Placement {
     let affinity_terms = affinity
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
         .map(|sel| {
             sel.node_selector_terms
                 .iter()
@@ -177,7 +180,11 @@ pub fn vm_request(vmi: &VirtualMachineInstance) -> Option<VmRequest> {
     let req = |key: &str| {
         domain
             .pointer(&format!("/resources/requests/{key}"))
-            .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_f64().map(|f| f.to_string())))
+            .and_then(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .or_else(|| v.as_f64().map(|f| f.to_string()))
+            })
     };
     let memory_request = req("memory").and_then(|q| quantity::bytes(&q).ok());
     let guest = domain

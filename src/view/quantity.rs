@@ -48,9 +48,52 @@ pub fn bytes(text: &str) -> Result<u64, QuantityError> {
     parse_scaled(text, 1.0)
 }
 
+/// Parses a Go duration such as `90s`, `1m30s`, `1.5h`, `250ms`.
+pub fn duration(text: &str) -> Result<std::time::Duration, QuantityError> {
+    let err = || QuantityError(text.to_string());
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    let mut total = 0.0f64;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        let value: f64 = rest[..n].parse().map_err(|_| err())?;
+        rest = &rest[n..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += value * seconds;
+        rest = &rest[unit_len..];
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_go_durations() {
+        assert_eq!(duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(duration("1m30s").unwrap().as_secs(), 90);
+        assert_eq!(duration("1.5h").unwrap().as_secs(), 5400);
+        assert_eq!(duration("250ms").unwrap().as_millis(), 250);
+        assert!(duration("").is_err());
+        assert!(duration("5 minutes").is_err());
+        assert!(duration("s").is_err());
+    }
 
     #[test]
     fn parses_the_usual_forms() {

@@ -18,7 +18,7 @@ use crate::api::kubevirt::{
     KubeVirt, VirtualMachineInstance, VirtualMachineInstanceMigration,
     DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER, DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE,
 };
-use crate::api::{NodeRegionDigest, VirtualMachineMigration};
+use crate::api::{MigrationNetwork, NodeRegionDigest, VirtualMachineMigration};
 use crate::plan::region::RegionGeometry;
 use crate::plan::workgroups::DistanceMatrix;
 use crate::plan::{ClusterSnapshot, Planner, VmKey, VmRequest};
@@ -60,6 +60,7 @@ pub struct ClusterView {
     pub vmims: Store<VirtualMachineInstanceMigration>,
     pub vmms: Store<VirtualMachineMigration>,
     pub kubevirts: Store<KubeVirt>,
+    pub networks: Store<MigrationNetwork>,
     config: ViewConfig,
     version: Arc<AtomicU64>,
     cache: Arc<Mutex<Option<Cached>>>,
@@ -76,7 +77,13 @@ fn watch<K>(
     version: Arc<AtomicU64>,
 ) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
@@ -115,7 +122,8 @@ impl ClusterView {
             vmis: watched!(Api::<VirtualMachineInstance>::all(client.clone())),
             vmims: watched!(Api::<VirtualMachineInstanceMigration>::all(client.clone())),
             vmms: watched!(Api::<VirtualMachineMigration>::all(client.clone())),
-            kubevirts: watched!(Api::<KubeVirt>::all(client)),
+            kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
+            networks: watched!(Api::<MigrationNetwork>::all(client)),
             config,
             version,
             cache: Arc::new(Mutex::new(None)),
@@ -136,6 +144,7 @@ impl ClusterView {
             self.vmims.wait_until_ready(),
             self.vmms.wait_until_ready(),
             self.kubevirts.wait_until_ready(),
+            self.networks.wait_until_ready(),
         );
     }
 
@@ -249,7 +258,10 @@ impl ClusterView {
                 .as_ref()
                 .and_then(|s| s.migration_state.as_ref())
                 .and_then(|s| s.source_node.clone())
-                .or_else(|| self.vmi(ns, &m.spec.vmi_name).and_then(|v| v.node_name().map(str::to_string)));
+                .or_else(|| {
+                    self.vmi(ns, &m.spec.vmi_name)
+                        .and_then(|v| v.node_name().map(str::to_string))
+                });
             if let Some(source) = source {
                 *per_node.entry(source).or_insert(0) += 1;
             }
