@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod extender;
 pub mod plan;
 pub mod telemetry;
 pub mod view;

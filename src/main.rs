@@ -19,6 +19,8 @@ enum Command {
     Crd(commonground::cli::crd::CrdArgs),
     /// Scan processes or memory image files and print their regions and pairwise overlap.
     Digest(commonground::cli::digest::DigestArgs),
+    /// kube-scheduler extender: filter and prioritize KubeVirt migration target pods.
+    Extender(commonground::extender::ExtenderArgs),
     /// Estimate a live migration's time, bytes and downtime (the controller's model).
     Estimate(commonground::cli::estimate::EstimateArgs),
 }
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Agent(args) => runtime().block_on(commonground::agent::run(args)).map_err(Into::into),
         Command::Digest(args) => commonground::cli::digest::run(args).map_err(Into::into),
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
+        Command::Extender(args) => runtime().block_on(commonground::extender::run(args)).map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
     };
     match result {

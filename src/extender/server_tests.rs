@@ -1,0 +1,480 @@
+//! Handler behaviour over hand-built clusters, and the router against bad input.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use proptest::prelude::*;
+use serde_json::json;
+use tower::ServiceExt;
+
+use super::*;
+use crate::extender::fixtures::{
+    self, body_with_names, migration_pod, names, node_name, ordinary_pod,
+};
+use crate::extender::placement::Cause;
+use crate::extender::state::FixedState;
+use crate::extender::wire::{ExtenderFilterResult, HostPriority};
+use crate::plan::PlanOptions;
+
+const NODES: usize = 40;
+
+fn filter_with(state: Option<&ClusterState>, body: &[u8]) -> (ExtenderFilterResult, Report) {
+    let args = decode(body).unwrap();
+    super::filter(state, &args).unwrap()
+}
+
+fn prioritize_with(state: Option<&ClusterState>, body: &[u8]) -> (Vec<HostPriority>, Report) {
+    let args = decode(body).unwrap();
+    super::prioritize(state, &args).unwrap()
+}
+
+fn scores(list: &[HostPriority]) -> HashMap<String, i64> {
+    list.iter().map(|h| (h.host.clone(), h.score)).collect()
+}
+
+#[test]
+fn ordinary_pod_passes_every_node_with_neutral_scores() {
+    let state = fixtures::state(NODES, &[]);
+    let body = body_with_names(&ordinary_pod(), &names(NODES));
+    let (f, report) = filter_with(Some(&state), &body);
+    assert_eq!(f.node_names.unwrap(), names(NODES));
+    assert!(f.failed_nodes.is_empty() && f.failed_and_unresolvable_nodes.is_empty());
+    assert!(report.pass_through);
+    let (p, report) = prioritize_with(Some(&state), &body);
+    assert_eq!(p.len(), NODES);
+    assert!(p.iter().all(|h| h.score == 0));
+    assert!(report.pass_through);
+}
+
+#[test]
+fn migration_pod_fails_source_and_cordoned_nodes_with_reasons() {
+    let state = fixtures::state(NODES, &[]);
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, report) = filter_with(Some(&state), &body);
+    let passed = f.node_names.unwrap();
+    assert!(!passed.contains(&node_name(0)), "source node passed");
+    assert!(!passed.contains(&node_name(4)), "cordoned node passed");
+    assert_eq!(passed.len(), NODES - 2);
+    assert_eq!(
+        f.failed_and_unresolvable_nodes[&node_name(0)],
+        "source node of the migration"
+    );
+    assert!(f.failed_nodes[&node_name(4)].contains("cordoned"));
+    assert!(!report.pass_through);
+    assert_eq!(report.pod_degraded, None);
+}
+
+#[test]
+fn migration_pod_scores_are_the_planners_scores() {
+    let state = fixtures::state(NODES, &[]);
+    let all = names(NODES);
+    let body = body_with_names(&migration_pod(true), &all);
+    let (p, _) = prioritize_with(Some(&state), &body);
+    let got = scores(&p);
+    // Most memory in common wins.
+    assert_eq!(got[&node_name(1)], 10);
+    assert!(got[&node_name(2)] < 10 && got[&node_name(2)] > got[&node_name(5)]);
+    // Same numbers the controller gets from the planner for the same candidates.
+    let req = state
+        .vmi_by_uid("ns", "uid-vm1")
+        .unwrap()
+        .request
+        .clone()
+        .unwrap();
+    let plan = state
+        .planner
+        .plan(
+            &req,
+            &PlanOptions {
+                only_nodes: Some(all.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for c in plan.candidates.iter().filter(|c| c.has_digest) {
+        assert_eq!(got[&c.node], i64::from(c.score), "node {}", c.node);
+    }
+    // Source and cordoned nodes score 0.
+    assert_eq!(got[&node_name(0)], 0);
+    assert_eq!(got[&node_name(4)], 0);
+}
+
+#[test]
+fn vmi_is_found_by_migration_name_without_created_by_label() {
+    let state = fixtures::state(NODES, &[]);
+    let body = body_with_names(&migration_pod(false), &names(NODES));
+    let (p, report) = prioritize_with(Some(&state), &body);
+    assert_eq!(report.pod_degraded, None);
+    assert_eq!(scores(&p)[&node_name(1)], 10);
+}
+
+#[test]
+fn target_chosen_by_a_virtual_machine_migration_is_the_only_node_passing() {
+    let state = fixtures::state(NODES, &[fixtures::vmm("Migrating", &node_name(2))]);
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, _) = filter_with(Some(&state), &body);
+    assert_eq!(f.node_names.unwrap(), vec![node_name(2)]);
+    assert_eq!(
+        f.failed_and_unresolvable_nodes[&node_name(1)],
+        format!("migration is pinned to node {}", node_name(2))
+    );
+    let (p, _) = prioritize_with(Some(&state), &body);
+    assert_eq!(scores(&p)[&node_name(2)], 10);
+}
+
+#[test]
+fn finished_virtual_machine_migration_does_not_pin() {
+    let state = fixtures::state(NODES, &[fixtures::vmm("Succeeded", &node_name(2))]);
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, _) = filter_with(Some(&state), &body);
+    assert_eq!(f.node_names.unwrap().len(), NODES - 2);
+}
+
+#[test]
+fn pin_to_a_node_the_view_does_not_know_still_applies_by_name() {
+    let state = fixtures::state(NODES, &[fixtures::vmm("Migrating", "new-node")]);
+    let mut all = names(NODES);
+    all.push("new-node".into());
+    let body = body_with_names(&migration_pod(true), &all);
+    let (f, _) = filter_with(Some(&state), &body);
+    assert_eq!(f.node_names.unwrap(), vec!["new-node".to_string()]);
+}
+
+#[test]
+fn unknown_node_names_pass_with_neutral_score_and_are_counted() {
+    let state = fixtures::state(NODES, &[]);
+    let mut all = names(NODES);
+    all.push("brand-new".into());
+    let body = body_with_names(&migration_pod(true), &all);
+    let (f, report) = filter_with(Some(&state), &body);
+    assert!(f.node_names.unwrap().contains(&"brand-new".to_string()));
+    assert_eq!(report.nodes_degraded, vec![(Cause::NodeUnknown, 1)]);
+    let (p, report) = prioritize_with(Some(&state), &body);
+    assert_eq!(scores(&p)["brand-new"], 0);
+    assert!(report.nodes_degraded.contains(&(Cause::NodeUnknown, 1)));
+}
+
+#[test]
+fn node_without_digest_passes_and_gets_a_neutral_score() {
+    let state = fixtures::state(NODES, &[]);
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, _) = filter_with(Some(&state), &body);
+    assert!(f.node_names.unwrap().contains(&node_name(3)));
+    let (p, report) = prioritize_with(Some(&state), &body);
+    assert_eq!(scores(&p)[&node_name(3)], 0);
+    assert_eq!(report.nodes_degraded, vec![(Cause::NodeWithoutDigest, 1)]);
+}
+
+#[test]
+fn view_not_ready_passes_every_node_with_neutral_scores() {
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, report) = filter_with(None, &body);
+    assert_eq!(f.node_names.unwrap().len(), NODES);
+    assert_eq!(report.pod_degraded, Some(Cause::ViewNotReady));
+    let (p, _) = prioritize_with(None, &body);
+    assert!(p.iter().all(|h| h.score == 0));
+}
+
+#[test]
+fn unknown_vmi_passes_every_node_with_neutral_scores() {
+    let state = fixtures::state(NODES, &[]);
+    let mut pod = migration_pod(true);
+    pod["metadata"]["labels"][crate::api::kubevirt::CREATED_BY_LABEL] = json!("other-uid");
+    pod["metadata"]["annotations"][crate::api::kubevirt::MIGRATION_JOB_NAME_ANNOTATION] =
+        json!("other-migration");
+    let body = body_with_names(&pod, &names(NODES));
+    let (f, report) = filter_with(Some(&state), &body);
+    assert_eq!(f.node_names.unwrap().len(), NODES);
+    assert_eq!(report.pod_degraded, Some(Cause::VmiUnknown));
+    let (p, _) = prioritize_with(Some(&state), &body);
+    assert!(p.iter().all(|h| h.score == 0));
+}
+
+#[test]
+fn vm_without_published_summary_gets_neutral_scores_but_is_still_filtered() {
+    let mut snapshot = fixtures::snapshot(NODES);
+    snapshot.digests.retain(|d| d.node != node_name(0));
+    let state = ClusterState::new(
+        Arc::new(crate::plan::Planner::new(snapshot)),
+        [&fixtures::vmi()],
+        [&fixtures::vmim()],
+        [],
+    );
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (p, report) = prioritize_with(Some(&state), &body);
+    assert!(p.iter().all(|h| h.score == 0));
+    assert_eq!(report.pod_degraded, Some(Cause::VmSummaryMissing));
+    let (f, _) = filter_with(Some(&state), &body);
+    assert!(f.failed_and_unresolvable_nodes.contains_key(&node_name(0)));
+}
+
+#[test]
+fn whole_node_objects_are_echoed_when_not_node_cache_capable() {
+    let state = fixtures::state(NODES, &[]);
+    let items: Vec<_> = (0..6)
+        .map(|i| json!({"metadata": {"name": node_name(i), "labels": {"i": i.to_string()}}, "status": {}}))
+        .collect();
+    let body = serde_json::to_vec(&json!({
+        "Pod": migration_pod(true),
+        "Nodes": {"metadata": {"resourceVersion": "7"}, "items": items}
+    }))
+    .unwrap();
+    let (f, _) = filter_with(Some(&state), &body);
+    assert!(f.node_names.is_none());
+    let list = f.nodes.unwrap();
+    assert_eq!(list.metadata["resourceVersion"], "7");
+    let kept: Vec<_> = list
+        .items
+        .iter()
+        .map(|n| n["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            json!(node_name(1)),
+            json!(node_name(2)),
+            json!(node_name(3)),
+            json!(node_name(5))
+        ]
+    );
+    assert_eq!(list.items[0], items[1], "node objects are echoed untouched");
+    let (p, _) = prioritize_with(Some(&state), &body);
+    assert_eq!(scores(&p)[&node_name(1)], 10);
+}
+
+#[test]
+fn missing_pod_is_a_bad_request() {
+    let args = decode(br#"{"NodeNames": ["a"]}"#).unwrap();
+    assert!(super::filter(None, &args).is_err());
+    assert!(super::prioritize(None, &args).is_err());
+}
+
+// ---- the router ----
+
+fn app(state: Option<ClusterState>, max_body: usize) -> Router {
+    let metrics = Arc::new(ExtenderMetrics::new().unwrap());
+    router(
+        Arc::new(FixedState(state.map(Arc::new))),
+        metrics,
+        &ServerConfig {
+            max_body_bytes: max_body,
+            ..ServerConfig::default()
+        },
+        Readiness::default(),
+    )
+}
+
+async fn post(router: Router, path: &str, body: Vec<u8>) -> (StatusCode, String) {
+    let response = router
+        .oneshot(
+            HttpRequest::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn router_answers_both_verbs_in_pascal_case() {
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (status, text) = post(
+        app(Some(fixtures::state(NODES, &[])), 1 << 20),
+        "/filter",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["NodeNames"].is_array() && v["FailedAndUnresolvableNodes"].is_object());
+    let (status, text) = post(
+        app(Some(fixtures::state(NODES, &[])), 1 << 20),
+        "/prioritize",
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["Host"] == node_name(1) && h["Score"] == 10));
+}
+
+#[tokio::test]
+async fn configured_verbs_are_the_paths() {
+    let metrics = Arc::new(ExtenderMetrics::new().unwrap());
+    let r = router(
+        Arc::new(FixedState(None)),
+        metrics,
+        &ServerConfig {
+            filter_verb: "cg/filter".into(),
+            ..ServerConfig::default()
+        },
+        Readiness::default(),
+    );
+    let body = body_with_names(&ordinary_pod(), &names(5));
+    assert_eq!(
+        post(r.clone(), "/cg/filter", body.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(post(r, "/filter", body).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn malformed_empty_and_mistyped_bodies_get_400_with_a_message() {
+    for (body, says) in [
+        (&b""[..], "empty request body"),
+        (b"   ", "empty request body"),
+        (b"{", "invalid ExtenderArgs"),
+        (b"[1,2]", "invalid ExtenderArgs"),
+        (br#"{"Pod": {}, "NodeNames": "n1"}"#, "invalid ExtenderArgs"),
+        (br#"{"NodeNames": ["n1"]}"#, "Pod is missing"),
+        (
+            br#"{"Pod": {}, "Nodes": {"items": [{"metadata": {}}]}}"#,
+            "Nodes.items[0] has no metadata.name",
+        ),
+    ] {
+        let (status, text) = post(app(None, 1 << 20), "/filter", body.to_vec()).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(text.contains(says), "{text:?} should say {says:?}");
+    }
+}
+
+#[tokio::test]
+async fn body_over_the_limit_gets_413() {
+    let body = body_with_names(&ordinary_pod(), &names(2000));
+    assert!(body.len() > 4096);
+    let (status, _) = post(app(None, 4096), "/prioritize", body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn degraded_answers_are_counted_in_metrics() {
+    let r = app(None, 1 << 20);
+    let body = body_with_names(&migration_pod(true), &names(5));
+    assert_eq!(post(r.clone(), "/prioritize", body).await.0, StatusCode::OK);
+    let response = r
+        .oneshot(HttpRequest::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains(r#"commonground_extender_degraded_pods_total{cause="view_not_ready",verb="prioritize"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"commonground_extender_requests_total{outcome="ok",verb="prioritize"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        app(None, 1 << 20),
+        listener,
+        None,
+        std::time::Duration::from_millis(300),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"POST /filter HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "connection still open after the header timeout"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+fn seed_bodies() -> Vec<Vec<u8>> {
+    vec![
+        body_with_names(&migration_pod(true), &names(8)),
+        body_with_names(&ordinary_pod(), &names(8)),
+        serde_json::to_vec(&json!({"pod": migration_pod(false), "nodes": {"items": [
+            {"metadata": {"name": node_name(1)}}, {"metadata": {"name": node_name(2)}}]}}))
+        .unwrap(),
+    ]
+}
+
+fn mutated_body() -> impl Strategy<Value = Vec<u8>> {
+    let seeds = seed_bodies();
+    (
+        0..seeds.len(),
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 0..8),
+    )
+        .prop_map(move |(i, edits)| {
+            let mut b = seeds[i].clone();
+            for (at, byte, op) in edits {
+                if b.is_empty() {
+                    b.push(byte);
+                    continue;
+                }
+                let at = at.index(b.len());
+                match op {
+                    0 => b[at] = byte,
+                    1 => b.insert(at, byte),
+                    _ => b.truncate(at),
+                }
+            }
+            b
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random and mutated bodies get a 200 or a 400 (413 above the limit), never a panic.
+    #[test]
+    fn any_body_gets_200_or_400_never_a_panic(
+        body in prop_oneof![proptest::collection::vec(any::<u8>(), 0..512), mutated_body()],
+        prioritize in any::<bool>(),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let path = if prioritize { "/prioritize" } else { "/filter" };
+        let (status, text) = rt.block_on(post(app(Some(fixtures::state(8, &[])), 2048), path, body));
+        prop_assert!(
+            [StatusCode::OK, StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE].contains(&status),
+            "status {} body {}", status, text
+        );
+        if status == StatusCode::OK {
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok());
+        } else {
+            prop_assert!(!text.is_empty());
+        }
+    }
+}
