@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: unit and integration tests of the commonground crate, then the end-to-end
+# suite against the real control plane (e2e/run-tests). Ends with the test runner's summary.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/setup.sh || exit 1
+
+echo "[test] unit and integration tests" >&2
+if ! cargo test --workspace --exclude commonground-e2e --no-fail-fast 2>&1 | tee /tmp/commonground-unit-tests.log; then
+  echo "[test] unit or integration tests failed" >&2
+  grep -E "^test result:" /tmp/commonground-unit-tests.log | tail -1
+  exit 1
+fi
+
+echo "[test] end-to-end suite on the real control plane" >&2
+exec e2e/run-tests
