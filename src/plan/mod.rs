@@ -7,6 +7,7 @@ pub mod hardware;
 pub mod overlap_index;
 pub mod paths;
 pub mod planner;
+pub mod rebalance;
 pub mod rank;
 pub mod region;
 pub mod replicated;
