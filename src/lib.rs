@@ -8,5 +8,6 @@ pub mod cli;
 pub mod controller;
 pub mod extender;
 pub mod plan;
+pub mod simulate;
 pub mod telemetry;
 pub mod view;

@@ -23,6 +23,8 @@ enum Command {
     Extender(commonground::extender::ExtenderArgs),
     /// Estimate a live migration's time, bytes and downtime (the controller's model).
     Estimate(commonground::cli::estimate::EstimateArgs),
+    /// Run the planner and the baselines over a synthetic or recorded cluster.
+    Simulate(commonground::simulate::SimulateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
         Command::Extender(args) => runtime().block_on(commonground::extender::run(args)).map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
+        Command::Simulate(args) => commonground::simulate::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,218 @@
+//! `commonground simulate`: the planner on a synthetic or recorded cluster, against the
+//! baselines kube-scheduler and chance would give, and against an exact oracle.
+//!
+//! - [`synthetic`]: the generator (images made of shared layers, private content, zero
+//!   regions, nodes in work groups, digests within their size bound).
+//! - [`policies`]: `commonground`, `least_allocated`, `random`, `oracle`, and the replay loop.
+//! - [`report`]: the table and the `--json` object.
+//! - [`snapshot`]: `--snapshot FILE` (format documented there) and `--write-snapshot FILE`.
+//! - [`sweep`]: `--region-sweep`, match rate against region size on a page-level model.
+
+pub mod digest_budget;
+pub mod policies;
+pub mod report;
+pub mod snapshot;
+pub mod sweep;
+pub mod synthetic;
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::plan::Planner;
+
+use policies::{progress_bar, replay, Workload, POLICIES};
+use synthetic::{Mix, SyntheticConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("invalid simulation input: {0}")]
+    Input(String),
+    #[error("cannot use the snapshot: {0}")]
+    Snapshot(String),
+    #[error("cannot write {0}: {1}")]
+    Write(String, String),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Nodes in the synthetic cluster.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// VMs in the synthetic cluster.
+    #[arg(long, default_value_t = 2000)]
+    pub vms: usize,
+    /// OS images the VMs are built from.
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    /// Work groups (nodes are spread over them round-robin, on a line 10 apart).
+    #[arg(long, default_value_t = 4)]
+    pub work_groups: usize,
+    /// Seed of every random choice: the same seed gives the same cluster and the same report.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Region size in 4 KiB pages.
+    #[arg(long, default_value_t = crate::plan::region::DEFAULT_REGION_PAGES)]
+    pub region_size: u32,
+    /// How alike the VMs are.
+    #[arg(long, value_enum, default_value_t = Mix::Middle)]
+    pub mix: Mix,
+    /// Migrations to replay.
+    #[arg(long, default_value_t = 500)]
+    pub migrations: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Replay a recorded cluster instead of generating one.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+    /// Save the generated cluster (with its exact overlaps) as a snapshot file.
+    #[arg(long, value_name = "FILE")]
+    pub write_snapshot: Option<PathBuf>,
+    /// Measure match rate and summary size against region size (page-level model) instead.
+    #[arg(long)]
+    pub region_sweep: bool,
+}
+
+impl Default for SimulateArgs {
+    fn default() -> Self {
+        Self {
+            nodes: 100,
+            vms: 2000,
+            images: 8,
+            work_groups: 4,
+            seed: 1,
+            region_size: crate::plan::region::DEFAULT_REGION_PAGES,
+            mix: Mix::Middle,
+            migrations: 500,
+            json: false,
+            snapshot: None,
+            write_snapshot: None,
+            region_sweep: false,
+        }
+    }
+}
+
+/// Runs the simulation and returns what `run` prints (the table or the JSON text).
+pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
+    if args.region_sweep {
+        let sweep = sweep::run(args.seed, !args.json);
+        return Ok(if args.json {
+            serde_json::to_string_pretty(&sweep).expect("plain data")
+        } else {
+            sweep::table(&sweep)
+        });
+    }
+    let show = !args.json;
+    if let Some(path) = &args.snapshot {
+        let recorded = snapshot::load(path)?;
+        let planner = Planner::new(recorded.snapshot);
+        let workload = Workload {
+            planner: &planner,
+            requests: &recorded.requests,
+            exact: recorded
+                .exact
+                .as_ref()
+                .map(|e| e as &dyn policies::ExactOverlap),
+        };
+        let bar = bar_for(args.migrations, "replaying", show);
+        let r = replay(&workload, args.migrations, args.seed, &bar);
+        bar.finish_and_clear();
+        let summary = report::summarize(&r);
+        let context = json!({
+            "snapshot": path.display().to_string(),
+            "nodes": planner.snapshot().nodes.len(),
+            "vms": recorded.requests.len(),
+        });
+        return Ok(if args.json {
+            serde_json::to_string_pretty(&report::to_json(&summary, context)).expect("plain data")
+        } else {
+            format!(
+                "recorded cluster {}: {} nodes, {} VMs\n{}",
+                path.display(),
+                planner.snapshot().nodes.len(),
+                recorded.requests.len(),
+                report::table(&summary)
+            )
+        });
+    }
+
+    let cfg = SyntheticConfig {
+        nodes: args.nodes,
+        vms: args.vms,
+        images: args.images,
+        work_groups: args.work_groups,
+        seed: args.seed,
+        region_pages: args.region_size,
+        mix: args.mix,
+        ..Default::default()
+    };
+    let cluster = synthetic::generate(&cfg)?;
+    if let Some(path) = &args.write_snapshot {
+        let file = snapshot::record(&cluster)?;
+        let text = serde_json::to_string(&file).expect("plain data");
+        std::fs::write(path, text)
+            .map_err(|e| SimulateError::Write(path.display().to_string(), e.to_string()))?;
+    }
+    let planner = Planner::new(cluster.snapshot.clone());
+    let workload = Workload {
+        planner: &planner,
+        requests: &cluster.requests,
+        exact: cluster
+            .exact
+            .as_ref()
+            .map(|e| e as &dyn policies::ExactOverlap),
+    };
+    let bar = bar_for(args.migrations, "replaying", show);
+    let r = replay(&workload, args.migrations, args.seed, &bar);
+    bar.finish_and_clear();
+    let summary = report::summarize(&r);
+    Ok(if args.json {
+        let context = serde_json::to_value(&cluster.stats).expect("plain data");
+        serde_json::to_string_pretty(&report::to_json(&summary, context)).expect("plain data")
+    } else {
+        let s = &cluster.stats;
+        format!(
+            "mix {}: {} nodes in {} work groups, {} VMs from {} images, region {} KiB\n\
+             sharing (zero excluded) {}, image content {:.1}%, zero {:.1}%, memory allocated {:.1}%\n\
+             digests: max {} KiB, mean {:.0} KiB; node sampling 1 in {:.0} (median), {:.0} samples per VM (median)\n{}",
+            s.mix,
+            s.nodes,
+            s.work_groups,
+            s.vms,
+            s.images,
+            s.region_bytes / 1024,
+            s.sharing.map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+            s.image_fraction * 100.0,
+            s.zero_fraction * 100.0,
+            s.memory_allocated_fraction * 100.0,
+            s.digest_bytes_max / 1024,
+            s.digest_bytes_mean / 1024.0,
+            s.sample_one_in_median,
+            s.vm_samples_median,
+            report::table(&summary)
+        )
+    })
+}
+
+fn bar_for(len: usize, what: &str, show: bool) -> indicatif::ProgressBar {
+    if show {
+        progress_bar(len as u64, what)
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+pub fn run(args: SimulateArgs) -> Result<(), SimulateError> {
+    let text = simulate(&args)?;
+    println!("{text}");
+    Ok(())
+}
+
+/// The policy names every report carries (the oracle only with exact data).
+pub fn policy_names() -> &'static [&'static str] {
+    &POLICIES
+}
+
+#[cfg(test)]
+mod tests;
