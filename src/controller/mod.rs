@@ -6,6 +6,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod paths;
+pub mod rebalance;
 pub mod republish;
 pub mod status;
 
@@ -164,6 +165,13 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         admission: tokio::sync::Mutex::new(Vec::new()),
     });
 
+    let rebalancer = Controller::new(
+        Api::<crate::api::RebalancePolicy>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(telemetry::shutdown_signal())
+    .run(rebalance::reconcile, rebalance::error_policy, ctx.clone())
+    .for_each(|_| async {});
     let vmm_store = view.vmms.clone();
     let controller = Controller::new(vmms, watcher::Config::default().any_semantic())
         .owns(
@@ -192,6 +200,9 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
                 tracing::debug!(error = %e, "reconcile");
             }
         });
+    let controller = async move {
+        tokio::join!(controller, rebalancer);
+    };
 
     match &elector {
         Some(e) => {

@@ -1,0 +1,286 @@
+//! Reconciling a `RebalancePolicy`: every interval, one round of seed-003 balancing over the
+//! loads the agents publish, acting through `VirtualMachineMigration` objects owned by the
+//! policy. Cooldowns and in-flight counts are derived from those objects, so a restarted
+//! controller knows them without any memory of its own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+
+use super::error::{ControllerError, Result};
+use super::migration::Context;
+use crate::api::migration::{MigrationTarget, VirtualMachineMigrationSpec};
+use crate::api::rebalance::{RebalanceDecision, RebalanceMode, RebalancePolicyStatus};
+use crate::api::{RebalancePolicy, VirtualMachineMigration, FIELD_MANAGER};
+use crate::plan::rebalance::{
+    cooldown_seconds, round, BalancingNode, BalancingVm, LoadFactors, Mode, RoundConfig, Weights,
+};
+use crate::plan::VmKey;
+use crate::view::quantity;
+
+/// Node annotation overriding the policy's load weights: `cpu=2,io=0.5,memory=0.2`.
+pub const WEIGHTS_ANNOTATION: &str = "commonground.dev/load-weights";
+/// VMI annotation: never move this VM for rebalancing.
+pub const DO_NOT_MOVE_ANNOTATION: &str = "commonground.dev/do-not-move";
+/// VMI annotation: the VM's target load (seed 003, fig. 7).
+pub const TARGET_LOAD_ANNOTATION: &str = "commonground.dev/target-load";
+/// Label on the VirtualMachineMigrations a policy creates.
+pub const POLICY_LABEL: &str = "commonground.dev/rebalance-policy";
+
+fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let spec = &policy.spec;
+    let interval = quantity::duration(&spec.interval)
+        .map_err(|e| ControllerError::Config(format!("policy {}: {e}", policy.name_any())))?;
+    let cooldown = quantity::duration(&spec.cooldown)
+        .map_err(|e| ControllerError::Config(format!("policy {}: {e}", policy.name_any())))?;
+    // Level-triggered but paced: one round per interval whatever wakes us.
+    if let Some(last) = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.last_round_time.as_deref())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    {
+        let since = (now() - last.with_timezone(&chrono::Utc))
+            .to_std()
+            .unwrap_or_default();
+        if since < interval {
+            return Ok(Action::requeue(interval - since));
+        }
+    }
+
+    let view = &ctx.view;
+    let planner = view.planner(true);
+    let owned: Vec<Arc<VirtualMachineMigration>> = view
+        .vmms
+        .state()
+        .into_iter()
+        .filter(|m| m.labels().get(POLICY_LABEL) == Some(&policy.name_any()))
+        .collect();
+    // History per VM: number of moves and when the last one ended; in-flight per node.
+    let mut history: HashMap<VmKey, (u32, Option<chrono::DateTime<chrono::Utc>>)> = HashMap::new();
+    let mut in_flight_nodes: HashMap<String, u32> = HashMap::new();
+    let mut in_flight = 0;
+    for m in &owned {
+        let key = VmKey::new(m.namespace().unwrap_or_default(), &m.spec.vmi_name);
+        let status = m.status.clone().unwrap_or_default();
+        let entry = history.entry(key).or_default();
+        entry.0 += 1;
+        if status.phase.is_final() {
+            let end = status
+                .end_time
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            entry.1 = entry.1.max(end);
+        } else {
+            in_flight += 1;
+            for n in [status.source_node, status.target_node]
+                .into_iter()
+                .flatten()
+            {
+                *in_flight_nodes.entry(n).or_default() += 1;
+            }
+        }
+    }
+
+    let mut nodes = Vec::new();
+    let mut loads = BTreeMap::new();
+    let default_weights = Weights {
+        cpu: spec.weights.cpu,
+        io: spec.weights.io,
+        memory: spec.weights.memory,
+    };
+    for node in view.nodes.state() {
+        let name = node.name_any();
+        if !matches(&spec.node_selector, node.labels()) {
+            continue;
+        }
+        let weights = match node.annotations().get(WEIGHTS_ANNOTATION) {
+            Some(text) => Weights::parse(text, default_weights).unwrap_or_else(|e| {
+                tracing::warn!(node = %name, error = %e, "ignoring bad load weights annotation");
+                default_weights
+            }),
+            None => default_weights,
+        };
+        let Some(digest) = view
+            .digests
+            .get(&kube::runtime::reflector::ObjectRef::new(&name))
+        else {
+            continue; // no measurements yet: the node does not take part
+        };
+        let Some(status) = digest.status.as_ref() else {
+            continue;
+        };
+        let mut vms = Vec::new();
+        for v in &status.vms {
+            let key = VmKey::new(&v.namespace, &v.name);
+            let vmi = view.vmi(&v.namespace, &v.name);
+            let annotations = vmi
+                .as_ref()
+                .map(|x| x.annotations().clone())
+                .unwrap_or_default();
+            let labels = vmi.as_ref().map(|x| x.labels().clone()).unwrap_or_default();
+            let (moves, last_end) = history.get(&key).copied().unwrap_or((0, None));
+            let cooling = last_end.is_some_and(|end| {
+                let wait = cooldown_seconds(cooldown.as_secs_f64(), moves);
+                (now() - end).num_milliseconds() as f64 / 1000.0 < wait
+            });
+            let busy = history.get(&key).is_some_and(|_| {
+                owned.iter().any(|m| {
+                    m.spec.vmi_name == v.name
+                        && m.namespace().as_deref() == Some(v.namespace.as_str())
+                        && !m.status.as_ref().is_some_and(|s| s.phase.is_final())
+                })
+            });
+            let movable = vmi.as_ref().is_some_and(|x| !x.is_migrating())
+                && annotations.get(DO_NOT_MOVE_ANNOTATION).map(String::as_str) != Some("true")
+                && matches(&spec.vm_selector, &labels)
+                && !cooling
+                && !busy;
+            vms.push(BalancingVm {
+                vm: key,
+                factors: LoadFactors {
+                    cpu_cores: v.load.cpu_cores,
+                    io_bytes_per_second: v.load.io_bytes_per_second,
+                    memory_bytes: v.load.memory_bytes as f64,
+                },
+                target_load: annotations
+                    .get(TARGET_LOAD_ANNOTATION)
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .filter(|t| t.is_finite()),
+                movable,
+            });
+        }
+        let n = BalancingNode {
+            name: name.clone(),
+            weights,
+            vms,
+            in_flight: in_flight_nodes.get(&name).copied().unwrap_or(0),
+        };
+        loads.insert(name, (n.load() * 1000.0).round() / 1000.0);
+        nodes.push(n);
+    }
+
+    let config = RoundConfig {
+        mode: match spec.mode {
+            RebalanceMode::Random => Mode::Random,
+            RebalanceMode::SenderInitiated => Mode::SenderInitiated,
+            RebalanceMode::ReceiverInitiated => Mode::ReceiverInitiated,
+            RebalanceMode::Symmetric => Mode::Symmetric,
+        },
+        threshold_factor: spec.threshold_factor,
+        high_threshold: spec.high_threshold,
+        low_threshold: spec.low_threshold,
+        max_concurrent: spec.max_concurrent,
+        max_concurrent_per_node: spec.max_concurrent_per_node,
+        in_flight,
+        seed: now().timestamp() as u64,
+    };
+    // Several receivers: the one already holding most of the VM's memory first.
+    let mut prefer = |vm: &VmKey, names: &[&str]| -> Vec<String> {
+        let mut ranked: Vec<(f64, String)> = names.iter().map(|n| (0.0, n.to_string())).collect();
+        if let Some(summary) = planner.vm_summary(vm) {
+            let mut hits = Vec::new();
+            let common = planner.common_regions(summary, &mut hits);
+            for (c, name) in &mut ranked {
+                if let Some(i) = planner.node_position(name) {
+                    *c = common[i];
+                }
+            }
+        }
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        ranked.into_iter().map(|(_, n)| n).collect()
+    };
+    let moves = round(&nodes, &config, &mut prefer);
+
+    let mut decisions = Vec::new();
+    for m in moves {
+        let moves_so_far = history.get(&m.vm).map_or(0, |h| h.0);
+        let name = format!(
+            "rb-{}-{}-{}",
+            policy.name_any(),
+            m.vm.name,
+            moves_so_far + 1
+        );
+        let mut name: String = name.chars().take(253).collect();
+        name = name.trim_end_matches('-').to_string();
+        let migration = if spec.dry_run {
+            None
+        } else {
+            let api: Api<VirtualMachineMigration> =
+                Api::namespaced(ctx.client.clone(), &m.vm.namespace);
+            let mut vmm = VirtualMachineMigration::new(
+                &name,
+                VirtualMachineMigrationSpec {
+                    vmi_name: m.vm.name.clone(),
+                    target: Some(MigrationTarget {
+                        node_name: Some(m.to.clone()),
+                        ..Default::default()
+                    }),
+                    max_duration: None,
+                    path_setup_budget: None,
+                    group: None,
+                    dry_run: false,
+                },
+            );
+            vmm.metadata.namespace = Some(m.vm.namespace.clone());
+            vmm.metadata.labels = Some([(POLICY_LABEL.to_string(), policy.name_any())].into());
+            vmm.metadata.owner_references = policy.controller_owner_ref(&()).map(|o| vec![o]);
+            match api.create(&PostParams::default(), &vmm).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {} // made before a restart
+                Err(e) => return Err(e.into()),
+            }
+            Some(name)
+        };
+        decisions.push(RebalanceDecision {
+            vm: m.vm.to_string(),
+            from: m.from,
+            to: m.to,
+            reason: m.reason,
+            migration,
+        });
+    }
+    let status = RebalancePolicyStatus {
+        last_round_time: Some(now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        loads,
+        decisions,
+        conditions: policy.status.clone().unwrap_or_default().conditions,
+    };
+    let api: Api<RebalancePolicy> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "RebalancePolicy", "status": status,
+    });
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+}
+
+pub fn error_policy(
+    policy: Arc<RebalancePolicy>,
+    error: &ControllerError,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.kind()])
+        .inc();
+    tracing::warn!(policy = policy.name_any(), error = %error, "rebalance round failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}
