@@ -100,6 +100,39 @@ fn print_numbers(state: &ClusterState) {
     }
 }
 
+/// Where a migration-target request's time goes: decoding alone, and the planner alone.
+fn print_breakdown(state: &ClusterState) {
+    let names = fixtures::names(NODES);
+    let body = fixtures::body_with_names(&fixtures::migration_pod(true), &names);
+    let req = state
+        .vmi_by_uid("ns", "uid-vm1")
+        .and_then(|v| v.request.clone())
+        .expect("fixture VMI");
+    let opts = commonground::plan::PlanOptions {
+        only_nodes: Some(names.clone()),
+        ..Default::default()
+    };
+    let time = |f: &mut dyn FnMut()| {
+        let mut times: Vec<Duration> = (0..500)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        (percentile(&times, 0.5), percentile(&times, 0.99))
+    };
+    let (p50, p99) = time(&mut || {
+        black_box(commonground::extender::server::decode(black_box(&body)).expect("body"));
+    });
+    println!("  breakdown: decode ExtenderArgs           p50 {p50:>9.3?}  p99 {p99:>9.3?}");
+    let (p50, p99) = time(&mut || {
+        black_box(state.planner.plan(&req, &opts).expect("plan"));
+    });
+    println!("  breakdown: Planner::plan (5000 only_nodes) p50 {p50:>9.3?}  p99 {p99:>9.3?}");
+}
+
 fn memory_held() -> ClusterState {
     let before = LIVE.load(Ordering::Relaxed);
     let state = fixtures::state(NODES, &[]);
@@ -115,6 +148,7 @@ fn memory_held() -> ClusterState {
 fn bench(c: &mut Criterion) {
     let state = memory_held();
     print_numbers(&state);
+    print_breakdown(&state);
     let mut group = c.benchmark_group("extender");
     for case in cases() {
         group.bench_function(case.name, |b| {
