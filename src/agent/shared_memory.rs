@@ -8,9 +8,12 @@ use crate::plan::VmKey;
 
 use super::proc_maps::Mapping;
 
-/// One VM's shared writable mappings.
-pub fn shared_objects(maps: &[Mapping]) -> BTreeMap<(u32, u32, u64), (String, u64)> {
-    let mut out: BTreeMap<(u32, u32, u64), (String, u64)> = BTreeMap::new();
+/// A mapped object: device major, minor and inode.
+pub type ObjectId = (u32, u32, u64);
+
+/// One VM's shared writable mappings: object -> (path, bytes mapped).
+pub fn shared_objects(maps: &[Mapping]) -> BTreeMap<ObjectId, (String, u64)> {
+    let mut out: BTreeMap<ObjectId, (String, u64)> = BTreeMap::new();
     for m in maps
         .iter()
         .filter(|m| m.shared && m.writable && m.inode != 0)
@@ -35,7 +38,8 @@ pub struct MemoryGroup {
 /// Groups VMs by shared objects: connected components of "maps the same object".
 pub fn memory_groups(vms: &[(VmKey, Vec<Mapping>)]) -> Vec<MemoryGroup> {
     // object -> (name, members with their mapped bytes)
-    let mut objects: BTreeMap<(u32, u32, u64), (String, BTreeMap<VmKey, u64>)> = BTreeMap::new();
+    type Members = BTreeMap<VmKey, u64>;
+    let mut objects: BTreeMap<ObjectId, (String, Members)> = BTreeMap::new();
     for (vm, maps) in vms {
         for (obj, (path, bytes)) in shared_objects(maps) {
             let e = objects

@@ -120,7 +120,7 @@ impl TrackedVm {
             soft_dirty::clear(pid)?;
         }
         let scan = MemoryScan::full(&mem, &ranges, geometry, &mut |_| {})?;
-        let mut sampler = DirtySampler::new(policy.probes, pid as u64 ^ 0x636f_6d6d_6f6e);
+        let mut sampler = DirtySampler::new(policy.probes, pid as u64 ^ 0x636f6d6d6f6e);
         if mode == RescanMode::Sampled {
             sampler.observe(&mem, &ranges)?;
         }

@@ -141,7 +141,7 @@ pub fn digest(args: &DigestArgs) -> Result<DigestReport, DigestError> {
         return Err(DigestError::NoSources);
     }
     let rs = args.region_size;
-    if rs == 0 || rs % PAGE_SIZE as u64 != 0 || rs > 512 * PAGE_SIZE as u64 {
+    if rs == 0 || !rs.is_multiple_of(PAGE_SIZE as u64) || rs > 512 * PAGE_SIZE as u64 {
         return Err(DigestError::RegionSize(rs));
     }
     let geometry = RegionGeometry::new((rs / PAGE_SIZE as u64) as u32)
