@@ -177,7 +177,7 @@ pub fn table(s: &Summary) -> String {
         if s.exact { "exact" } else { "estimated" }
     ));
     out.push_str(&format!(
-        "{:<16} {:>12} {:>12} {:>12} {:>13} {:>10} {:>10} {:>9}\n",
+        "{:<21} {:>12} {:>12} {:>12} {:>13} {:>10} {:>10} {:>9}\n",
         "policy",
         "move GiB",
         "move p95",
@@ -189,7 +189,7 @@ pub fn table(s: &Summary) -> String {
     ));
     for (name, p) in &s.policies {
         out.push_str(&format!(
-            "{:<16} {:>12} {:>12} {:>12} {:>13} {:>10.3} {:>10.3} {:>9}\n",
+            "{:<21} {:>12} {:>12} {:>12} {:>13} {:>10.3} {:>10.3} {:>9}\n",
             name,
             gib(p.bytes_to_transfer_mean),
             gib(p.bytes_to_transfer_p95),
