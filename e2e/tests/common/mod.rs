@@ -1,0 +1,192 @@
+//! Shared by the controller test binaries: the commonground binary as a real child process,
+//! and NodeRegionDigests published through the API the way an agent would.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use commonground::api::digest::{summary_into_status, NodeRegionDigestSpec};
+use commonground::api::NodeRegionDigest;
+use commonground::plan::region::RegionGeometry;
+use commonground::plan::sketch::{RegionSketch, KEY_SPACE};
+use commonground::plan::{NodeRegionSummary, VmKey, VmRegionSummary};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+/// The `commonground` binary, built on demand so `cargo test -p commonground-e2e` works alone.
+pub fn commonground_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("COMMONGROUND_BIN") {
+        return p.into();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "commonground",
+            "--bin",
+            "commonground",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build runs");
+    assert!(status.success(), "building the commonground binary failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    target.join("debug").join("commonground")
+}
+
+/// A component of ours running as a child process; killed (SIGKILL) when dropped, and by the
+/// kernel if the test process dies first.
+pub struct Component {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Component {
+    pub fn start(args: &[&str], log_name: &str) -> Component {
+        let cluster = commonground_e2e::TestCluster::get();
+        let log = std::env::temp_dir().join(format!(
+            "commonground-e2e-{log_name}-{}.log",
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(commonground_bin());
+        cmd.args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(file);
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("commonground starts");
+        Component { child, log }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One controller per test binary (tests of one binary share it; binaries run one by one).
+static CONTROLLER: Mutex<Option<Component>> = Mutex::new(None);
+
+pub fn controller_args() -> Vec<&'static str> {
+    vec![
+        "controller",
+        "--no-leader-election",
+        "--health-addr",
+        "127.0.0.1:0",
+        "--migration-bandwidth",
+        "125000000",
+    ]
+}
+
+pub fn ensure_controller() {
+    let mut c = CONTROLLER.lock().unwrap();
+    if c.is_none() {
+        *c = Some(Component::start(&controller_args(), "controller"));
+    }
+}
+
+pub fn controller_log() -> String {
+    CONTROLLER
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|c| c.log_tail())
+        .unwrap_or_default()
+}
+
+/// Keys 0..n as region identities of "content" `base`: two sketches share content when their
+/// key ranges overlap.
+pub fn keys(base: u64, n: u64) -> Vec<u64> {
+    // Spread over the key space so any threshold samples them alike.
+    (base..base + n)
+        .map(|k| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24) % KEY_SPACE)
+        .collect()
+}
+
+pub fn vm_summary(ns: &str, name: &str, memory: u64, content: &[u64]) -> VmRegionSummary {
+    let geometry = RegionGeometry::default();
+    let regions = geometry.regions_in(memory);
+    VmRegionSummary {
+        vm: VmKey::new(ns, name),
+        memory_bytes: memory,
+        regions,
+        zero_regions: regions.saturating_sub(content.len() as u64),
+        sketch: RegionSketch::from_keys(KEY_SPACE, content.iter().copied()),
+        dirty_rate: 0.0,
+        working_set_bytes: 0,
+        load: 0.0,
+    }
+}
+
+/// Publishes a node's digest (spec + status) as an agent would.
+pub async fn publish_digest(
+    client: &Client,
+    node: &str,
+    work_group: &str,
+    vms: Vec<VmRegionSummary>,
+    extra_content: &[u64],
+) -> anyhow::Result<()> {
+    let api: Api<NodeRegionDigest> = Api::all(client.clone());
+    let mut all: Vec<u64> = vms.iter().flat_map(|v| v.sketch.keys().to_vec()).collect();
+    all.extend_from_slice(extra_content);
+    let summary = NodeRegionSummary {
+        node: node.into(),
+        work_group: work_group.into(),
+        geometry: RegionGeometry::default(),
+        key_id: commonground::plan::region::ClusterKey::development().key_id,
+        sketch: RegionSketch::from_keys(KEY_SPACE, all),
+        vms,
+    };
+    let digest = NodeRegionDigest::new(
+        node,
+        NodeRegionDigestSpec {
+            node_name: node.into(),
+        },
+    );
+    match api.create(&PostParams::default(), &digest).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut status = Default::default();
+    summary_into_status(&summary, &mut status);
+    status.page_size = 4096;
+    status.scan_time = chrono::Utc::now().to_rfc3339();
+    status.scan_mode = "Full".into();
+    let patch = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
+    });
+    api.patch_status(
+        node,
+        &PatchParams::apply("e2e-agent").force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,532 @@
+//! The controller against the real control plane: a VirtualMachineMigration is planned from
+//! published digests, executed through the KubeVirt stand-in and the real kube-scheduler, and
+//! every outcome is read back from the API.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ensure_controller, keys, publish_digest, vm_summary};
+use commonground::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
+use commonground::api::migration::{MigrationPhase, MigrationTarget, VirtualMachineMigrationSpec};
+use commonground::api::{NodeRegionDigest, VirtualMachineMigration};
+use commonground_e2e::{wait_for, wait_for_object, FakeNode, TestCluster, TestNamespace};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+
+const T: Duration = Duration::from_secs(120);
+const GIB: u64 = 1 << 30;
+
+/// Polls `f` until it yields something (a `wait_for` over plain options).
+async fn until<V, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<V>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<V>>,
+{
+    wait_for(what, timeout, move || {
+        let fut = f();
+        async move { Ok(fut.await) }
+    })
+    .await
+}
+
+fn vmm_spec(vmi: &str) -> VirtualMachineMigrationSpec {
+    VirtualMachineMigrationSpec {
+        vmi_name: vmi.into(),
+        target: None,
+        max_duration: None,
+        path_setup_budget: None,
+        group: None,
+        dry_run: false,
+    }
+}
+
+async fn create_vmm(
+    ns: &TestNamespace,
+    name: &str,
+    spec: VirtualMachineMigrationSpec,
+) -> anyhow::Result<VirtualMachineMigration> {
+    let api: Api<VirtualMachineMigration> = ns.api();
+    Ok(api
+        .create(
+            &PostParams::default(),
+            &VirtualMachineMigration::new(name, spec),
+        )
+        .await?)
+}
+
+async fn vmm_in_phase(
+    ns: &TestNamespace,
+    name: &str,
+    phases: &[MigrationPhase],
+) -> anyhow::Result<VirtualMachineMigration> {
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let r = wait_for_object(&api, name, T, "VirtualMachineMigration phase", |m| {
+        m.status.as_ref().is_some_and(|s| phases.contains(&s.phase))
+    })
+    .await;
+    if r.is_err() {
+        eprintln!("controller log:\n{}", common::controller_log());
+        eprintln!("{}", ns.dump().await);
+    }
+    r
+}
+
+/// A running VMI on a source node, then `others` nodes (suffix, work group) added.
+async fn vm_on_source(
+    ns: &TestNamespace,
+    vmi_name: &str,
+    others: &[(&str, &str)],
+) -> anyhow::Result<(String, Vec<String>)> {
+    let source = ns.node_name("src");
+    ns.create_fake_node(FakeNode::new(&source, "wg-1")).await?;
+    ns.create_vmi(ns.vmi(vmi_name, "1Gi", "500m")).await?;
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    wait_for_object(&vmis, vmi_name, T, "VMI running with LiveMigratable", |v| {
+        v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            && v.condition_true("LiveMigratable")
+    })
+    .await?;
+    let mut names = Vec::new();
+    for (suffix, wg) in others {
+        let n = ns.node_name(suffix);
+        ns.create_fake_node(FakeNode::new(&n, *wg)).await?;
+        names.push(n);
+    }
+    Ok((source, names))
+}
+
+/// Digests: the VM's content on the source; node i holds `shares[i]` of it.
+async fn publish(
+    ns: &TestNamespace,
+    vmi: &str,
+    source: &str,
+    targets: &[String],
+    shares: &[u64],
+) -> anyhow::Result<()> {
+    let content = keys(1_000_000, 1000);
+    publish_digest(
+        &ns.client,
+        source,
+        "wg-1",
+        vec![vm_summary(&ns.name, vmi, GIB, &content)],
+        &[],
+    )
+    .await?;
+    for (node, share) in targets.iter().zip(shares) {
+        let held: Vec<u64> = content[..(*share as usize * 10)].to_vec();
+        publish_digest(&ns.client, node, "wg-1", vec![], &held).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_goes_to_the_node_with_the_most_memory_in_common() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-best").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (source, targets) =
+        vm_on_source(&ns, "vm1", &[("b", "wg-1"), ("c", "wg-1"), ("d", "wg-1")]).await?;
+    // b holds 20%, c 80%, d 50% of the VM's regions.
+    publish(&ns, "vm1", &source, &targets, &[20, 80, 50]).await?;
+    create_vmm(&ns, "move-vm1", vmm_spec("vm1")).await?;
+    let done = vmm_in_phase(
+        &ns,
+        "move-vm1",
+        &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+    )
+    .await?;
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:?}");
+    assert_eq!(status.source_node.as_deref(), Some(source.as_str()));
+    assert_eq!(status.target_node.as_deref(), Some(targets[1].as_str()));
+    let chosen: Vec<_> = status
+        .candidates
+        .iter()
+        .filter(|c| c.verdict == "Chosen")
+        .collect();
+    assert_eq!(chosen.len(), 1);
+    assert_eq!(chosen[0].node, targets[1]);
+    assert!(status.candidates.iter().any(|c| c.node == targets[0]
+        && c.verdict == "Lost"
+        && c.reason.contains("fewer regions")));
+    assert!(status
+        .candidates
+        .iter()
+        .any(|c| c.node == source && c.verdict == "Filtered"));
+    let est = status.estimate.expect("estimate in status");
+    assert_eq!(
+        est.common_bytes,
+        800 * 65536,
+        "80% of the 1000 non-zero regions"
+    );
+    assert_eq!(est.to_move_bytes, 200 * 65536);
+    assert!(est.duration_seconds.unwrap() > 0.0);
+    // The VMI really is on the chosen node now.
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    assert_eq!(vmi.node_name(), Some(targets[1].as_str()));
+    // Claim 3: the destination's digest lists the VM right away.
+    let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
+    until("destination digest lists the VM", T, || async {
+        let d = digests.get(&targets[1]).await.ok()?;
+        d.status?.vms.iter().any(|v| v.name == "vm1").then_some(())
+    })
+    .await?;
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    assert_eq!(vmims.list(&ListParams::default()).await?.items.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plans_and_stops() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-dry").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (source, targets) = vm_on_source(&ns, "vm1", &[("b", "wg-1"), ("c", "wg-1")]).await?;
+    publish(&ns, "vm1", &source, &targets, &[60, 30]).await?;
+    let mut spec = vmm_spec("vm1");
+    spec.dry_run = true;
+    create_vmm(&ns, "plan-only", spec).await?;
+    let planned = vmm_in_phase(
+        &ns,
+        "plan-only",
+        &[MigrationPhase::Planned, MigrationPhase::Failed],
+    )
+    .await?;
+    let status = planned.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Planned);
+    assert_eq!(status.target_node.as_deref(), Some(targets[0].as_str()));
+    // Nothing was handed to KubeVirt, and nothing will be.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    assert!(vmims.list(&ListParams::default()).await?.items.is_empty());
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    assert_eq!(vmi.node_name(), Some(source.as_str()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_vmi_fails_with_a_reason_and_an_event() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-missing").await?;
+    create_vmm(&ns, "move-ghost", vmm_spec("ghost")).await?;
+    let failed = vmm_in_phase(&ns, "move-ghost", &[MigrationPhase::Failed]).await?;
+    let status = failed.status.unwrap();
+    assert!(status.reason.unwrap().contains("does not exist"));
+    assert!(status
+        .conditions
+        .iter()
+        .any(|c| c.r#type == "Failed" && c.reason == "VmiNotFound"));
+    let events: Api<Event> = ns.api();
+    until("a VmiNotFound event", T, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("VmiNotFound"))
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_migratable_vmi_fails() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-nonmig").await?;
+    let source = ns.node_name("src");
+    ns.create_fake_node(FakeNode::new(&source, "wg-1")).await?;
+    // A VMI that never gets a node (no stand-in runs here): not running.
+    ns.create_vmi(ns.vmi("idle", "1Gi", "500m")).await?;
+    create_vmm(&ns, "move-idle", vmm_spec("idle")).await?;
+    let failed = vmm_in_phase(&ns, "move-idle", &[MigrationPhase::Failed]).await?;
+    assert!(failed
+        .status
+        .unwrap()
+        .reason
+        .unwrap()
+        .contains("not running"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_unfinished_migration_aborts_it() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-abort").await?;
+    let mut cfg = ns.standin_config();
+    cfg.bandwidth_bytes_per_sec = 1e6; // 1 GiB at 1 MB/s, scaled: ~10 s
+    let _standin = ns.start_standin(cfg);
+    let (source, targets) = vm_on_source(&ns, "vm1", &[("b", "wg-1")]).await?;
+    publish(&ns, "vm1", &source, &targets, &[50]).await?;
+    create_vmm(&ns, "move-vm1", vmm_spec("vm1")).await?;
+    let m = vmm_in_phase(&ns, "move-vm1", &[MigrationPhase::Migrating]).await?;
+    let vmim_name = m.status.unwrap().kubevirt_migration.unwrap();
+    let api: Api<VirtualMachineMigration> = ns.api();
+    api.delete("move-vm1", &DeleteParams::default()).await?;
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    until("the KubeVirt migration is gone", T, || async {
+        vmims
+            .get_opt(&vmim_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    until("the request is gone (finalizer released)", T, || async {
+        api.get_opt("move-vm1").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    assert_eq!(
+        vmi.node_name(),
+        Some(source.as_str()),
+        "aborted: the VM stays"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_limit_per_node_holds_extra_requests_pending() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-limit").await?;
+    let mut cfg = ns.standin_config();
+    cfg.bandwidth_bytes_per_sec = 1e6; // ~10 s per migration
+    let _standin = ns.start_standin(cfg);
+    // Three VMs on one source node before any other node exists.
+    let (source, _) = vm_on_source(&ns, "vm0", &[]).await?;
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    for i in 1..3 {
+        ns.create_vmi(ns.vmi(&format!("vm{i}"), "1Gi", "500m"))
+            .await?;
+    }
+    for i in 1..3 {
+        wait_for_object(&vmis, &format!("vm{i}"), T, "VMI running", |v| {
+            v.node_name() == Some(source.as_str())
+        })
+        .await?;
+    }
+    let target = ns.node_name("b");
+    ns.create_fake_node(FakeNode::new(&target, "wg-1")).await?;
+    let targets = vec![target];
+    publish(&ns, "vm0", &source, &targets, &[50]).await?;
+    for i in 0..3 {
+        create_vmm(&ns, &format!("move-{i}"), vmm_spec(&format!("vm{i}"))).await?;
+    }
+    // KubeVirt's default parallelOutboundMigrationsPerNode is 2: one request waits.
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let pending = until(
+        "two migrating and one pending on the outbound limit",
+        T,
+        || async {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            let phases: Vec<_> = list.items.iter().filter_map(|m| m.status.clone()).collect();
+            let migrating = phases
+                .iter()
+                .filter(|s| s.phase == MigrationPhase::Migrating)
+                .count();
+            let waiting = phases.iter().find(|s| {
+                s.phase == MigrationPhase::Pending
+                    && s.reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("parallelOutboundMigrationsPerNode"))
+            })?;
+            (migrating == 2).then(|| waiting.clone())
+        },
+    )
+    .await?;
+    assert!(pending.reason.unwrap().contains(&source));
+    // All finish in the end.
+    for i in 0..3 {
+        let m = vmm_in_phase(
+            &ns,
+            &format!("move-{i}"),
+            &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+        )
+        .await?;
+        assert_eq!(m.status.unwrap().phase, MigrationPhase::Succeeded);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_are_rejected_by_the_api_server() -> anyhow::Result<()> {
+    let ns = TestCluster::get().fresh_namespace("vmm-invalid").await?;
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let reject = |body: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            let obj: VirtualMachineMigration = match serde_json::from_value(body.clone()) {
+                Ok(o) => o,
+                Err(_) => return true, // cannot even be expressed in the typed client
+            };
+            api.create(&PostParams::default(), &obj).await.is_err()
+        }
+    };
+    let base = |name: &str, spec: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "commonground.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": name}, "spec": spec
+        })
+    };
+    // Raw API for bodies the typed struct cannot hold.
+    let raw = |body: serde_json::Value| {
+        let client = ns.client.clone();
+        let ns_name = ns.name.clone();
+        async move {
+            let req = http::Request::post(format!(
+                "/apis/commonground.dev/v1alpha1/namespaces/{ns_name}/virtualmachinemigrations"
+            ))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .unwrap();
+            client.request::<serde_json::Value>(req).await.is_err()
+        }
+    };
+    assert!(
+        reject(base("empty-name", serde_json::json!({"vmiName": ""}))).await,
+        "empty vmiName"
+    );
+    assert!(
+        reject(base(
+            "bad-name",
+            serde_json::json!({"vmiName": "Not_A_Name"})
+        ))
+        .await,
+        "vmiName pattern"
+    );
+    assert!(
+        reject(base(
+            "both",
+            serde_json::json!({"vmiName": "a", "target": {"nodeName": "n", "workGroup": "w"}})
+        ))
+        .await,
+        "nodeName and workGroup"
+    );
+    assert!(
+        reject(base(
+            "bad-duration",
+            serde_json::json!({"vmiName": "a", "maxDuration": "five minutes"})
+        ))
+        .await,
+        "maxDuration format"
+    );
+    assert!(
+        raw(base(
+            "bad-scope",
+            serde_json::json!({"vmiName": "a", "target": {"scope": "Galaxy"}})
+        ))
+        .await,
+        "unknown scope"
+    );
+    assert!(
+        raw(base("no-vmi", serde_json::json!({"dryRun": true}))).await,
+        "missing vmiName"
+    );
+    assert!(
+        raw(base(
+            "bad-group",
+            serde_json::json!({"vmiName": "a", "group": "Herd"})
+        ))
+        .await,
+        "unknown group mode"
+    );
+    // A valid one is accepted, and its vmiName cannot be changed afterwards.
+    let ok = api
+        .create(
+            &PostParams::default(),
+            &VirtualMachineMigration::new("fine", vmm_spec("a")),
+        )
+        .await?;
+    let mut changed = ok.clone();
+    changed.spec.vmi_name = "b".into();
+    let err = api
+        .replace("fine", &PostParams::default(), &changed)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("vmiName is immutable"), "{err}");
+    let mut retarget = ok.clone();
+    retarget.spec.target = Some(MigrationTarget {
+        node_name: Some("x".into()),
+        ..Default::default()
+    });
+    let mut first = api.get("fine").await?;
+    first.spec.target = Some(MigrationTarget {
+        node_name: Some("y".into()),
+        ..Default::default()
+    });
+    let first = api.replace("fine", &PostParams::default(), &first).await?;
+    retarget.metadata.resource_version = first.metadata.resource_version.clone();
+    assert!(
+        api.replace("fine", &PostParams::default(), &retarget)
+            .await
+            .is_err(),
+        "target immutable once set"
+    );
+    Ok(())
+}
+
+/// Prints how long 1,000 dry-run requests take to be planned end to end on the real API server
+/// (a benchmark: it asserts only that all were planned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_one_thousand_dry_run_requests_planned() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-bench").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (source, targets) = vm_on_source(&ns, "vm1", &[("b", "wg-1"), ("c", "wg-1")]).await?;
+    publish(&ns, "vm1", &source, &targets, &[60, 30]).await?;
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let n = std::env::var("E2E_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000usize);
+    let start = Instant::now();
+    let mut creates = futures::stream::iter((0..n).map(|i| {
+        let api = api.clone();
+        async move {
+            let mut spec = vmm_spec("vm1");
+            spec.dry_run = true;
+            api.create(
+                &PostParams::default(),
+                &VirtualMachineMigration::new(&format!("dry-{i}"), spec),
+            )
+            .await
+        }
+    }))
+    .buffer_unordered(16);
+    use futures::StreamExt;
+    while let Some(r) = creates.next().await {
+        r?;
+    }
+    let created = start.elapsed();
+    until(
+        "every request planned",
+        Duration::from_secs(600),
+        || async {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            let planned = list
+                .items
+                .iter()
+                .filter(|m| {
+                    m.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == MigrationPhase::Planned)
+                })
+                .count();
+            (planned == n).then_some(())
+        },
+    )
+    .await?;
+    let total = start.elapsed();
+    println!("BENCH: {n} dry-run VirtualMachineMigrations created in {:.1}s, all planned after {:.1}s ({:.0} per second)",
+        created.as_secs_f64(), total.as_secs_f64(), n as f64 / total.as_secs_f64());
+    let names: Vec<String> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|m| m.name_any())
+        .collect();
+    assert_eq!(names.len(), n);
+    Ok(())
+}
