@@ -39,7 +39,14 @@ pub enum SketchError {
     Header(&'static str),
     #[error("sketch entries are not strictly increasing below the threshold")]
     Order,
+    #[error("sketch is not a subset of the node sketch: {0}")]
+    NotSubset(&'static str),
 }
+
+/// Format byte of a standalone sketch.
+const FORMAT_STANDALONE: u8 = 1;
+/// Format byte of a sketch written as positions in a node sketch.
+const FORMAT_NODE_INDEXED: u8 = 2;
 
 /// A consistent sample of region keys: every key below `threshold`, sorted, unique.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,84 +201,96 @@ impl RegionSketch {
     /// Serialized form: version byte, varint threshold, varint count, Rice parameter, then the
     /// Rice-coded gaps between consecutive keys.
     pub fn encode(&self) -> Vec<u8> {
-        let n = self.keys.len() as u64;
-        let mean_gap = self.threshold / (n + 1);
-        let k = if mean_gap <= 1 {
-            0
-        } else {
-            63 - mean_gap.leading_zeros()
-        };
-        let mut out = Vec::with_capacity(12 + (self.keys.len() * (k as usize + 2)).div_ceil(8));
-        out.push(1u8);
+        let mut out = Vec::with_capacity(12 + self.keys.len() * 3);
+        out.push(FORMAT_STANDALONE);
         put_varint(&mut out, self.threshold);
-        put_varint(&mut out, n);
-        out.push(k as u8);
-        let mut bits = BitWriter::new(out);
-        let mut prev = 0u64;
-        for (i, &key) in self.keys.iter().enumerate() {
-            let gap = if i == 0 { key } else { key - prev - 1 };
-            prev = key;
-            let q = gap >> k;
-            for _ in 0..q {
-                bits.push(1, 1);
-            }
-            bits.push(0, 1);
-            if k > 0 {
-                bits.push(gap & ((1u64 << k) - 1), k);
-            }
-        }
-        bits.finish()
+        put_rice_increasing(out, &self.keys, self.threshold)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, SketchError> {
         let (&version, mut rest) = data.split_first().ok_or(SketchError::Truncated)?;
-        if version != 1 {
+        if version != FORMAT_STANDALONE {
             return Err(SketchError::Version(version));
         }
         let threshold = get_varint(&mut rest)?;
         if threshold == 0 || threshold > KEY_SPACE {
             return Err(SketchError::Header("threshold out of range"));
         }
-        let n = get_varint(&mut rest)?;
-        if n > MAX_DECODED_ENTRIES || n > threshold {
-            return Err(SketchError::Header("too many entries"));
-        }
-        let (&k, rest) = rest.split_first().ok_or(SketchError::Truncated)?;
-        if k as u32 >= KEY_BITS {
-            return Err(SketchError::Header("Rice parameter out of range"));
-        }
-        // Each entry takes at least k + 1 bits; refuse counts the data cannot hold before
-        // allocating for them.
-        if (n as u128) * (k as u128 + 1) > rest.len() as u128 * 8 {
-            return Err(SketchError::Truncated);
-        }
-        let mut bits = BitReader::new(rest);
-        let mut keys = Vec::with_capacity(n as usize);
-        let mut prev: Option<u64> = None;
-        for _ in 0..n {
-            let mut q = 0u64;
-            while bits.read(1)? == 1 {
-                q += 1;
-                if q > KEY_SPACE >> k {
-                    return Err(SketchError::Order);
-                }
-            }
-            let r = if k > 0 { bits.read(k as u32)? } else { 0 };
-            let gap = (q << k) | r;
-            let key = match prev {
-                None => gap,
-                Some(p) => p
-                    .checked_add(gap)
-                    .and_then(|v| v.checked_add(1))
-                    .ok_or(SketchError::Order)?,
-            };
-            if key >= threshold {
-                return Err(SketchError::Order);
-            }
-            keys.push(key);
-            prev = Some(key);
-        }
+        let keys = get_rice_increasing(rest, threshold)?;
         Ok(Self { threshold, keys })
+    }
+
+    /// Writes this sketch relative to `node`, which must hold every key of it at a threshold at
+    /// least as high (as a node sketch does for the VMs it was built from): version byte 2,
+    /// varint threshold (this sketch's), varint count, Rice parameter, then the Rice-coded gaps
+    /// between the positions of the keys in `node`'s sorted list.
+    pub fn encode_subset_of(&self, node: &RegionSketch) -> Result<Vec<u8>, SketchError> {
+        if self.threshold > node.threshold {
+            return Err(SketchError::NotSubset(
+                "threshold is above the node sketch's",
+            ));
+        }
+        let mut positions = Vec::with_capacity(self.keys.len());
+        let mut from = 0;
+        for key in &self.keys {
+            match node.keys[from..].binary_search(key) {
+                Ok(i) => {
+                    positions.push((from + i) as u64);
+                    from += i + 1;
+                }
+                Err(_) => return Err(SketchError::NotSubset("a key is missing from the node")),
+            }
+        }
+        let mut out = Vec::with_capacity(12 + positions.len());
+        out.push(FORMAT_NODE_INDEXED);
+        put_varint(&mut out, self.threshold);
+        Ok(put_rice_increasing(
+            out,
+            &positions,
+            node.count_below(self.threshold) as u64,
+        ))
+    }
+
+    /// Reads what [`encode_subset_of`](Self::encode_subset_of) wrote against the same `node`.
+    /// Positions past the node's keys below the threshold, or a threshold above the node's, are
+    /// errors.
+    pub fn decode_subset_of(node: &RegionSketch, data: &[u8]) -> Result<Self, SketchError> {
+        let (&version, mut rest) = data.split_first().ok_or(SketchError::Truncated)?;
+        if version != FORMAT_NODE_INDEXED {
+            return Err(SketchError::Version(version));
+        }
+        let threshold = get_varint(&mut rest)?;
+        if threshold == 0 || threshold > node.threshold {
+            return Err(SketchError::Header(
+                "threshold out of range for the node sketch",
+            ));
+        }
+        let below = node.count_below(threshold) as u64;
+        let positions = get_rice_increasing(rest, below)?;
+        let keys = positions
+            .into_iter()
+            .map(|p| node.keys[p as usize])
+            .collect();
+        Ok(Self { threshold, keys })
+    }
+
+    /// Reads either form, by its version byte: standalone, or positions in `node`.
+    pub fn decode_for_node(node: &RegionSketch, data: &[u8]) -> Result<Self, SketchError> {
+        match data.first() {
+            Some(&FORMAT_NODE_INDEXED) => Self::decode_subset_of(node, data),
+            _ => Self::decode(data),
+        }
+    }
+
+    /// base64 of [`encode_subset_of`](Self::encode_subset_of).
+    pub fn to_base64_subset_of(&self, node: &RegionSketch) -> Result<String, SketchError> {
+        use base64::Engine;
+        Ok(base64::engine::general_purpose::STANDARD.encode(self.encode_subset_of(node)?))
+    }
+
+    /// base64 of either form, read with [`decode_for_node`](Self::decode_for_node).
+    pub fn from_base64_for_node(node: &RegionSketch, text: &str) -> Result<Self, SketchError> {
+        Self::decode_for_node(node, &base64_bytes(text)?)
     }
 
     pub fn to_base64(&self) -> String {
@@ -280,12 +299,89 @@ impl RegionSketch {
     }
 
     pub fn from_base64(text: &str) -> Result<Self, SketchError> {
-        use base64::Engine;
-        let data = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|e| SketchError::Base64(e.to_string()))?;
-        Self::decode(&data)
+        Self::decode(&base64_bytes(text)?)
     }
+}
+
+fn base64_bytes(text: &str) -> Result<Vec<u8>, SketchError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| SketchError::Base64(e.to_string()))
+}
+
+/// Appends varint count, Rice parameter and the Rice-coded gaps of `values` (strictly
+/// increasing, all below `bound`); the parameter is `floor(log2(mean gap))`.
+fn put_rice_increasing(mut out: Vec<u8>, values: &[u64], bound: u64) -> Vec<u8> {
+    let n = values.len() as u64;
+    let mean_gap = bound / (n + 1);
+    let k = if mean_gap <= 1 {
+        0
+    } else {
+        63 - mean_gap.leading_zeros()
+    };
+    put_varint(&mut out, n);
+    out.push(k as u8);
+    out.reserve((values.len() * (k as usize + 2)).div_ceil(8));
+    let mut bits = BitWriter::new(out);
+    let mut prev = 0u64;
+    for (i, &v) in values.iter().enumerate() {
+        let gap = if i == 0 { v } else { v - prev - 1 };
+        prev = v;
+        for _ in 0..(gap >> k) {
+            bits.push(1, 1);
+        }
+        bits.push(0, 1);
+        if k > 0 {
+            bits.push(gap & ((1u64 << k) - 1), k);
+        }
+    }
+    bits.finish()
+}
+
+/// Reads what [`put_rice_increasing`] wrote; every value must be below `bound` (at most
+/// [`KEY_SPACE`]) and strictly increasing.
+fn get_rice_increasing(mut rest: &[u8], bound: u64) -> Result<Vec<u64>, SketchError> {
+    let n = get_varint(&mut rest)?;
+    if n > MAX_DECODED_ENTRIES || n > bound {
+        return Err(SketchError::Header("too many entries"));
+    }
+    let (&k, rest) = rest.split_first().ok_or(SketchError::Truncated)?;
+    if k as u32 >= KEY_BITS {
+        return Err(SketchError::Header("Rice parameter out of range"));
+    }
+    // Each entry takes at least k + 1 bits; refuse counts the data cannot hold before
+    // allocating for them.
+    if (n as u128) * (k as u128 + 1) > rest.len() as u128 * 8 {
+        return Err(SketchError::Truncated);
+    }
+    let mut bits = BitReader::new(rest);
+    let mut values = Vec::with_capacity(n as usize);
+    let mut prev: Option<u64> = None;
+    for _ in 0..n {
+        let mut q = 0u64;
+        while bits.read(1)? == 1 {
+            q += 1;
+            if q > bound >> k {
+                return Err(SketchError::Order);
+            }
+        }
+        let r = if k > 0 { bits.read(k as u32)? } else { 0 };
+        let gap = (q << k) | r;
+        let v = match prev {
+            None => gap,
+            Some(p) => p
+                .checked_add(gap)
+                .and_then(|v| v.checked_add(1))
+                .ok_or(SketchError::Order)?,
+        };
+        if v >= bound {
+            return Err(SketchError::Order);
+        }
+        values.push(v);
+        prev = Some(v);
+    }
+    Ok(values)
 }
 
 impl From<RegionSketch> for String {
@@ -434,6 +530,153 @@ mod tests {
         assert!(u.keys().windows(2).all(|w| w[0] < w[1]));
     }
 
+    /// A node of `n` random keys at `threshold` and a VM holding every `one_in`-th of them.
+    fn node_and_vm(seed: u64, n: usize, one_in: usize) -> (RegionSketch, RegionSketch) {
+        let node = RegionSketch::from_keys(DEFAULT_THRESHOLD, random_keys(seed, n));
+        let vm = RegionSketch::from_keys(
+            node.threshold(),
+            node.keys().iter().copied().step_by(one_in.max(1)),
+        );
+        (node, vm)
+    }
+
+    #[test]
+    fn subset_encoding_round_trips_and_costs_log_share_bits() {
+        let (node, vm) = node_and_vm(6, 6_000_000, 32);
+        assert!(vm.len() > 2_500, "{}", vm.len());
+        let bytes = vm.encode_subset_of(&node).unwrap();
+        assert_eq!(bytes[0], 2);
+        assert_eq!(RegionSketch::decode_subset_of(&node, &bytes).unwrap(), vm);
+        assert_eq!(RegionSketch::decode_for_node(&node, &bytes).unwrap(), vm);
+        // log2(32) + 2 = 7 bits per key (regular gaps here: the Rice remainder is exact), against
+        // about 19 bits for the standalone form.
+        let bits = (bytes.len() * 8) as f64 / vm.len() as f64;
+        assert!(bits < 7.2, "{bits} bits per entry");
+        let standalone = vm.encode().len();
+        assert!(
+            bytes.len() * 2 < standalone,
+            "{} vs {standalone}",
+            bytes.len()
+        );
+        let text = vm.to_base64_subset_of(&node).unwrap();
+        assert_eq!(
+            RegionSketch::from_base64_for_node(&node, &text).unwrap(),
+            vm
+        );
+        // The standalone form still reads through the node-aware decoder.
+        assert_eq!(
+            RegionSketch::from_base64_for_node(&node, &vm.to_base64()).unwrap(),
+            vm
+        );
+    }
+
+    #[test]
+    fn subset_encoding_of_a_random_share_is_near_log2_plus_two_bits() {
+        let node = RegionSketch::from_keys(KEY_SPACE >> 4, random_keys(7, 3_000_000));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let vm = RegionSketch::from_keys(
+            node.threshold(),
+            node.keys()
+                .iter()
+                .copied()
+                .filter(|_| rng.random_ratio(1, 20)),
+        );
+        let bytes = vm.encode_subset_of(&node).unwrap();
+        let bits = (bytes.len() * 8) as f64 / vm.len() as f64;
+        let bound = (node.len() as f64 / vm.len() as f64).log2() + 2.0;
+        assert!(bits < bound, "{bits} bits per entry, bound {bound}");
+        assert_eq!(RegionSketch::decode_subset_of(&node, &bytes).unwrap(), vm);
+    }
+
+    #[test]
+    fn subset_encoding_at_a_coarser_threshold_and_empty() {
+        let (node, vm) = node_and_vm(9, 200_000, 3);
+        let mut coarse = vm.clone();
+        coarse.coarsen(node.threshold() / 3);
+        assert!(!coarse.is_empty() && coarse.len() < vm.len());
+        let bytes = coarse.encode_subset_of(&node).unwrap();
+        let back = RegionSketch::decode_subset_of(&node, &bytes).unwrap();
+        assert_eq!(back, coarse);
+        assert_eq!(back.threshold(), node.threshold() / 3);
+        let empty = RegionSketch::empty(node.threshold());
+        let bytes = empty.encode_subset_of(&node).unwrap();
+        assert_eq!(
+            RegionSketch::decode_subset_of(&node, &bytes).unwrap(),
+            empty
+        );
+        let empty_node = RegionSketch::empty(node.threshold());
+        assert_eq!(
+            RegionSketch::decode_subset_of(&empty_node, &bytes).unwrap(),
+            empty
+        );
+    }
+
+    #[test]
+    fn subset_encoding_refuses_what_is_not_a_subset() {
+        let (node, vm) = node_and_vm(10, 10_000, 4);
+        let mut finer = RegionSketch::from_keys(node.threshold() * 2, vm.keys().to_vec());
+        assert_eq!(
+            finer.encode_subset_of(&node),
+            Err(SketchError::NotSubset(
+                "threshold is above the node sketch's"
+            ))
+        );
+        finer.coarsen(node.threshold());
+        assert!(finer.encode_subset_of(&node).is_ok());
+        let missing = (0..node.threshold()).find(|k| !node.contains(*k)).unwrap();
+        let mut keys = vm.keys().to_vec();
+        keys.push(missing);
+        let stray = RegionSketch::from_keys(node.threshold(), keys);
+        assert_eq!(
+            stray.encode_subset_of(&node),
+            Err(SketchError::NotSubset("a key is missing from the node"))
+        );
+    }
+
+    #[test]
+    fn subset_garbage_is_an_error_not_a_panic() {
+        let (node, vm) = node_and_vm(11, 50_000, 5);
+        let bytes = vm.encode_subset_of(&node).unwrap();
+        // Read against a smaller node: positions run past its keys.
+        let small =
+            RegionSketch::from_keys(node.threshold(), node.keys()[..node.len() / 2].to_vec());
+        assert!(RegionSketch::decode_subset_of(&small, &bytes).is_err());
+        // A node at a coarser threshold than the VM's.
+        let mut coarse = node.clone();
+        coarse.coarsen(node.threshold() / 2);
+        assert_eq!(
+            RegionSketch::decode_subset_of(&coarse, &bytes),
+            Err(SketchError::Header(
+                "threshold out of range for the node sketch"
+            ))
+        );
+        let mut cut = bytes.clone();
+        cut.truncate(cut.len() - 2);
+        assert!(RegionSketch::decode_subset_of(&node, &cut).is_err());
+        assert_eq!(
+            RegionSketch::decode_subset_of(&node, &[]),
+            Err(SketchError::Truncated)
+        );
+        assert_eq!(
+            RegionSketch::decode_subset_of(&node, &vm.encode()),
+            Err(SketchError::Version(1))
+        );
+        assert_eq!(
+            RegionSketch::decode(&bytes),
+            Err(SketchError::Version(2)),
+            "a reader without the node refuses the indexed form"
+        );
+        // More entries than the node holds below the threshold.
+        let mut many = vec![2u8];
+        put_varint(&mut many, node.threshold());
+        put_varint(&mut many, node.len() as u64 + 1);
+        many.extend([0u8; 64]);
+        assert_eq!(
+            RegionSketch::decode_subset_of(&node, &many),
+            Err(SketchError::Header("too many entries"))
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(12))]
         /// The overlap estimate stays within 2 percentage points of the exact fraction once a VM
@@ -457,6 +700,42 @@ mod tests {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = RegionSketch::decode(&data);
+        }
+
+        #[test]
+        fn subset_decode_never_panics(
+            seed in 0u64..1000,
+            n in 0usize..300,
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let node = RegionSketch::from_keys(KEY_SPACE >> 8, random_keys(seed, n));
+            let mut framed = vec![2u8];
+            framed.extend(&data);
+            let _ = RegionSketch::decode_subset_of(&node, &data);
+            let _ = RegionSketch::decode_for_node(&node, &data);
+            if let Ok(s) = RegionSketch::decode_subset_of(&node, &framed) {
+                prop_assert!(s.threshold() <= node.threshold());
+                prop_assert!(s.keys().iter().all(|k| node.contains(*k) && *k < s.threshold()));
+            }
+        }
+
+        #[test]
+        fn subset_round_trip_any_share(
+            seed in 0u64..1000,
+            shift in 0u32..12,
+            n in 0usize..5000,
+            one_in in 1u32..64,
+            coarser in 0u32..3,
+        ) {
+            let node = RegionSketch::from_keys(KEY_SPACE >> shift, random_keys(seed, n));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+            let mut vm = RegionSketch::from_keys(
+                node.threshold(),
+                node.keys().iter().copied().filter(|_| rng.random_ratio(1, one_in)),
+            );
+            vm.coarsen(node.threshold() >> coarser);
+            let bytes = vm.encode_subset_of(&node).unwrap();
+            prop_assert_eq!(RegionSketch::decode_subset_of(&node, &bytes).unwrap(), vm);
         }
 
         #[test]
