@@ -292,6 +292,7 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         }),
         pinned_work_group: target.work_group.clone(),
         only_nodes: None,
+        explain_top: None,
     };
     let plan = match planner.plan(&request, &opts) {
         Ok(p) => p,

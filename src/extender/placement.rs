@@ -111,6 +111,8 @@ pub fn place(state: Option<&ClusterState>, pod: Option<&WirePod>, names: &[&str]
         // A pin to a node the view does not know yet is applied by name in the filter.
         pinned_node: pin.clone().filter(|p| planner.node_position(p).is_some()),
         only_nodes: Some(names.iter().map(|n| n.to_string()).collect()),
+        // Scores and filter reasons only: nobody reads why 5,000 nodes lost.
+        explain_top: Some(0),
         ..PlanOptions::default()
     };
     match planner.plan(req, &opts) {

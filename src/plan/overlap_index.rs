@@ -11,6 +11,8 @@ use super::sketch::RegionSketch;
 pub struct OverlapIndex {
     /// Keys below a node's threshold were sampled by it; above, the node says nothing.
     node_thresholds: Vec<u64>,
+    /// The lowest threshold of any node with a digest: keys below it need no per-node check.
+    min_threshold: u64,
     has_digest: Vec<bool>,
     low_bits: u32,
     directory: Vec<u32>,
@@ -76,8 +78,15 @@ impl OverlapIndex {
                 }
             }
         }
+        let min_threshold = sketches
+            .iter()
+            .flatten()
+            .map(|s| s.threshold())
+            .min()
+            .unwrap_or(0);
         Self {
             node_thresholds,
+            min_threshold,
             has_digest,
             low_bits,
             directory,
@@ -133,9 +142,39 @@ impl OverlapIndex {
     pub fn count_hits(&self, vm: &RegionSketch, hits: &mut Vec<u32>) {
         hits.clear();
         hits.resize(self.node_count(), 0);
+        let low_mask = (1u64 << self.low_bits) - 1;
         for &key in vm.keys() {
-            self.for_each_holder(key, |n| hits[n] += 1);
+            if key >= self.min_threshold {
+                self.for_each_holder(key, |n| hits[n] += 1);
+                continue;
+            }
+            // Hot path: every node sampled this key's range, so each posting is a hit. Shared
+            // image regions have thousands of postings; this loop is the ranking's cost.
+            for &n in self.postings(key, low_mask) {
+                hits[n as usize] += 1;
+            }
         }
+    }
+
+    /// The nodes holding `key` when every node's threshold covers it (no per-node check
+    /// needed), else `None`.
+    #[inline]
+    pub fn holders_unchecked(&self, key: u64) -> Option<&[u32]> {
+        (key < self.min_threshold).then(|| self.postings(key, (1u64 << self.low_bits) - 1))
+    }
+
+    #[inline]
+    fn postings(&self, key: u64, low_mask: u64) -> &[u32] {
+        let b = (key >> self.low_bits) as usize;
+        if b + 1 >= self.directory.len() {
+            return &[];
+        }
+        let (lo, hi) = (self.directory[b] as usize, self.directory[b + 1] as usize);
+        let low = (key & low_mask) as u32;
+        let keys = &self.low_keys[lo..hi];
+        let start = keys.partition_point(|l| *l < low);
+        let end = start + keys[start..].partition_point(|l| *l == low);
+        &self.nodes[lo + start..lo + end]
     }
 
     /// The VM's keys a node could have sampled: the denominator of its overlap fraction.
@@ -147,7 +186,7 @@ impl OverlapIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::sketch::{KEY_SPACE, RegionSketch};
+    use crate::plan::sketch::{RegionSketch, KEY_SPACE};
 
     #[test]
     fn index_counts_match_pairwise_overlap() {
@@ -156,7 +195,11 @@ mod tests {
         let pool: Vec<u64> = (0..20_000).map(|_| rng.random::<u64>() >> 24).collect();
         let mut sketches = Vec::new();
         for i in 0..20 {
-            let keys: Vec<u64> = pool.iter().copied().filter(|_| rng.random_bool(0.3)).collect();
+            let keys: Vec<u64> = pool
+                .iter()
+                .copied()
+                .filter(|_| rng.random_bool(0.3))
+                .collect();
             let t = if i % 3 == 0 { KEY_SPACE / 2 } else { KEY_SPACE };
             sketches.push(RegionSketch::from_keys(t, keys));
         }

@@ -34,7 +34,13 @@ pub struct PlanOptions {
     pub pinned_work_group: Option<String>,
     /// Only these nodes are considered (the extender's node list); `None` means all.
     pub only_nodes: Option<Vec<String>>,
+    /// Passing candidates (best first) that get a written reason for losing; the rest get a
+    /// short one. Writing 5,000 reasons would dominate a scheduler-extender request.
+    pub explain_top: Option<usize>,
 }
+
+/// Reasons are written for this many candidates unless the options say otherwise.
+pub const DEFAULT_EXPLAINED: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
@@ -133,7 +139,11 @@ impl Planner {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
-        let mut groups: Vec<String> = snapshot.nodes.iter().map(|n| n.work_group.clone()).collect();
+        let mut groups: Vec<String> = snapshot
+            .nodes
+            .iter()
+            .map(|n| n.work_group.clone())
+            .collect();
         groups.sort();
         groups.dedup();
         let group_of = snapshot
@@ -213,6 +223,24 @@ impl Planner {
         let mut hits = vec![0u32; g];
         let mut seen_at = vec![usize::MAX; g];
         for (k, &key) in summary.sketch.keys().iter().enumerate() {
+            if let Some(holders) = self.index.holders_unchecked(key) {
+                // Every group's threshold covers this key: only the per-key dedup remains,
+                // and once every group has it the rest of a long posting list adds nothing.
+                let mut seen = 0;
+                for &n in holders {
+                    let n = n as usize;
+                    let grp = self.group_of[n];
+                    if n != source && seen_at[grp] != k {
+                        seen_at[grp] = k;
+                        hits[grp] += 1;
+                        seen += 1;
+                        if seen == g {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             self.index.for_each_holder(key, |n| {
                 let grp = self.group_of[n];
                 if n != source && key < threshold[grp] && seen_at[grp] != k {
@@ -268,7 +296,10 @@ impl Planner {
 
         // 1. Minimum hardware configuration.
         let considered: Vec<usize> = match &opts.only_nodes {
-            Some(names) => names.iter().filter_map(|n| self.node_pos.get(n).copied()).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.node_pos.get(n).copied())
+                .collect(),
             None => (0..nodes.len()).collect(),
         };
         let mut passing = Vec::new();
@@ -316,19 +347,24 @@ impl Planner {
                 !stay
             }
         };
+        // The second pass over the posting lists is only needed when work groups compete.
         let group_regions = match summary {
-            Some(s) => self.work_group_regions(s, source),
-            None => vec![0.0; self.groups.len()],
+            Some(s) if use_cluster_rule => self.work_group_regions(s, source),
+            _ => vec![0.0; self.groups.len()],
         };
+        // Distances once per work group (NaN where the matrix cannot say and no rule needs it).
+        let mut group_distance = vec![f64::NAN; self.groups.len()];
         let mut work_groups = Vec::new();
         for (gi, name) in self.groups.iter().enumerate() {
             if group_candidates[gi] == 0 {
+                group_distance[gi] = distance_to(name).unwrap_or(f64::NAN);
                 continue;
             }
+            group_distance[gi] = distance_to(name)?;
             work_groups.push(WorkGroupScore {
                 work_group: name.clone(),
                 regions_available: group_regions[gi],
-                distance: distance_to(name)?,
+                distance: group_distance[gi],
                 candidates: group_candidates[gi],
                 chosen: false,
             });
@@ -342,7 +378,10 @@ impl Planner {
         });
         if !use_cluster_rule {
             // Source work group first, the others in the long-distance order behind it.
-            if let Some(pos) = work_groups.iter().position(|w| w.work_group == source_group) {
+            if let Some(pos) = work_groups
+                .iter()
+                .position(|w| w.work_group == source_group)
+            {
                 let w = work_groups.remove(pos);
                 work_groups.insert(0, w);
             }
@@ -350,11 +389,12 @@ impl Planner {
         if let Some(first) = work_groups.first_mut() {
             first.chosen = true;
         }
-        let group_rank: HashMap<&str, usize> = work_groups
-            .iter()
-            .enumerate()
-            .map(|(r, w)| (w.work_group.as_str(), r))
-            .collect();
+        let mut group_rank = vec![usize::MAX; self.groups.len()];
+        for (r, w) in work_groups.iter().enumerate() {
+            if let Ok(gi) = self.groups.binary_search(&w.work_group) {
+                group_rank[gi] = r;
+            }
+        }
 
         // 3. Rank: work groups in their order, inside each by regions in common and load.
         let mut ranked: Vec<(usize, Scored)> = passing
@@ -372,8 +412,8 @@ impl Planner {
             })
             .collect();
         ranked.sort_by(|(a, sa), (b, sb)| {
-            let ga = group_rank[nodes[*a].work_group.as_str()];
-            let gb = group_rank[nodes[*b].work_group.as_str()];
+            let ga = group_rank[self.group_of[*a]];
+            let gb = group_rank[self.group_of[*b]];
             ga.cmp(&gb).then_with(|| rank_order(sa, sb))
         });
         let scored: Vec<Scored> = ranked.iter().map(|(_, s)| s.clone()).collect();
@@ -381,11 +421,14 @@ impl Planner {
         let winner = scored.first().cloned();
         let chosen_group = work_groups.first().map(|w| w.work_group.clone());
 
+        let explain = opts.explain_top.unwrap_or(DEFAULT_EXPLAINED);
         let mut candidates = Vec::with_capacity(considered.len());
         for (pos, ((i, s), score)) in ranked.iter().zip(scores).enumerate() {
             let node = &nodes[*i];
             let verdict = if pos == 0 {
                 Verdict::Chosen
+            } else if pos > explain {
+                Verdict::Lost(String::from("ranked lower"))
             } else if Some(&node.work_group) != chosen_group.as_ref() {
                 Verdict::Lost(format!(
                     "in work group {}, work group {} was chosen",
@@ -400,7 +443,7 @@ impl Planner {
                 work_group: node.work_group.clone(),
                 common_regions: s.common_regions,
                 common_bytes: (s.common_regions * region_bytes as f64) as u64,
-                distance: distance_to(&node.work_group).unwrap_or(f64::NAN),
+                distance: group_distance[self.group_of[*i]],
                 load: s.load,
                 has_digest: s.has_digest,
                 score,
@@ -414,7 +457,7 @@ impl Planner {
                 work_group: node.work_group.clone(),
                 common_regions: common[i],
                 common_bytes: (common[i] * region_bytes as f64) as u64,
-                distance: distance_to(&node.work_group).unwrap_or(f64::NAN),
+                distance: group_distance[self.group_of[i]],
                 load: node.effective_load(),
                 has_digest: self.index.has_digest(i),
                 score: 0,
