@@ -1,6 +1,7 @@
 //! Publishing the node's digest (seed 000, fig. 5, "send it to peers"): the `NodeRegionDigest`
-//! named after the node, status written by server-side apply. Bounded to
-//! [`MAX_DIGEST_BYTES`] by coarsening sketch thresholds; written only when the content changed
+//! named after the node, status written by server-side apply. VM sketches are written as
+//! positions in the node sketch (`vmSketchEncoding: NodeIndexed`, a few bits per key instead of
+//! about 19). Bounded to [`MAX_DIGEST_BYTES`] by coarsening sketch thresholds; written only when the content changed
 //! beyond a threshold and at most once per minute at steady state, at once when a VM arrived or
 //! left, or when the digest carries a new [`REFRESH_ANNOTATION`] (set after a migration).
 
@@ -102,8 +103,11 @@ pub fn serialized_size(node: &str, status: &NodeRegionDigestStatus) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Builds the status and coarsens every sketch (halving the sampling threshold, which keeps
-/// each an exact consistent sample) and the replicated sample until the object fits.
+/// Builds the status and coarsens every sketch (lowering the sampling threshold for all of them
+/// at once, which keeps each an exact consistent sample and every VM sketch a subset of the
+/// node's) and the replicated sample until the object fits. The threshold is scaled by the
+/// share of the sketch bytes the bound leaves room for (sketch sizes are close to linear in the
+/// threshold), so the result lands just under the bound rather than up to half below it.
 pub fn build_bounded_status(inputs: &DigestInputs) -> NodeRegionDigestStatus {
     let mut inputs = inputs.clone();
     let budget = MAX_DIGEST_BYTES - METADATA_ALLOWANCE;
@@ -117,13 +121,24 @@ pub fn build_bounded_status(inputs: &DigestInputs) -> NodeRegionDigestStatus {
             }
             return status;
         }
-        let t = (threshold / 2).max(1);
+        let sketch_bytes =
+            status.sketch.len() + status.vms.iter().map(|v| v.sketch.len()).sum::<usize>();
+        let rest = size - sketch_bytes;
+        // Share of the sketches (and of the replicated sample) to keep, with a 2% margin for
+        // the Rice parameters and the base64 padding not scaling exactly; halve when the rest
+        // alone is over the bound.
+        let share = if rest < budget && sketch_bytes > 0 {
+            ((budget - rest) as f64 / sketch_bytes as f64 * 0.98).min(0.99)
+        } else {
+            0.5
+        };
+        let t = ((threshold as f64 * share) as u64).clamp(1, threshold - 1);
         for v in &mut inputs.summary.vms {
             v.sketch.coarsen(t);
         }
         inputs.summary.sketch = rebuild_node_sketch(t, &inputs.summary.vms);
         inputs.summary.sketch.coarsen(t);
-        let keep = inputs.replicated.len() / 2;
+        let keep = (inputs.replicated.len() as f64 * share) as usize;
         inputs.replicated.truncate(keep);
     }
 }
@@ -318,11 +333,44 @@ mod tests {
         let unbounded = status_of(&i);
         assert!(serialized_size("n1", &unbounded) > MAX_DIGEST_BYTES);
         let status = build_bounded_status(&i);
-        assert!(serialized_size("n1", &status) <= MAX_DIGEST_BYTES);
+        let size = serialized_size("n1", &status);
+        assert!(size <= MAX_DIGEST_BYTES - METADATA_ALLOWANCE, "{size}");
+        assert!(
+            size > (MAX_DIGEST_BYTES - METADATA_ALLOWANCE) * 9 / 10,
+            "does not throw away more than needed: {size}"
+        );
+        assert_eq!(
+            status.vm_sketch_encoding,
+            crate::api::digest::VmSketchEncoding::NodeIndexed
+        );
         let node = RegionSketch::from_base64(&status.sketch).unwrap();
         assert!(node.threshold() < KEY_SPACE);
         assert!(node.len() > 1000, "coarsened, not emptied");
         assert_eq!(status.vm_count, 20);
+        // Every VM sketch reads back against the node sketch, at the node's threshold.
+        let mut d = NodeRegionDigest::new(
+            "n1",
+            crate::api::digest::NodeRegionDigestSpec {
+                node_name: "n1".into(),
+            },
+        );
+        d.status = Some(status.clone());
+        let summary = d.to_summary().unwrap();
+        for v in &summary.vms {
+            assert_eq!(v.sketch.threshold(), node.threshold());
+            assert!(v.sketch.keys().iter().all(|k| node.contains(*k)));
+        }
+        // Twenty disjoint VMs: about 1.3 node sketches of bytes instead of 2, so the node keeps
+        // clearly more samples than standalone VM sketches would leave room for.
+        let standalone: usize = status.sketch.len()
+            + summary
+                .vms
+                .iter()
+                .map(|v| v.sketch.to_base64().len())
+                .sum::<usize>();
+        let indexed: usize =
+            status.sketch.len() + status.vms.iter().map(|v| v.sketch.len()).sum::<usize>();
+        assert!(indexed * 10 < standalone * 7, "{indexed} vs {standalone}");
     }
 
     #[test]

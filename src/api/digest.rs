@@ -52,6 +52,10 @@ pub struct NodeRegionDigestStatus {
     pub vms: Vec<VmDigest>,
     /// Sketch of every region on the node (base64, Rice-coded threshold sample).
     pub sketch: String,
+    /// How the VMs' `sketch` strings are written. Absent (digests from older agents) means
+    /// `Standalone`.
+    #[serde(default)]
+    pub vm_sketch_encoding: VmSketchEncoding,
     /// Seed 000 table: regions held at least `replicationThreshold` times (a bounded sample).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicated: Vec<ReplicatedStatus>,
@@ -68,6 +72,20 @@ pub struct NodeRegionDigestStatus {
     /// `SoftDirty` (incremental rescans), `Sampled` (dirty rate from re-hashed samples) or
     /// `Full` (every scan reads everything).
     pub scan_mode: String,
+}
+
+/// Form of the per-VM sketches in a digest.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum VmSketchEncoding {
+    /// Every VM sketch is a standalone Rice-coded sample (format byte 1).
+    #[default]
+    Standalone,
+    /// A VM sketch is the positions of the VM's keys in the node `sketch`, Rice-coded (format
+    /// byte 2), decoded against the node sketch; one whose keys are not all in the node sketch
+    /// stays standalone (format byte 1).
+    NodeIndexed,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -99,7 +117,7 @@ pub struct VmDigest {
     pub memory_bytes: u64,
     pub regions: u64,
     pub zero_regions: u64,
-    /// base64 sketch of the VM's regions.
+    /// base64 sketch of the VM's regions, in the form `vmSketchEncoding` names.
     pub sketch: String,
     /// Bytes per second the guest dirties.
     #[serde(default)]
@@ -169,17 +187,28 @@ impl NodeRegionDigest {
         }
         let geometry =
             RegionGeometry::new(status.region_pages).map_err(|e| invalid(e.to_string()))?;
-        let sketch =
-            RegionSketch::from_base64(&status.sketch).map_err(|e| invalid(e.to_string()))?;
+        let sketch = RegionSketch::from_base64(&status.sketch)
+            .map_err(|e| invalid(format!("node sketch: {e}")))?;
         let mut vms = Vec::with_capacity(status.vms.len());
         for v in &status.vms {
+            let vm_sketch = match status.vm_sketch_encoding {
+                VmSketchEncoding::Standalone => RegionSketch::from_base64(&v.sketch),
+                VmSketchEncoding::NodeIndexed => {
+                    RegionSketch::from_base64_for_node(&sketch, &v.sketch)
+                }
+            }
+            .map_err(|e| {
+                invalid(format!(
+                    "vm {}/{}: sketch ({:?} encoding): {e}",
+                    v.namespace, v.name, status.vm_sketch_encoding
+                ))
+            })?;
             vms.push(VmRegionSummary {
                 vm: VmKey::new(&v.namespace, &v.name),
                 memory_bytes: v.memory_bytes,
                 regions: v.regions,
                 zero_regions: v.zero_regions.min(v.regions),
-                sketch: RegionSketch::from_base64(&v.sketch)
-                    .map_err(|e| invalid(format!("vm {}/{}: {e}", v.namespace, v.name)))?,
+                sketch: vm_sketch,
                 dirty_rate: v.dirty_rate.max(0.0),
                 working_set_bytes: v.working_set_bytes,
                 load: v.load.composite,
@@ -196,8 +225,20 @@ impl NodeRegionDigest {
     }
 }
 
+/// A VM sketch as written in a digest: positions in the node sketch when it is a subset of it
+/// (true of every VM whose sketch the node sketch was built from at one threshold), else
+/// standalone. Returns the text and whether it is node-indexed.
+pub fn vm_sketch_text(vm: &RegionSketch, node: &RegionSketch) -> (String, bool) {
+    match vm.to_base64_subset_of(node) {
+        Ok(text) => (text, true),
+        Err(_) => (vm.to_base64(), false),
+    }
+}
+
 /// Writes a planner summary back into a digest status (used after a migration, seed 000
-/// claim 3, and by the agent).
+/// claim 3, and by the agent). VM sketches are written node-indexed where they can be (see
+/// [`vm_sketch_text`]); a VM left with a finer threshold than the node (after a migration from
+/// a finer-sampled node) stays standalone.
 pub fn summary_into_status(summary: &NodeRegionSummary, status: &mut NodeRegionDigestStatus) {
     status.work_group = summary.work_group.clone();
     status.page_size = PAGE_SIZE as u32;
@@ -209,6 +250,7 @@ pub fn summary_into_status(summary: &NodeRegionSummary, status: &mut NodeRegionD
         .drain(..)
         .map(|v| ((v.namespace, v.name), v.load))
         .collect();
+    let mut indexed = false;
     status.vms = summary
         .vms
         .iter()
@@ -218,7 +260,11 @@ pub fn summary_into_status(summary: &NodeRegionSummary, status: &mut NodeRegionD
             memory_bytes: v.memory_bytes,
             regions: v.regions,
             zero_regions: v.zero_regions,
-            sketch: v.sketch.to_base64(),
+            sketch: {
+                let (text, is_indexed) = vm_sketch_text(&v.sketch, &summary.sketch);
+                indexed |= is_indexed;
+                text
+            },
             dirty_rate: v.dirty_rate,
             working_set_bytes: v.working_set_bytes,
             load: old
@@ -230,6 +276,13 @@ pub fn summary_into_status(summary: &NodeRegionSummary, status: &mut NodeRegionD
                 }),
         })
         .collect();
+    // Standalone when nothing is indexed, so such a digest stays readable without the node
+    // sketch (and by readers that predate the indexed form).
+    status.vm_sketch_encoding = if indexed {
+        VmSketchEncoding::NodeIndexed
+    } else {
+        VmSketchEncoding::Standalone
+    };
     status.vm_count = status.vms.len() as u32;
 }
 
@@ -267,6 +320,140 @@ mod tests {
         summary_into_status(&summary, &mut status);
         d.status = Some(status);
         assert_eq!(d.to_summary().unwrap(), summary);
+    }
+
+    fn digest_of(summary: &NodeRegionSummary) -> NodeRegionDigest {
+        let mut d = NodeRegionDigest::new(
+            &summary.node,
+            NodeRegionDigestSpec {
+                node_name: summary.node.clone(),
+            },
+        );
+        let mut status = NodeRegionDigestStatus::default();
+        summary_into_status(summary, &mut status);
+        d.status = Some(status);
+        d
+    }
+
+    fn vm(name: &str, sketch: RegionSketch) -> VmRegionSummary {
+        VmRegionSummary {
+            vm: VmKey::new("ns", name),
+            memory_bytes: 1 << 30,
+            regions: 16384,
+            zero_regions: 0,
+            sketch,
+            dirty_rate: 0.0,
+            working_set_bytes: 0,
+            load: 0.0,
+        }
+    }
+
+    fn summary_of(node: RegionSketch, vms: Vec<VmRegionSummary>) -> NodeRegionSummary {
+        NodeRegionSummary {
+            node: "n1".into(),
+            work_group: "zone-a".into(),
+            geometry: RegionGeometry::default(),
+            key_id: "abc".into(),
+            sketch: node,
+            vms,
+        }
+    }
+
+    #[test]
+    fn vm_sketches_are_node_indexed_and_much_smaller() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let t = KEY_SPACE >> 6;
+        let vms: Vec<VmRegionSummary> = (0..20)
+            .map(|i| {
+                let keys: Vec<u64> = (0..2000).map(|_| rng.random_range(0..t)).collect();
+                vm(&format!("vm{i}"), RegionSketch::from_keys(t, keys))
+            })
+            .collect();
+        let node = RegionSketch::union_all(vms.iter().map(|v| &v.sketch));
+        let summary = summary_of(node, vms);
+        let d = digest_of(&summary);
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(status.vm_sketch_encoding, VmSketchEncoding::NodeIndexed);
+        assert_eq!(d.to_summary().unwrap(), summary);
+        let indexed: usize = status.vms.iter().map(|v| v.sketch.len()).sum();
+        let standalone: usize = summary.vms.iter().map(|v| v.sketch.to_base64().len()).sum();
+        // log2(20) + 2 = 6.3 bits against about 19 bits per key.
+        assert!(indexed * 5 < standalone * 2, "{indexed} vs {standalone}");
+    }
+
+    #[test]
+    fn a_vm_finer_than_its_node_stays_standalone() {
+        // After a migration from a finer-sampled node the destination's sketch is coarser
+        // than the VMs it already held.
+        let node = RegionSketch::from_keys(KEY_SPACE / 4, [1, 5, 9, 100]);
+        let summary = summary_of(
+            node,
+            vec![
+                vm(
+                    "fine",
+                    RegionSketch::from_keys(KEY_SPACE, [5, 9, KEY_SPACE / 2]),
+                ),
+                vm("same", RegionSketch::from_keys(KEY_SPACE / 4, [1, 100])),
+                vm("coarser", RegionSketch::from_keys(8, [1, 5])),
+            ],
+        );
+        let d = digest_of(&summary);
+        let status = d.status.as_ref().unwrap();
+        assert_eq!(status.vm_sketch_encoding, VmSketchEncoding::NodeIndexed);
+        let formats: Vec<String> = status.vms.iter().map(|v| v.sketch.clone()).collect();
+        assert_eq!(formats[0], summary.vms[0].sketch.to_base64(), "standalone");
+        assert_ne!(formats[1], summary.vms[1].sketch.to_base64(), "indexed");
+        assert_eq!(d.to_summary().unwrap(), summary);
+    }
+
+    #[test]
+    fn digests_without_the_field_or_without_vms_are_standalone() {
+        let summary = summary_of(RegionSketch::from_keys(KEY_SPACE, [3]), vec![]);
+        let d = digest_of(&summary);
+        assert_eq!(
+            d.status.as_ref().unwrap().vm_sketch_encoding,
+            VmSketchEncoding::Standalone
+        );
+        // An older agent's digest: no vmSketchEncoding, standalone VM sketches.
+        let old = summary_of(
+            RegionSketch::from_keys(KEY_SPACE, [3, 4]),
+            vec![vm("a", RegionSketch::from_keys(KEY_SPACE, [4]))],
+        );
+        let mut json = serde_json::to_value(digest_of(&old)).unwrap();
+        let status = json["status"].as_object_mut().unwrap();
+        status.remove("vmSketchEncoding");
+        status["vms"][0]["sketch"] = old.vms[0].sketch.to_base64().into();
+        let back: NodeRegionDigest = serde_json::from_value(json).unwrap();
+        assert_eq!(back.to_summary().unwrap(), old);
+    }
+
+    #[test]
+    fn a_vm_sketch_that_does_not_fit_its_node_is_a_named_error() {
+        let node = RegionSketch::from_keys(KEY_SPACE, 0..1000u64);
+        let summary = summary_of(
+            node,
+            vec![vm("a", RegionSketch::from_keys(KEY_SPACE, 900..1000u64))],
+        );
+        // The node sketch replaced by a smaller one: the VM's positions run past it.
+        let mut d = digest_of(&summary);
+        d.status.as_mut().unwrap().sketch =
+            RegionSketch::from_keys(KEY_SPACE, 0..10u64).to_base64();
+        let err = d.to_summary().unwrap_err().to_string();
+        assert!(
+            err.starts_with("digest n1: vm ns/a: sketch (NodeIndexed encoding):"),
+            "{err}"
+        );
+        // An indexed sketch in a digest that says standalone.
+        let mut d = digest_of(&summary);
+        d.status.as_mut().unwrap().vm_sketch_encoding = VmSketchEncoding::Standalone;
+        let err = d.to_summary().unwrap_err().to_string();
+        assert!(err.contains("Standalone encoding"), "{err}");
+        assert!(err.contains("unknown format version 2"), "{err}");
+        // Garbage.
+        let mut d = digest_of(&summary);
+        d.status.as_mut().unwrap().vms[0].sketch = "AgAA!".into();
+        assert!(d.to_summary().is_err());
     }
 
     #[test]
