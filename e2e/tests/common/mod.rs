@@ -14,8 +14,14 @@ use commonground::plan::{NodeRegionSummary, VmKey, VmRegionSummary};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
-/// The `commonground` binary, built on demand so `cargo test -p commonground-e2e` works alone.
+/// The `commonground` binary, built on demand (once per test process) so
+/// `cargo test -p commonground-e2e` works alone.
 pub fn commonground_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_commonground).clone()
+}
+
+fn build_commonground() -> PathBuf {
     if let Ok(p) = std::env::var("COMMONGROUND_BIN") {
         return p.into();
     }
@@ -189,4 +195,30 @@ pub async fn publish_digest(
     )
     .await?;
     Ok(())
+}
+
+/// Arguments of a node agent for fake node `node`: scans every second, reads only the memory
+/// helpers started for that node (`--e2e-node <node>`, since all fake nodes share this host's
+/// /proc), development key.
+pub fn agent_args(node: &str) -> Vec<String> {
+    [
+        "agent",
+        "--node-name",
+        node,
+        "--interval",
+        "1",
+        "--health-addr",
+        "127.0.0.1:0",
+        "--process-node-arg=--e2e-node",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A node agent for fake node `node` as a child process (stopped when dropped).
+pub fn start_agent(node: &str) -> Component {
+    let args = agent_args(node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Component::start(&args, &format!("agent-{node}"))
 }
