@@ -50,6 +50,10 @@ pub enum PlanError {
     UnknownPinnedNode(String),
     #[error(transparent)]
     Distance(#[from] DistanceError),
+    #[error("a group needs at least one member")]
+    EmptyGroup,
+    #[error("group members run on different nodes ({0} and {1}); a memory group shares one node")]
+    GroupSplit(String, String),
 }
 
 /// How a node fared.
@@ -264,6 +268,67 @@ impl Planner {
                 }
             })
             .collect()
+    }
+
+    /// Plans a memory group as one unit (`Together`): the target must fit every member at
+    /// once and satisfy each member's constraints, and candidates are ranked by the union of
+    /// the members' regions. The plan names the first member.
+    pub fn plan_group(&self, members: &[VmRequest], opts: &PlanOptions) -> Result<Plan, PlanError> {
+        let (first, rest) = members.split_first().ok_or(PlanError::EmptyGroup)?;
+        if let Some(other) = rest.iter().find(|m| m.source_node != first.source_node) {
+            return Err(PlanError::GroupSplit(
+                first.source_node.clone(),
+                other.source_node.clone(),
+            ));
+        }
+        let mut combined = first.clone();
+        let summaries: Vec<VmRegionSummary> = members
+            .iter()
+            .filter_map(|m| {
+                m.summary
+                    .clone()
+                    .or_else(|| self.vm_summary(&m.vm).cloned())
+            })
+            .collect();
+        for m in rest {
+            combined.requests = combined.requests + m.requests;
+            combined.memory_bytes += m.memory_bytes;
+        }
+        combined.summary = (summaries.len() == members.len()).then(|| VmRegionSummary {
+            vm: first.vm.clone(),
+            memory_bytes: summaries.iter().map(|s| s.memory_bytes).sum(),
+            regions: summaries.iter().map(|s| s.regions).sum(),
+            zero_regions: summaries.iter().map(|s| s.zero_regions).sum(),
+            sketch: RegionSketch::union_all(summaries.iter().map(|s| &s.sketch)),
+            dirty_rate: summaries.iter().map(|s| s.dirty_rate).sum(),
+            working_set_bytes: summaries.iter().map(|s| s.working_set_bytes).sum(),
+            load: summaries.iter().map(|s| s.load).sum(),
+        });
+        // Each member's own constraints (selectors, affinity, taints, CPU) must hold too.
+        let allowed: Vec<String> = self
+            .snapshot
+            .nodes
+            .iter()
+            .filter(|n| {
+                opts.only_nodes
+                    .as_ref()
+                    .is_none_or(|only| only.contains(&n.name))
+                    && rest.iter().all(|m| {
+                        let mut alone = m.clone();
+                        alone.requests = Default::default();
+                        check_node(&alone, n).is_none()
+                    })
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        let mut opts = opts.clone();
+        opts.only_nodes = Some(allowed);
+        let mut plan = self.plan(&combined, &opts)?;
+        if summaries.len() != members.len() {
+            plan.notes
+                .push("not every member has a memory summary yet: ranked by load".into());
+        }
+        Ok(plan)
     }
 
     pub fn plan(&self, req: &VmRequest, opts: &PlanOptions) -> Result<Plan, PlanError> {

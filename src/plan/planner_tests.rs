@@ -551,3 +551,98 @@ fn bad_input_unknown_work_group_in_the_distance_matrix_is_a_clear_error() {
     );
     assert!(err.to_string().contains("\"c\""), "{err}");
 }
+
+fn snapshot(nodes: Vec<NodeFacts>, digests: Vec<NodeRegionSummary>) -> ClusterSnapshot {
+    ClusterSnapshot {
+        geometry: RegionGeometry::default(),
+        nodes,
+        digests,
+        distances: DistanceMatrix::default(),
+    }
+}
+
+#[test]
+fn together_group_ranks_by_the_union_of_member_regions() {
+    // a holds member 1's regions, b member 2's; c holds some of both, more in total.
+    let src = node("src", "g", 0.5);
+    let (a, b, c) = (
+        node("a", "g", 0.1),
+        node("b", "g", 0.1),
+        node("c", "g", 0.1),
+    );
+    let m1 = vm("m1", 0..100, 0);
+    let m2 = vm("m2", 1000..1100, 0);
+    let digests = vec![
+        digest(&a, 0..100),
+        digest(&b, 1000..1100),
+        digest(&c, (0..70).chain(1000..1070)),
+    ];
+    let planner = Planner::new(snapshot(vec![src, a, b, c], digests));
+    let plan = planner
+        .plan_group(
+            &[request(&m1, "src"), request(&m2, "src")],
+            &PlanOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(plan.target_node.as_deref(), Some("c"), "{plan:#?}");
+    assert_eq!(plan.bytes.common, 140 * region_bytes());
+    assert_eq!(plan.bytes.total, 200 * region_bytes());
+    // Alone, member 1 would go to a.
+    let alone = planner
+        .plan(&request(&m1, "src"), &PlanOptions::default())
+        .unwrap();
+    assert_eq!(alone.target_node.as_deref(), Some("a"));
+}
+
+#[test]
+fn together_group_needs_room_for_every_member() {
+    let src = node("src", "g", 0.5);
+    let mut small = node("small", "g", 0.0);
+    let big = node("big", "g", 0.9);
+    let m1 = vm("m1", 0..100, 0);
+    let m2 = vm("m2", 200..300, 0);
+    let mut r1 = request(&m1, "src");
+    let mut r2 = request(&m2, "src");
+    r1.requests.memory_bytes = 100 * GIB;
+    r2.requests.memory_bytes = 100 * GIB;
+    small.allocatable.memory_bytes = 150 * GIB; // fits one member, not both
+    let planner = Planner::new(snapshot(vec![src, small, big], vec![]));
+    let plan = planner
+        .plan_group(&[r1.clone(), r2], &PlanOptions::default())
+        .unwrap();
+    assert_eq!(plan.target_node.as_deref(), Some("big"));
+    let small_verdict = plan.candidates.iter().find(|c| c.node == "small").unwrap();
+    assert!(
+        matches!(&small_verdict.verdict, Verdict::Filtered(r) if r.contains("insufficient memory"))
+    );
+    assert_eq!(
+        planner
+            .plan(&r1, &PlanOptions::default())
+            .unwrap()
+            .target_node
+            .as_deref(),
+        Some("small")
+    );
+}
+
+#[test]
+fn together_group_members_must_share_a_node() {
+    let planner = Planner::new(snapshot(
+        vec![node("x", "g", 0.0), node("y", "g", 0.0)],
+        vec![],
+    ));
+    let m1 = vm("m1", 0..10, 0);
+    let err = planner
+        .plan_group(
+            &[request(&m1, "x"), request(&m1, "y")],
+            &PlanOptions::default(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, PlanError::GroupSplit(..)));
+    assert_eq!(
+        planner
+            .plan_group(&[], &PlanOptions::default())
+            .unwrap_err(),
+        PlanError::EmptyGroup
+    );
+}
