@@ -530,3 +530,167 @@ async fn bench_one_thousand_dry_run_requests_planned() -> anyhow::Result<()> {
     assert_eq!(names.len(), n);
     Ok(())
 }
+
+/// Two VMs labelled into one memory group on the source.
+async fn group_on_source(ns: &TestNamespace) -> anyhow::Result<String> {
+    let source = ns.node_name("src");
+    ns.create_fake_node(FakeNode::new(&source, "wg-1")).await?;
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    for name in ["vm1", "vm2"] {
+        let mut v = ns.vmi(name, "1Gi", "500m");
+        v.metadata.labels = Some(
+            [(
+                "commonground.dev/memory-group".to_string(),
+                "shm-1".to_string(),
+            )]
+            .into(),
+        );
+        ns.create_vmi(v).await?;
+    }
+    for name in ["vm1", "vm2"] {
+        wait_for_object(&vmis, name, T, "VMI running", |v| {
+            v.condition_true("LiveMigratable")
+        })
+        .await?;
+    }
+    Ok(source)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn together_group_moves_every_member_to_one_node() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-together").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let source = group_on_source(&ns).await?;
+    let (b, c) = (ns.node_name("b"), ns.node_name("c"));
+    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+    ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
+    let (c1, c2) = (keys(10_000_000, 500), keys(20_000_000, 500));
+    publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![
+            vm_summary(&ns.name, "vm1", GIB, &c1),
+            vm_summary(&ns.name, "vm2", GIB, &c2),
+        ],
+        &[],
+    )
+    .await?;
+    // b holds all of vm1 but nothing of vm2; c holds 70% of both: the union prefers c.
+    publish_digest(&ns.client, &b, "wg-1", vec![], &c1).await?;
+    let mut both: Vec<u64> = c1[..350].to_vec();
+    both.extend_from_slice(&c2[..350]);
+    publish_digest(&ns.client, &c, "wg-1", vec![], &both).await?;
+    let mut spec = vmm_spec("vm1");
+    spec.group = Some(commonground::api::migration::GroupMode::Together);
+    create_vmm(&ns, "move-group", spec).await?;
+    let done = vmm_in_phase(
+        &ns,
+        "move-group",
+        &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+    )
+    .await?;
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:?}");
+    assert_eq!(status.target_node.as_deref(), Some(c.as_str()));
+    assert_eq!(status.members.len(), 1);
+    assert_eq!(status.members[0].name, "vm2");
+    assert_eq!(status.members[0].phase, "Succeeded");
+    for name in ["vm1", "vm2"] {
+        let v: VirtualMachineInstance = ns.api().get(name).await?;
+        assert_eq!(
+            v.node_name(),
+            Some(c.as_str()),
+            "{name} moved with the group"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_group_member_that_touches_shared_memory_follows_to_the_same_node(
+) -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-follow").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let source = group_on_source(&ns).await?;
+    let b = ns.node_name("b");
+    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+    let c1 = keys(30_000_000, 500);
+    publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![
+            vm_summary(&ns.name, "vm1", GIB, &c1),
+            vm_summary(&ns.name, "vm2", GIB, &c1),
+        ],
+        &[],
+    )
+    .await?;
+    publish_digest(&ns.client, &b, "wg-1", vec![], &c1[..100]).await?;
+    let mut spec = vmm_spec("vm1");
+    spec.group = Some(commonground::api::migration::GroupMode::Follow);
+    create_vmm(&ns, "move-follow", spec).await?;
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let first = vmm_in_phase(
+        &ns,
+        "move-follow",
+        &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+    )
+    .await?;
+    assert_eq!(
+        first.status.as_ref().unwrap().phase,
+        MigrationPhase::Succeeded
+    );
+    // vm2 has not touched the shared range yet: it waits on the source, the group is open.
+    let waiting = until("member waiting, shared transfer incomplete", T, || async {
+        let m = api.get("move-follow").await.ok()?;
+        let s = m.status?;
+        (s.members.first()?.phase == "Waiting"
+            && s.conditions
+                .iter()
+                .any(|c| c.r#type == "SharedTransferComplete" && c.status == "False"))
+        .then_some(s)
+    })
+    .await?;
+    assert!(waiting.members[0].kubevirt_migration.is_none());
+    // The source's agent reports vm2 touching the shared memory.
+    let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest",
+        "status": {"memoryGroups": [{
+            "name": "shm-1", "members": [format!("{}/vm1", ns.name), format!("{}/vm2", ns.name)],
+            "sharedBytes": 1048576, "recentlyAccessedBy": [format!("{}/vm2", ns.name)]
+        }]}
+    });
+    digests
+        .patch_status(
+            &source,
+            &kube::api::PatchParams::apply("e2e-agent-groups").force(),
+            &kube::api::Patch::Apply(&patch),
+        )
+        .await?;
+    let done = until(
+        "vm2 followed and the shared transfer completed",
+        T,
+        || async {
+            let m = api.get("move-follow").await.ok()?;
+            let s = m.status?;
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == "SharedTransferComplete" && c.status == "True")
+                .then_some(s)
+        },
+    )
+    .await?;
+    assert!(done.members[0].reason.contains("touched the shared memory"));
+    let v2: VirtualMachineInstance = ns.api().get("vm2").await?;
+    assert_eq!(
+        v2.node_name(),
+        Some(b.as_str()),
+        "vm2 followed vm1 to the same node"
+    );
+    Ok(())
+}

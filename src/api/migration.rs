@@ -173,6 +173,10 @@ pub struct VirtualMachineMigrationStatus {
     /// KubeVirt's failure reason when the migration failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// The other members of the VM's memory group (spec.group Together or Follow), each with
+    /// its own KubeVirt migration, phase, and when and why it started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
     /// Extra network paths used to meet `maxDuration` (seed 004), with when they were added
     /// and removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -185,6 +189,24 @@ pub struct VirtualMachineMigrationStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// One member of a memory group moving with the requested VM.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// VMI name (same namespace).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubevirt_migration: Option<String>,
+    /// KubeVirt's phase of the member's migration, or `Waiting` (Follow: not touched yet).
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// Why this member's migration started (Follow: it touched the shared memory).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// One extra migration path and its life cycle.

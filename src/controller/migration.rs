@@ -14,6 +14,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Mutex;
 
 use super::error::{ControllerError, Result};
+use super::groups;
 use super::metrics::ControllerMetrics;
 use super::paths;
 use super::republish::republish_after_migration;
@@ -22,7 +23,9 @@ use crate::api::conditions::{set_condition, Condition};
 use crate::api::kubevirt::{
     VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, LIVE_MIGRATABLE,
 };
-use crate::api::migration::{MigrationPhase, TargetScope, VirtualMachineMigrationStatus};
+use crate::api::migration::{
+    GroupMode, MemberStatus, MigrationPhase, TargetScope, VirtualMachineMigrationStatus,
+};
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::paths::PathOutcome;
 use crate::plan::{PlanOptions, Scope, VmKey};
@@ -175,6 +178,15 @@ async fn fail(
 
 async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
     let mut status = vmm.status.clone().unwrap_or_default();
+    if status.phase == MigrationPhase::Succeeded
+        && vmm.spec.group == Some(GroupMode::Follow)
+        && !status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "SharedTransferComplete" && c.status == "True")
+    {
+        return follow_group(&vmm, ctx, status).await;
+    }
     if status.phase.is_final() {
         // A restart between the end and the cleanup: finish the cleanup.
         if status.paths.iter().any(|p| p.removed_time.is_none()) {
@@ -294,7 +306,34 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         only_nodes: None,
         explain_top: None,
     };
-    let plan = match planner.plan(&request, &opts) {
+    // Seed 001: the memory group, when the request asks for it.
+    let group_mode = vmm.spec.group.unwrap_or_default();
+    let group: Vec<Arc<crate::api::kubevirt::VirtualMachineInstance>> = match group_mode {
+        GroupMode::None => Vec::new(),
+        GroupMode::Together | GroupMode::Follow => groups::members(ctx, &vmi),
+    };
+    if status.members.is_empty() {
+        status.members = group
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name_any(),
+                phase: "Waiting".into(),
+                ..Default::default()
+            })
+            .collect();
+    }
+    let planned = if group_mode == GroupMode::Together && !group.is_empty() {
+        let mut requests = vec![request.clone()];
+        requests.extend(
+            group
+                .iter()
+                .filter_map(|m| crate::view::convert::vm_request(m)),
+        );
+        planner.plan_group(&requests, &opts)
+    } else {
+        planner.plan(&request, &opts)
+    };
+    let plan = match planned {
         Ok(p) => p,
         Err(e) => {
             return fail(
@@ -508,6 +547,16 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         Err(e) => return Err(e.into()),
     }
     drop(admitted);
+    if group_mode == GroupMode::Together {
+        // The whole group goes to the same node now (KubeVirt's limits apply per VMI; the
+        // group is one decision).
+        for m in &mut status.members {
+            m.kubevirt_migration =
+                Some(groups::start_member(ctx, &vmm, &m.name, &target_node).await?);
+            m.start_time.get_or_insert_with(now_rfc3339);
+            m.reason = "moves together with the requested VM".into();
+        }
+    }
     status.phase = MigrationPhase::Migrating;
     status.reason = None;
     status.kubevirt_migration = Some(name.clone());
@@ -554,7 +603,17 @@ async fn follow(
     if let Some(t) = &state.target_node {
         status.target_node = Some(t.clone());
     }
-    match vmim.phase() {
+    // Together: the request ends when every member's migration has ended.
+    let mut phase = vmim.phase().map(str::to_string);
+    if vmm.spec.group == Some(GroupMode::Together) && !status.members.is_empty() {
+        let (all_ok, any_failed) = groups::refresh_members(ctx, &ns, &mut status.members);
+        if phase.as_deref() == Some("Succeeded") && any_failed {
+            phase = Some("Failed".into());
+        } else if phase.as_deref() == Some("Succeeded") && !all_ok {
+            phase = Some("Running".into());
+        }
+    }
+    match phase.as_deref() {
         Some("Succeeded") => {
             paths::cleanup(ctx, vmm, &mut status).await?;
             status.phase = MigrationPhase::Succeeded;
@@ -607,7 +666,10 @@ async fn follow(
             Ok(Action::await_change())
         }
         Some("Failed") => {
-            status.failure_reason = state.failure_reason.clone();
+            status.failure_reason = state.failure_reason.clone().or_else(|| {
+                vmim.is_final()
+                    .then(|| "a group member's migration failed".to_string())
+            });
             status.end_time = state.end_timestamp.clone();
             let msg = format!(
                 "KubeVirt migration failed: {}",
@@ -622,6 +684,76 @@ async fn follow(
             Ok(Action::requeue(Duration::from_secs(30)))
         }
     }
+}
+
+/// Follow (seed 001): after the requested VM moved, members that touch the shared memory
+/// follow it to the same node; the shared transfer completes when the members left on the
+/// source fall to the threshold.
+async fn follow_group(
+    vmm: &VirtualMachineMigration,
+    ctx: &Context,
+    mut status: VirtualMachineMigrationStatus,
+) -> Result<Action> {
+    let ns = vmm.namespace().unwrap_or_default();
+    let (Some(source), Some(target)) = (status.source_node.clone(), status.target_node.clone())
+    else {
+        return Ok(Action::await_change());
+    };
+    let waiting: Vec<String> = status
+        .members
+        .iter()
+        .filter(|m| m.kubevirt_migration.is_none())
+        .map(|m| m.name.clone())
+        .collect();
+    for name in groups::touched_shared_memory(ctx, &source, &ns, &waiting) {
+        let vmim = groups::start_member(ctx, vmm, &name, &target).await?;
+        if let Some(m) = status.members.iter_mut().find(|m| m.name == name) {
+            m.kubevirt_migration = Some(vmim);
+            m.start_time = Some(now_rfc3339());
+            m.reason = format!("touched the shared memory on {source} after the first VM moved");
+        }
+        event(
+            ctx,
+            vmm,
+            false,
+            "MemberFollows",
+            format!("{name} touched the shared memory; migrating it to {target}"),
+        )
+        .await;
+    }
+    groups::refresh_members(ctx, &ns, &mut status.members);
+    let still_on_source = status
+        .members
+        .iter()
+        .filter(|m| {
+            ctx.view
+                .vmi(&ns, &m.name)
+                .and_then(|v| v.node_name().map(str::to_string))
+                .as_deref()
+                == Some(source.as_str())
+        })
+        .count();
+    let complete = groups::follow_complete(still_on_source);
+    set_condition(
+        &mut status.conditions,
+        condition(
+            "SharedTransferComplete",
+            complete,
+            if complete {
+                "MembersMoved"
+            } else {
+                "MembersOnSource"
+            },
+            format!("{still_on_source} group member(s) still on {source}"),
+        ),
+        &now_rfc3339(),
+    );
+    write_status(ctx, vmm, &status).await?;
+    Ok(if complete {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(5))
+    })
 }
 
 /// Deleting a request whose migration is not final deletes the KubeVirt migration, which makes

@@ -2,6 +2,7 @@
 //! migrations. Leader-elected; only the leader reconciles and writes status.
 
 pub mod error;
+pub mod groups;
 pub mod leader;
 pub mod metrics;
 pub mod migration;
