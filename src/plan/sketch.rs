@@ -8,7 +8,7 @@
 //! node holds, with binomial error `sqrt(f(1-f)/m)` for `m` samples. Unlike a Bloom filter it
 //! has no false positives to correct for, it merges by union, and it can be coarsened (raise the
 //! bar) to fit a size bound. Serialized with Golomb-Rice coded gaps: about `log2(gap) + 2` bits
-//! per entry, roughly 2.3 bytes at the default settings (measured in the `planning` benchmark).
+//! per entry, roughly 2.3 to 2.5 bytes for a node sketch (measured in the `planning` benchmark).
 
 use serde::{Deserialize, Serialize};
 
@@ -18,8 +18,11 @@ use super::region::RegionId;
 /// lookup after sampling, negligible at any realistic size.
 pub const KEY_BITS: u32 = 40;
 pub const KEY_SPACE: u64 = 1 << KEY_BITS;
-/// Default sampling: one region in 64.
-pub const DEFAULT_THRESHOLD: u64 = KEY_SPACE >> 6;
+/// Default sampling before a digest's size bound applies: one region in 16. Published digests
+/// are then coarsened to fit their bound; with VM sketches node-indexed a 256 KiB digest holds
+/// more than one in 64 on most nodes, so a coarser default would leave room unused (measured
+/// with `commonground simulate`).
+pub const DEFAULT_THRESHOLD: u64 = KEY_SPACE >> 4;
 /// Entries a decoder accepts at most (far above any bounded digest).
 const MAX_DECODED_ENTRIES: u64 = 4 << 20;
 
