@@ -694,3 +694,165 @@ async fn follow_group_member_that_touches_shared_memory_follows_to_the_same_node
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow::Result<()> {
+    use commonground::api::kubevirt::{MigrationPolicy, NodeNetworkConfigurationPolicy};
+    use commonground::api::network::{Activation, MigrationNetworkSpec, NadReference};
+    use commonground::api::MigrationNetwork;
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-paths").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (source, targets) = vm_on_source(&ns, "vm1", &[("b", "wg-1")]).await?;
+    // 1 GiB of non-zero memory: ~8.6 s over the controller's 125 MB/s default network.
+    let content = keys(40_000_000, 16_000);
+    publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![vm_summary(&ns.name, "vm1", GIB, &content)],
+        &[],
+    )
+    .await?;
+    publish_digest(&ns.client, &targets[0], "wg-1", vec![], &content[..1600]).await?;
+    let networks: Api<MigrationNetwork> = Api::all(ns.client.clone());
+    let pool: std::collections::BTreeMap<String, String> =
+        [(commonground_e2e::POOL_LABEL.to_string(), ns.name.clone())].into();
+    let net = |name: &str, bandwidth: &str, setup: &str, activation: Activation| {
+        let mut n = MigrationNetwork::new(
+            &format!("{}-{name}", ns.name),
+            MigrationNetworkSpec {
+                network_attachment_definition: NadReference {
+                    namespace: ns.name.clone(),
+                    name: name.into(),
+                },
+                bandwidth: bandwidth.into(),
+                setup_time: setup.into(),
+                activation,
+                interface: Some("eth2".into()),
+                bond: Some("mig0".into()),
+                node_selector: pool.clone(),
+            },
+        );
+        n.metadata.labels =
+            Some([("e2e.commonground.dev/test".to_string(), ns.name.clone())].into());
+        n
+    };
+    let fast = format!("{}-fast", ns.name);
+    let slow = format!("{}-slow-setup", ns.name);
+    networks
+        .create(
+            &PostParams::default(),
+            &net("fast", "250Mi", "2s", Activation::Nmstate),
+        )
+        .await?;
+    networks
+        .create(
+            &PostParams::default(),
+            &net("slow-setup", "1Gi", "60s", Activation::Preattached),
+        )
+        .await?;
+
+    let mut spec = vmm_spec("vm1");
+    spec.max_duration = Some("5s".into());
+    spec.path_setup_budget = Some("10s".into());
+    let vmm = create_vmm(&ns, "move-fast", spec).await?;
+    // The nmstate policies appear; acting as nmstate, mark them enacted.
+    let preparing = vmm_in_phase(
+        &ns,
+        "move-fast",
+        &[MigrationPhase::PreparingPaths, MigrationPhase::Failed],
+    )
+    .await?;
+    assert_eq!(
+        preparing.status.as_ref().unwrap().phase,
+        MigrationPhase::PreparingPaths
+    );
+    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ns.client.clone());
+    let owner = {
+        let uid: String = vmm
+            .metadata
+            .uid
+            .clone()
+            .unwrap()
+            .chars()
+            .filter(|c| *c != '-')
+            .take(16)
+            .collect();
+        format!("cg-{uid}")
+    };
+    let selector =
+        ListParams::default().labels(&format!("commonground.dev/migration-paths={owner}"));
+    let created = until("two nmstate policies (source and target)", T, || async {
+        let l = nncps.list(&selector).await.ok()?;
+        (l.items.len() == 2).then_some(l.items)
+    })
+    .await?;
+    for p in created {
+        let status = serde_json::json!({"status": {"conditions": [{"type": "Available", "status": "True", "reason": "SuccessfullyConfigured"}]}});
+        nncps
+            .patch_status(
+                &p.name_any(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&status),
+            )
+            .await?;
+    }
+    // While it migrates: the per-migration MigrationPolicy and the VMI label exist, the path is claimed.
+    let policies: Api<MigrationPolicy> = Api::all(ns.client.clone());
+    let policy = until("the per-migration MigrationPolicy", T, || async {
+        policies.get_opt(&owner).await.ok()?
+    })
+    .await?;
+    let bw = policy.spec.bandwidth_per_migration.clone().unwrap();
+    assert!(
+        bw.ends_with("Mi") && bw.trim_end_matches("Mi").parse::<u64>()? > 300,
+        "raised bandwidth {bw}"
+    );
+    let done = vmm_in_phase(
+        &ns,
+        "move-fast",
+        &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+    )
+    .await?;
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:?}");
+    let budget = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "TimeBudget")
+        .unwrap();
+    assert_eq!(budget.reason, "FitsWithPaths", "{budget:?}");
+    assert_eq!(status.estimate.as_ref().unwrap().paths, vec![fast.clone()]);
+    assert_eq!(status.paths.len(), 1);
+    assert!(
+        status.paths[0].added_time.is_some()
+            && status.paths[0].ready_time.is_some()
+            && status.paths[0].removed_time.is_some()
+    );
+    // Nothing left behind.
+    assert!(nncps.list(&selector).await?.items.is_empty());
+    assert!(policies.get_opt(&owner).await?.is_none());
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    assert!(!vmi
+        .labels()
+        .contains_key("commonground.dev/migration-paths"));
+    until("the path is released", T, || async {
+        let n = networks.get(&fast).await.ok()?;
+        n.status.and_then(|s| s.in_use_by).is_none().then_some(())
+    })
+    .await?;
+    assert!(
+        networks
+            .get(&slow)
+            .await?
+            .status
+            .and_then(|s| s.in_use_by)
+            .is_none(),
+        "the slow path was never used"
+    );
+    for n in [&fast, &slow] {
+        networks.delete(n, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
