@@ -164,8 +164,8 @@ pub fn follow_trigger(waiting: &[String], touched: &[String]) -> Vec<String> {
 }
 
 /// Follow: is the group's shared transfer complete?
-pub fn follow_complete(still_on_source: usize) -> bool {
-    still_on_source <= FOLLOW_REMAINING_THRESHOLD
+pub fn follow_complete(still_on_source: usize, threshold: usize) -> bool {
+    still_on_source <= threshold
 }
 
 #[cfg(test)]
@@ -185,7 +185,8 @@ mod tests {
 
     #[test]
     fn shared_transfer_completes_at_the_threshold() {
-        assert!(!follow_complete(1));
-        assert!(follow_complete(0));
+        assert!(!follow_complete(1, 0));
+        assert!(follow_complete(0, 0));
+        assert!(follow_complete(1, 1));
     }
 }

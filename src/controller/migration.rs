@@ -733,7 +733,7 @@ async fn follow_group(
                 == Some(source.as_str())
         })
         .count();
-    let complete = groups::follow_complete(still_on_source);
+    let complete = groups::follow_complete(still_on_source, groups::FOLLOW_REMAINING_THRESHOLD);
     set_condition(
         &mut status.conditions,
         condition(
