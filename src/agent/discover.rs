@@ -55,9 +55,33 @@ pub fn is_qemu(argv: &[String]) -> bool {
             .unwrap_or(false)
 }
 
+/// Whether `argv` has `arg` followed by `value` (`arg value` or `arg=value`).
+pub fn argv_has<S: AsRef<str>>(argv: &[S], arg: &str, value: &str) -> bool {
+    let mut args = argv.iter().map(AsRef::as_ref);
+    while let Some(a) = args.next() {
+        if a == arg {
+            if args.next() == Some(value) {
+                return true;
+            }
+        } else if a.strip_prefix(arg).and_then(|r| r.strip_prefix('=')) == Some(value) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Every process on the host whose command line names a KubeVirt guest. Processes that vanish
 /// or cannot be read while we look are skipped.
 pub fn find_qemu_processes() -> std::io::Result<Vec<QemuProcess>> {
+    find_qemu_processes_with(None)
+}
+
+/// Like [`find_qemu_processes`], keeping only processes whose command line has
+/// `node_arg.0` followed by `node_arg.1`: where several (fake) nodes share one host, as in the
+/// e2e suite and the local demo, that argument tells whose process it is.
+pub fn find_qemu_processes_with(
+    node_arg: Option<(&str, &str)>,
+) -> std::io::Result<Vec<QemuProcess>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -69,6 +93,11 @@ pub fn find_qemu_processes() -> std::io::Result<Vec<QemuProcess>> {
             continue;
         };
         let Ok(argv) = read_argv(pid) else { continue };
+        if let Some((arg, value)) = node_arg {
+            if !argv_has(&argv, arg, value) {
+                continue;
+            }
+        }
         if let Some(vm) = vm_from_argv(&argv) {
             out.push(QemuProcess { pid, vm });
         }
@@ -106,5 +135,16 @@ mod tests {
         assert_eq!(vm_from_argv(&["qemu", "-name"]), None);
         assert_eq!(vm_from_argv(&["qemu", "-name", "guest=novm"]), None);
         assert_eq!(vm_from_argv(&["qemu", "-name", "guest=_x"]), None);
+    }
+
+    #[test]
+    fn node_argument_selects_processes_of_one_fake_node() {
+        let argv = ["vm-memory", "-name", "guest=ns_a", "--e2e-node", "n1"];
+        assert!(argv_has(&argv, "--e2e-node", "n1"));
+        assert!(!argv_has(&argv, "--e2e-node", "n2"));
+        assert!(argv_has(&["x", "--e2e-node=n2"], "--e2e-node", "n2"));
+        assert!(!argv_has(&["x", "--e2e-node-x=n2"], "--e2e-node", "n2"));
+        assert!(!argv_has(&["x", "--e2e-node"], "--e2e-node", "n1"));
+        assert!(!argv_has(&["x", "n1", "--e2e-node"], "--e2e-node", "n1"));
     }
 }

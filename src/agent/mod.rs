@@ -121,6 +121,11 @@ pub struct AgentArgs {
     pub health_addr: SocketAddr,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+    /// Only processes whose command line has this argument followed by the node name. For
+    /// several fake nodes on one host (the e2e suite and the local demo pass `--e2e-node`, which
+    /// the stand-in's memory helpers carry); a real node has its own /proc and needs none.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    pub process_node_arg: Option<String>,
 }
 
 /// The cluster key from `path`, or the development key with a loud warning.
@@ -175,7 +180,9 @@ async fn vms_on_node(
         .collect())
 }
 
-async fn work_group(client: &kube::Client, node: &str, label: &str) -> String {
+/// The node's work group label ("" when the node or the label is missing; `quiet` logs that at
+/// debug level only, for the retries on each interval).
+async fn work_group(client: &kube::Client, node: &str, label: &str, quiet: bool) -> String {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     match nodes.get_opt(node).await {
         Ok(Some(n)) => n
@@ -183,12 +190,23 @@ async fn work_group(client: &kube::Client, node: &str, label: &str) -> String {
             .labels
             .and_then(|l| l.get(label).cloned())
             .unwrap_or_default(),
+        Ok(None) if quiet => {
+            tracing::debug!(node, "node object still not found");
+            String::new()
+        }
         Ok(None) => {
-            tracing::warn!(node, "node object not found; work group left empty");
+            tracing::warn!(
+                node,
+                "node object not found; work group left empty until it appears"
+            );
+            String::new()
+        }
+        Err(e) if quiet => {
+            tracing::debug!(node, error = %e, "cannot read node");
             String::new()
         }
         Err(e) => {
-            tracing::warn!(node, error = %e, "cannot read node; work group left empty");
+            tracing::warn!(node, error = %e, "cannot read node; work group left empty for now");
             String::new()
         }
     }
@@ -251,7 +269,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
 
     let node = args.node_name.clone();
-    let wg = work_group(&client, &node, &args.work_group_label).await;
+    let wg = work_group(&client, &node, &args.work_group_label, false).await;
     let vmis: Api<VirtualMachineInstance> = Api::all(client.clone());
     let digests: Api<NodeRegionDigest> = Api::all(client.clone());
     let mut scanner = Some(NodeScanner::new(
@@ -265,13 +283,31 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut gate = PublishGate::default();
     let shutdown = telemetry::shutdown_signal();
     tokio::pin!(shutdown);
+    let node_arg = args.process_node_arg.clone();
+    // Publish at once next time, whatever the gate says (the work group appeared).
+    let mut force: Option<&'static str> = None;
     loop {
         let started = Instant::now();
+        if scanner.as_ref().is_some_and(|s| s.work_group.is_empty()) {
+            // The Node may have been created (or labelled) after the agent started.
+            let wg = work_group(&client, &node, &args.work_group_label, true).await;
+            if let Some(s) = scanner.as_mut() {
+                if !wg.is_empty() {
+                    tracing::info!(node, work_group = %wg, "work group found");
+                    force = Some("work group found");
+                }
+                s.work_group = wg;
+            }
+        }
         match vms_on_node(&vmis, &node).await {
             Ok(on_node) => {
                 let mut s = scanner.take().expect("scanner is put back after each tick");
+                let node_arg = node_arg.clone();
+                let node_name = node.clone();
                 let s_back = tokio::task::spawn_blocking(move || {
-                    let procs = node_scanner::discover();
+                    let procs = node_scanner::discover(
+                        node_arg.as_deref().map(|a| (a, node_name.as_str())),
+                    );
                     s.tick(&procs, &on_node);
                     s
                 })
@@ -291,12 +327,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 };
                 let status = publish::build_bounded_status(&inputs);
                 let now = Instant::now();
-                let decision = gate.decide(
-                    &inputs.summary,
-                    status.load.composite,
-                    refresh.as_deref(),
-                    now,
-                );
+                let decision = match force {
+                    Some(why) => PublishDecision::Immediate(why),
+                    None => gate.decide(
+                        &inputs.summary,
+                        status.load.composite,
+                        refresh.as_deref(),
+                        now,
+                    ),
+                };
                 let reason = match decision {
                     PublishDecision::Immediate(why) => Some(why),
                     PublishDecision::Changed => Some("changed"),
@@ -313,6 +352,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                                 "published NodeRegionDigest"
                             );
                             publishes.with_label_values(&[reason]).inc();
+                            force = None;
                             gate.published(inputs.summary, status.load.composite, refresh, now);
                             ready.set(true);
                         }

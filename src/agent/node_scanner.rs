@@ -122,11 +122,12 @@ impl NodeScanner {
             .node_counters
             .map(|c| (c.cpus, c.total_memory_bytes))
             .unwrap_or((1, 0));
+        // Rounded: more digits are noise, and `kubectl get nrd` shows the composite as is.
         let load_status = |r: &load::LoadRates| LoadStatus {
-            cpu_cores: r.cpu_cores,
-            io_bytes_per_second: r.io_bytes_per_second,
+            cpu_cores: round3(r.cpu_cores),
+            io_bytes_per_second: r.io_bytes_per_second.round(),
             memory_bytes: r.memory_bytes,
-            composite: load::composite(r, cpus, total_mem),
+            composite: round3(load::composite(r, cpus, total_mem)),
         };
         let mut vm_loads = BTreeMap::new();
         let vms: Vec<VmRegionSummary> = self
@@ -186,9 +187,15 @@ impl NodeScanner {
     }
 }
 
-/// Every KubeVirt QEMU process on the host (an empty list if /proc cannot be listed).
-pub fn discover() -> Vec<QemuProcess> {
-    discover::find_qemu_processes().unwrap_or_else(|e| {
+/// `x` to three decimals.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Every KubeVirt QEMU process on the host (an empty list if /proc cannot be listed); with
+/// `node_arg`, only those whose command line has that argument followed by the node name.
+pub fn discover(node_arg: Option<(&str, &str)>) -> Vec<QemuProcess> {
+    discover::find_qemu_processes_with(node_arg).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot list /proc");
         Vec::new()
     })
