@@ -197,6 +197,40 @@ pub async fn publish_digest(
     Ok(())
 }
 
+/// The `commonground` binary, built at most once per test process: `commonground_bin` runs
+/// cargo on every call, which waits for cargo's lock while anything else builds.
+pub fn commonground_bin_once() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(commonground_bin).clone()
+}
+
+impl Component {
+    /// Like [`Component::start`], with the binary built once per test process.
+    pub fn start_built_once(args: &[&str], log_name: &str) -> Component {
+        let cluster = commonground_e2e::TestCluster::get();
+        let log = std::env::temp_dir().join(format!(
+            "commonground-e2e-{log_name}-{}.log",
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(commonground_bin_once());
+        cmd.args(args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(file);
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("commonground starts");
+        Component { child, log }
+    }
+}
+
 /// Arguments of a node agent for fake node `node`: scans every second, reads only the memory
 /// helpers started for that node (`--e2e-node <node>`, since all fake nodes share this host's
 /// /proc), development key.
@@ -220,5 +254,5 @@ pub fn agent_args(node: &str) -> Vec<String> {
 pub fn start_agent(node: &str) -> Component {
     let args = agent_args(node);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Component::start(&args, &format!("agent-{node}"))
+    Component::start_built_once(&args, &format!("agent-{node}"))
 }

@@ -1,0 +1,280 @@
+//! The node agent against the real control plane: one `commonground agent` child process per
+//! fake node scans the stand-in's guest-memory processes (real memory from known "OS images")
+//! through /proc and publishes each node's NodeRegionDigest by server-side apply; the
+//! controller then plans a VirtualMachineMigration from those digests alone.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{ensure_controller, start_agent, Component};
+use commonground::api::kubevirt::VirtualMachineInstance;
+use commonground::api::migration::{MigrationPhase, VirtualMachineMigrationSpec};
+use commonground::api::{NodeRegionDigest, VirtualMachineMigration};
+use commonground::plan::region::RegionGeometry;
+use commonground::plan::NodeRegionSummary;
+use commonground_e2e::{wait_for, wait_for_object, FakeNode, TestCluster, TestNamespace};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(120);
+const MIB: u64 = 1 << 20;
+/// Guest memory of every VM: this much from its image, then private pages.
+const IMAGE_MIB: u64 = 128;
+const PRIVATE_MIB: u64 = 32;
+
+/// A VMI whose memory is `IMAGE_MIB` of `image` plus `PRIVATE_MIB` of its own.
+fn vmi(ns: &TestNamespace, name: &str, image: &str) -> VirtualMachineInstance {
+    let mut v = ns.vmi(name, "1Gi", "500m");
+    v.metadata.annotations = Some(BTreeMap::from([
+        ("e2e.commonground.dev/image".to_string(), image.to_string()),
+        (
+            "e2e.commonground.dev/image-mib".to_string(),
+            IMAGE_MIB.to_string(),
+        ),
+        (
+            "e2e.commonground.dev/private-mib".to_string(),
+            PRIVATE_MIB.to_string(),
+        ),
+    ]));
+    v
+}
+
+async fn cordon(ns: &TestNamespace, node: &str, unschedulable: bool) -> anyhow::Result<()> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ns.client.clone());
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": unschedulable}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The names of the VMs a digest lists, if it exists and has a status.
+async fn digest_vms(api: &Api<NodeRegionDigest>, node: &str) -> Option<Vec<String>> {
+    let d = api.get_opt(node).await.ok()??;
+    Some(d.status?.vms.iter().map(|v| v.name.clone()).collect())
+}
+
+/// Waits until `node`'s digest lists exactly `vms` (by name) with every listed VM scanned.
+async fn digest_with(
+    api: &Api<NodeRegionDigest>,
+    node: &str,
+    vms: &[&str],
+    agents: &[Component],
+) -> anyhow::Result<NodeRegionDigest> {
+    let r = wait_for(&format!("digest of {node} listing {vms:?}"), T, || async {
+        let Some(d) = api.get_opt(node).await? else {
+            return Ok(None);
+        };
+        let Some(st) = &d.status else { return Ok(None) };
+        let mut names: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
+        names.sort();
+        let ok = names == vms && st.vms.iter().all(|v| v.regions > 0);
+        Ok(ok.then_some(d))
+    })
+    .await;
+    if r.is_err() {
+        for a in agents {
+            eprintln!("agent log {}:\n{}", a.log.display(), a.log_tail());
+        }
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let ns = TestCluster::get().fresh_namespace("agent-pub").await?;
+    let mut cfg = ns.standin_config();
+    cfg.memory = Some(TestNamespace::memory_config(env!(
+        "CARGO_BIN_EXE_vm-memory"
+    )));
+    let _standin = ns.start_standin(cfg);
+    let nodes: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| ns.node_name(s)).collect();
+    let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
+    for n in &nodes {
+        // Digests left over from an earlier run with the same names would confuse the waits.
+        let _ = digests.delete(n, &DeleteParams::default()).await;
+    }
+
+    // One VM per node, placed by cordoning the nodes already used: a node selector or affinity
+    // would follow the VM into its migration and keep it off the target.
+    let plan = [
+        ("vm-a", "debian-12"),
+        ("vm-b", "debian-12"),
+        ("vm-c", "fedora-40"),
+    ];
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    for (i, (name, image)) in plan.iter().enumerate() {
+        ns.create_fake_node(FakeNode::new(&nodes[i], "wg-1").capacity("8", "32Gi"))
+            .await?;
+        ns.create_vmi(vmi(&ns, name, image)).await?;
+        let v = wait_for_object(&vmis, name, T, "VMI running", |v| {
+            v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .await?;
+        assert_eq!(v.node_name(), Some(nodes[i].as_str()));
+        cordon(&ns, &nodes[i], true).await?;
+    }
+    for n in &nodes {
+        cordon(&ns, n, false).await?;
+    }
+    let vms_up = started.elapsed();
+
+    let agents: Vec<Component> = nodes.iter().map(|n| start_agent(n)).collect();
+    let mut summaries: Vec<NodeRegionSummary> = Vec::new();
+    let geometry = RegionGeometry::default();
+    let data_regions = geometry.regions_in((IMAGE_MIB + PRIVATE_MIB) * MIB);
+    for (i, (name, _)) in plan.iter().enumerate() {
+        let d = digest_with(&digests, &nodes[i], &[name], &agents).await?;
+        let size = serde_json::to_vec(&d)?.len();
+        assert!(size < 256 * 1024, "digest of {} is {size} bytes", nodes[i]);
+        let st = d.status.as_ref().unwrap();
+        assert_eq!(st.work_group, "wg-1");
+        assert_eq!(st.vm_count, 1);
+        assert!(!st.sketch.is_empty());
+        let s = d.to_summary()?;
+        assert!(!s.sketch.is_empty(), "node sketch of {} is empty", nodes[i]);
+        let vm = &s.vms[0];
+        assert_eq!(vm.vm.namespace, ns.name);
+        // Every image and private page holds data; anything else the helper maps (allocator
+        // arenas) is untouched, hence zero.
+        let data = vm.regions - vm.zero_regions;
+        assert!(
+            data >= data_regions && data <= data_regions + data_regions / 20,
+            "{name}: {data} data regions, expected about {data_regions} ({vm:?})"
+        );
+        assert!(vm.zero_regions <= vm.regions);
+        assert_eq!(vm.memory_bytes, vm.regions * geometry.region_bytes());
+        assert!(!vm.sketch.is_empty(), "{name}: empty sketch");
+        summaries.push(s);
+    }
+    let published = started.elapsed();
+
+    // vm-a shares its image (IMAGE / (IMAGE + PRIVATE) = 80% of its data) with node 2's vm-b,
+    // nothing with node 3's vm-c.
+    let a = &summaries[0].vms[0].sketch;
+    let with_b = a.overlap(&summaries[1].sketch);
+    let with_c = a.overlap(&summaries[2].sketch);
+    let expected = IMAGE_MIB as f64 / (IMAGE_MIB + PRIVATE_MIB) as f64;
+    let fb = with_b.fraction().expect("samples");
+    let fc = with_c.fraction().expect("samples");
+    assert!(
+        (fb - expected).abs() < 0.2,
+        "overlap of vm-a with node 2: {fb:.2} from {with_b:?}, expected about {expected:.2}"
+    );
+    assert!(
+        fc < 0.05,
+        "overlap of vm-a with node 3: {fc:.2} from {with_c:?}"
+    );
+
+    // The controller plans vm-a's migration from these digests.
+    ensure_controller();
+    let vmms: Api<VirtualMachineMigration> = ns.api();
+    vmms.create(
+        &PostParams::default(),
+        &VirtualMachineMigration::new(
+            "move-vm-a",
+            VirtualMachineMigrationSpec {
+                vmi_name: "vm-a".into(),
+                target: None,
+                max_duration: None,
+                path_setup_budget: None,
+                group: None,
+                dry_run: false,
+            },
+        ),
+    )
+    .await?;
+    let done = wait_for_object(&vmms, "move-vm-a", T, "migration finished", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| matches!(s.phase, MigrationPhase::Succeeded | MigrationPhase::Failed))
+    })
+    .await;
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("controller log:\n{}", common::controller_log());
+            eprintln!("{}", ns.dump().await);
+            return Err(e);
+        }
+    };
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:#?}");
+    assert_eq!(
+        status.source_node.as_deref(),
+        Some(nodes[0].as_str()),
+        "{status:#?}"
+    );
+    assert_eq!(
+        status.target_node.as_deref(),
+        Some(nodes[1].as_str()),
+        "{status:#?}"
+    );
+    let chosen: Vec<_> = status
+        .candidates
+        .iter()
+        .filter(|c| c.verdict == "Chosen")
+        .collect();
+    assert_eq!(chosen.len(), 1, "{:#?}", status.candidates);
+    assert_eq!(chosen[0].node, nodes[1]);
+    let loser = status
+        .candidates
+        .iter()
+        .find(|c| c.node == nodes[2])
+        .expect("node 3 among the candidates");
+    assert!(chosen[0].common_bytes > loser.common_bytes);
+    let est = status.estimate.expect("estimate in status");
+    let vm_bytes = summaries[0].vms[0].memory_bytes;
+    assert!(
+        est.common_bytes > vm_bytes / 2 && est.common_bytes < vm_bytes,
+        "{est:?}"
+    );
+    assert!(
+        est.to_move_bytes > 0 && est.to_move_bytes < vm_bytes / 2,
+        "{est:?}"
+    );
+    let v = vmis.get("vm-a").await?;
+    assert_eq!(v.node_name(), Some(nodes[1].as_str()));
+
+    // Afterwards node 2's digest lists vm-a beside vm-b, and node 1's no longer lists it
+    // (the controller republishes both at once)...
+    let moved = chrono::Utc::now() - chrono::Duration::seconds(1);
+    digest_with(&digests, &nodes[1], &["vm-a", "vm-b"], &agents).await?;
+    digest_with(&digests, &nodes[0], &[], &agents).await?;
+    // ... and the agents' own next scans, which replace the controller's writes, agree.
+    for (n, want) in nodes[..2].iter().zip([&[][..], &["vm-a", "vm-b"][..]]) {
+        wait_for(&format!("a scan of {n} after the migration"), T, || async {
+            let Some(d) = digests.get_opt(n).await? else {
+                return Ok(None);
+            };
+            let Some(st) = d.status else { return Ok(None) };
+            let scanned =
+                chrono::DateTime::parse_from_rfc3339(&st.scan_time).is_ok_and(|t| t >= moved);
+            let mut names: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
+            names.sort();
+            Ok((scanned && names == want).then_some(()))
+        })
+        .await?;
+    }
+    assert_eq!(
+        digest_vms(&digests, &nodes[2]).await,
+        Some(vec!["vm-c".to_string()])
+    );
+    eprintln!(
+        "VMs running after {vms_up:?}, digests published after {published:?}, all done after {:?}",
+        started.elapsed()
+    );
+
+    drop(agents);
+    for n in &nodes {
+        let _ = digests.delete(n, &DeleteParams::default()).await;
+    }
+    Ok(())
+}
