@@ -202,7 +202,20 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
 
     // Already handed to KubeVirt (possibly before a restart): follow it.
     if let Some(vmim) = vmims.get_opt(&name).await? {
-        return follow(&vmm, ctx, status, &vmim).await;
+        // The watch may not have delivered our own last status write yet; following from a
+        // stale copy would drop fields (source, candidates, estimate) from the applied status.
+        let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
+        let fresh = api.get(&vmm.name_any()).await?;
+        let mut status = fresh.status.clone().unwrap_or_default();
+        status.observed_generation = fresh.metadata.generation;
+        if status.source_node.is_none() {
+            status.source_node = vmim
+                .status
+                .as_ref()
+                .and_then(|s| s.migration_state.as_ref())
+                .and_then(|m| m.source_node.clone());
+        }
+        return follow(&fresh, ctx, status, &vmim).await;
     }
     if status.phase == MigrationPhase::Migrating {
         return fail(

@@ -21,7 +21,7 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
         .chain(filtered)
         .map(|c| {
             let (verdict, reason) = match &c.verdict {
-                Verdict::Chosen => ("Chosen", String::new()),
+                Verdict::Chosen => ("Chosen", chosen_reason(plan, c)),
                 Verdict::Lost(r) => ("Lost", r.clone()),
                 Verdict::Filtered(r) => ("Filtered", r.clone()),
             };
@@ -41,6 +41,21 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
             }
         })
         .collect()
+}
+
+fn chosen_reason(plan: &Plan, c: &crate::plan::planner::Candidate) -> String {
+    let passing = plan
+        .candidates
+        .iter()
+        .filter(|x| !matches!(x.verdict, Verdict::Filtered(_)))
+        .count();
+    if passing == 1 {
+        "the only node that passes the minimum hardware filter".into()
+    } else if c.common_bytes > 0 {
+        format!("most memory in common ({})", human_bytes(c.common_bytes))
+    } else {
+        "no candidate holds any of the VM's memory: lowest load".into()
+    }
 }
 
 pub fn work_groups(plan: &Plan, region_bytes: u64) -> Vec<WorkGroupStatus> {
