@@ -17,7 +17,8 @@ use crate::api::migration::{MigrationTarget, VirtualMachineMigrationSpec};
 use crate::api::rebalance::{RebalanceDecision, RebalanceMode, RebalancePolicyStatus};
 use crate::api::{RebalancePolicy, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::rebalance::{
-    cooldown_seconds, round, BalancingNode, BalancingVm, LoadFactors, Mode, RoundConfig, Weights,
+    cooldown_seconds, rank_by_common_memory, round, BalancingNode, BalancingVm, LoadFactors, Mode,
+    RoundConfig, Weights,
 };
 use crate::plan::VmKey;
 use crate::view::quantity;
@@ -189,20 +190,7 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
         seed: now().timestamp() as u64,
     };
     // Several receivers: the one already holding most of the VM's memory first.
-    let mut prefer = |vm: &VmKey, names: &[&str]| -> Vec<String> {
-        let mut ranked: Vec<(f64, String)> = names.iter().map(|n| (0.0, n.to_string())).collect();
-        if let Some(summary) = planner.vm_summary(vm) {
-            let mut hits = Vec::new();
-            let common = planner.common_regions(summary, &mut hits);
-            for (c, name) in &mut ranked {
-                if let Some(i) = planner.node_position(name) {
-                    *c = common[i];
-                }
-            }
-        }
-        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        ranked.into_iter().map(|(_, n)| n).collect()
-    };
+    let mut prefer = |vm: &VmKey, names: &[&str]| rank_by_common_memory(&planner, vm, names);
     let moves = round(&nodes, &config, &mut prefer);
 
     let mut decisions = Vec::new();

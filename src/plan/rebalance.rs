@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::cluster::VmKey;
+use super::Planner;
 
 /// Units of the load sum: CPU in cores, I/O in 100 MiB/s, memory in 4 GiB, so that a
 /// moderately busy VM scores around 1 on each factor.
@@ -376,6 +377,24 @@ pub fn round(
         }
     }
     moves
+}
+
+/// Several receivers qualify for a VM: the one already holding most of its memory first (ties
+/// by name), as the planner estimates it from the digests. A VM the planner has no summary for
+/// keeps the names in alphabetical order. Shared by the controller and `simulate --rebalance`.
+pub fn rank_by_common_memory(planner: &Planner, vm: &VmKey, names: &[&str]) -> Vec<String> {
+    let mut ranked: Vec<(f64, String)> = names.iter().map(|n| (0.0, n.to_string())).collect();
+    if let Some(summary) = planner.vm_summary(vm) {
+        let mut hits = Vec::new();
+        let common = planner.common_regions(summary, &mut hits);
+        for (c, name) in &mut ranked {
+            if let Some(i) = planner.node_position(name) {
+                *c = common[i];
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    ranked.into_iter().map(|(_, n)| n).collect()
 }
 
 /// Coefficient of variation of node loads (0 = perfectly even).
