@@ -10,6 +10,7 @@
 
 pub mod digest_budget;
 pub mod policies;
+pub mod rebalance;
 pub mod report;
 pub mod snapshot;
 pub mod sweep;
@@ -72,6 +73,19 @@ pub struct SimulateArgs {
     /// Measure match rate and summary size against region size (page-level model) instead.
     #[arg(long)]
     pub region_sweep: bool,
+    /// Rounds of load balancing by live migration (every mode, and a descheduler baseline)
+    /// on the synthetic cluster with a tenth of the nodes hot, instead.
+    #[arg(long)]
+    pub rebalance: bool,
+    /// `--rebalance`: rounds per mode.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: usize,
+    /// `--rebalance`: one load exceeds another only when larger by this factor.
+    #[arg(long, default_value_t = 1.25)]
+    pub threshold_factor: f64,
+    /// `--rebalance`: rebalancing migrations per round in the cluster (one per node).
+    #[arg(long, default_value_t = 10)]
+    pub max_concurrent: u32,
 }
 
 impl Default for SimulateArgs {
@@ -89,6 +103,10 @@ impl Default for SimulateArgs {
             snapshot: None,
             write_snapshot: None,
             region_sweep: false,
+            rebalance: false,
+            rounds: 30,
+            threshold_factor: 1.25,
+            max_concurrent: 10,
         }
     }
 }
@@ -101,6 +119,31 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
             serde_json::to_string_pretty(&sweep).expect("plain data")
         } else {
             sweep::table(&sweep)
+        });
+    }
+    if args.rebalance {
+        let cfg = rebalance::RebalanceConfig {
+            cluster: SyntheticConfig {
+                nodes: args.nodes,
+                vms: args.vms,
+                images: args.images,
+                work_groups: args.work_groups,
+                seed: args.seed,
+                region_pages: args.region_size,
+                mix: args.mix,
+                exact: false,
+                ..Default::default()
+            },
+            rounds: args.rounds,
+            threshold_factor: args.threshold_factor,
+            max_concurrent: args.max_concurrent,
+            ..Default::default()
+        };
+        let r = rebalance::run(&cfg)?;
+        return Ok(if args.json {
+            serde_json::to_string_pretty(&r).expect("plain data")
+        } else {
+            rebalance::table(&r)
         });
     }
     let show = !args.json;
