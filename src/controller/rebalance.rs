@@ -72,10 +72,22 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
     // History per VM: number of moves and when the last one ended; in-flight per node.
     let mut history: HashMap<VmKey, (u32, Option<chrono::DateTime<chrono::Utc>>)> = HashMap::new();
     let mut in_flight_nodes: HashMap<String, u32> = HashMap::new();
+    // When a rebalancing migration last ended on each node it touched.
+    let mut last_end_on_node: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
     let mut in_flight = 0;
     for m in &owned {
         let key = VmKey::new(m.namespace().unwrap_or_default(), &m.spec.vmi_name);
         let status = m.status.clone().unwrap_or_default();
+        // A migration the migration controller has not written a status for yet still
+        // touches its requested target and the node the VMI runs on.
+        let source = status.source_node.clone().or_else(|| {
+            view.vmi(&key.namespace, &key.name)
+                .and_then(|v| v.node_name().map(str::to_string))
+        });
+        let target = status
+            .target_node
+            .clone()
+            .or_else(|| m.spec.target.as_ref().and_then(|t| t.node_name.clone()));
         let entry = history.entry(key).or_default();
         entry.0 += 1;
         if status.phase.is_final() {
@@ -85,12 +97,15 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .map(|t| t.with_timezone(&chrono::Utc));
             entry.1 = entry.1.max(end);
+            if let Some(end) = end {
+                for n in [source, target].into_iter().flatten() {
+                    let e = last_end_on_node.entry(n).or_insert(end);
+                    *e = (*e).max(end);
+                }
+            }
         } else {
             in_flight += 1;
-            for n in [status.source_node, status.target_node]
-                .into_iter()
-                .flatten()
-            {
+            for n in [source, target].into_iter().flatten() {
                 *in_flight_nodes.entry(n).or_default() += 1;
             }
         }
@@ -106,6 +121,11 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
     for node in view.nodes.state() {
         let name = node.name_any();
         if !matches(&spec.node_selector, node.labels()) {
+            continue;
+        }
+        // A cordoned node can receive nothing (the migration would fail at the planner) and is
+        // being emptied by someone else: it takes no part.
+        if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
             continue;
         }
         let weights = match node.annotations().get(WEIGHTS_ANNOTATION) {
@@ -164,11 +184,26 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
                 movable,
             });
         }
+        // After a rebalancing migration ended on this node, its digest is rewritten by the
+        // controller (the VM moves, but its measured load factors do not come along) until the
+        // agent scans again: until then the node's load is not known, so it neither sends nor
+        // receives, rather than a second VM chasing a load that already moved.
+        let measured = chrono::DateTime::parse_from_rfc3339(&status.scan_time)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc));
+        let settling = last_end_on_node
+            .get(&name)
+            .is_some_and(|end| measured.is_none_or(|scan| scan < *end));
+        let in_flight_here = in_flight_nodes.get(&name).copied().unwrap_or(0);
         let n = BalancingNode {
             name: name.clone(),
             weights,
             vms,
-            in_flight: in_flight_nodes.get(&name).copied().unwrap_or(0),
+            in_flight: if settling {
+                in_flight_here.max(spec.max_concurrent_per_node)
+            } else {
+                in_flight_here
+            },
         };
         loads.insert(name, (n.load() * 1000.0).round() / 1000.0);
         nodes.push(n);
