@@ -39,6 +39,10 @@ pub struct PlanOptions {
     pub explain_top: Option<usize>,
 }
 
+/// Sampled entries the overlap index holds at most (~400 MiB). A 100-node cluster of full
+/// 256 KiB digests needs about 4.5 M; 5,000 such nodes would need 217 M.
+pub const DEFAULT_INDEX_BUDGET: usize = 45_000_000;
+
 /// Reasons are written for this many candidates unless the options say otherwise.
 pub const DEFAULT_EXPLAINED: usize = 32;
 
@@ -137,6 +141,12 @@ pub struct Planner {
 
 impl Planner {
     pub fn new(snapshot: ClusterSnapshot) -> Self {
+        Self::with_index_budget(snapshot, DEFAULT_INDEX_BUDGET)
+    }
+
+    /// As [`Planner::new`], holding at most `index_budget` sampled entries in the overlap
+    /// index (about 9 bytes each).
+    pub fn with_index_budget(snapshot: ClusterSnapshot, index_budget: usize) -> Self {
         let node_pos: HashMap<String, usize> = snapshot
             .nodes
             .iter()
@@ -168,7 +178,27 @@ impl Planner {
                 vm_home.insert(vm.vm.clone(), (d, v));
             }
         }
-        let index = OverlapIndex::build(&node_sketch);
+        // Bound the index: past the budget every node's sketch is coarsened by the same factor
+        // (still a consistent sample), trading estimate precision for time and memory only in
+        // very large clusters.
+        let total: usize = node_sketch.iter().flatten().map(|s| s.len()).sum();
+        let index = if total > index_budget {
+            let factor = index_budget as f64 / total as f64;
+            let coarse: Vec<Option<RegionSketch>> = node_sketch
+                .iter()
+                .map(|s| {
+                    s.map(|s| {
+                        let mut c = s.clone();
+                        c.coarsen(((s.threshold() as f64) * factor).max(1.0) as u64);
+                        c
+                    })
+                })
+                .collect();
+            let refs: Vec<Option<&RegionSketch>> = coarse.iter().map(Option::as_ref).collect();
+            OverlapIndex::build(&refs)
+        } else {
+            OverlapIndex::build(&node_sketch)
+        };
         Self {
             node_pos,
             group_of,
