@@ -256,3 +256,53 @@ pub fn start_agent(node: &str) -> Component {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Component::start_built_once(&args, &format!("agent-{node}"))
 }
+
+/// Sets the measured load of VMs in a node's published digest (`status.vms[].load`), as the
+/// agent does after a scan: `(vm name, cpu cores, I/O bytes per second, memory bytes)`.
+pub async fn set_vm_loads(
+    client: &Client,
+    node: &str,
+    loads: &[(&str, f64, f64, u64)],
+) -> anyhow::Result<()> {
+    let api: Api<NodeRegionDigest> = Api::all(client.clone());
+    let mut status = api.get_status(node).await?.status.unwrap_or_default();
+    for v in &mut status.vms {
+        if let Some(&(_, cpu, io, mem)) = loads.iter().find(|l| l.0 == v.name) {
+            v.load.cpu_cores = cpu;
+            v.load.io_bytes_per_second = io;
+            v.load.memory_bytes = mem;
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
+    });
+    api.patch_status(
+        node,
+        &PatchParams::apply("e2e-agent").force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`ensure_controller`] from a thread that lives as long as the test process.
+/// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits, and libtest runs
+/// each test on its own thread: a controller started from one test is SIGKILLed when that test
+/// ends, under the feet of the binary's other tests still running.
+pub fn ensure_controller_for_process() {
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    STARTED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("controller-parent".into())
+            .spawn(move || {
+                ensure_controller();
+                let _ = tx.send(());
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("thread starts");
+        rx.recv().expect("controller started");
+    });
+}
