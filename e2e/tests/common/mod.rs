@@ -110,7 +110,14 @@ pub fn controller_args() -> Vec<&'static str> {
     ]
 }
 
+/// Starts the shared controller once per test process. It is started from a thread that lives
+/// as long as the process: the child dies with the thread that spawned it (PR_SET_PDEATHSIG),
+/// and test threads end with their test, which would kill it under the other tests' feet.
 pub fn ensure_controller() {
+    ensure_controller_for_process();
+}
+
+fn start_shared_controller() {
     let mut c = CONTROLLER.lock().unwrap();
     if c.is_none() {
         *c = Some(Component::start(&controller_args(), "controller"));
@@ -197,37 +204,10 @@ pub async fn publish_digest(
     Ok(())
 }
 
-/// The `commonground` binary, built at most once per test process: `commonground_bin` runs
-/// cargo on every call, which waits for cargo's lock while anything else builds.
-pub fn commonground_bin_once() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(commonground_bin).clone()
-}
-
 impl Component {
-    /// Like [`Component::start`], with the binary built once per test process.
+    /// Same as [`Component::start`] (the binary is built once per process either way).
     pub fn start_built_once(args: &[&str], log_name: &str) -> Component {
-        let cluster = commonground_e2e::TestCluster::get();
-        let log = std::env::temp_dir().join(format!(
-            "commonground-e2e-{log_name}-{}.log",
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(commonground_bin_once());
-        cmd.args(args)
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(file);
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("commonground starts");
-        Component { child, log }
+        Component::start(args, log_name)
     }
 }
 
@@ -296,7 +276,7 @@ pub fn ensure_controller_for_process() {
         std::thread::Builder::new()
             .name("controller-parent".into())
             .spawn(move || {
-                ensure_controller();
+                start_shared_controller();
                 let _ = tx.send(());
                 loop {
                     std::thread::park();
