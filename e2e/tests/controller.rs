@@ -431,38 +431,33 @@ async fn invalid_requests_are_rejected_by_the_api_server() -> anyhow::Result<()>
         .await,
         "unknown group mode"
     );
-    // A valid one is accepted, and its vmiName cannot be changed afterwards.
-    let ok = api
-        .create(
-            &PostParams::default(),
-            &VirtualMachineMigration::new("fine", vmm_spec("a")),
-        )
-        .await?;
-    let mut changed = ok.clone();
-    changed.spec.vmi_name = "b".into();
-    let err = api
-        .replace("fine", &PostParams::default(), &changed)
+    // A valid one is accepted, and its vmiName cannot be changed afterwards. Merge patches
+    // (no resourceVersion precondition), since the running controller also writes the object.
+    api.create(
+        &PostParams::default(),
+        &VirtualMachineMigration::new("fine", vmm_spec("a")),
+    )
+    .await?;
+    let patch = |body: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "fine",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&body),
+            )
+            .await
+        }
+    };
+    let err = patch(serde_json::json!({"spec": {"vmiName": "b"}}))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("vmiName is immutable"), "{err}");
-    let mut retarget = ok.clone();
-    retarget.spec.target = Some(MigrationTarget {
-        node_name: Some("x".into()),
-        ..Default::default()
-    });
-    let mut first = api.get("fine").await?;
-    first.spec.target = Some(MigrationTarget {
-        node_name: Some("y".into()),
-        ..Default::default()
-    });
-    let first = api.replace("fine", &PostParams::default(), &first).await?;
-    retarget.metadata.resource_version = first.metadata.resource_version.clone();
-    assert!(
-        api.replace("fine", &PostParams::default(), &retarget)
-            .await
-            .is_err(),
-        "target immutable once set"
-    );
+    patch(serde_json::json!({"spec": {"target": {"nodeName": "y"}}})).await?;
+    let err = patch(serde_json::json!({"spec": {"target": {"nodeName": "x"}}}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("target is immutable"), "{err}");
     Ok(())
 }
 
