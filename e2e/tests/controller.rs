@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{ensure_controller, keys, publish_digest, vm_summary};
 use commonground::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
-use commonground::api::migration::{MigrationPhase, MigrationTarget, VirtualMachineMigrationSpec};
+use commonground::api::migration::{MigrationPhase, VirtualMachineMigrationSpec};
 use commonground::api::{NodeRegionDigest, VirtualMachineMigration};
 use commonground_e2e::{wait_for, wait_for_object, FakeNode, TestCluster, TestNamespace};
 use k8s_openapi::api::core::v1::Event;
