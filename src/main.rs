@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "commonground", version, about = "KubeVirt live-migration placement by memory in common, work-group distance and load")]
+#[command(
+    name = "commonground",
+    version,
+    about = "KubeVirt live-migration placement by memory in common, work-group distance and load"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,11 +34,17 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
-        Command::Controller(args) => runtime().block_on(commonground::controller::run(args)).map_err(Into::into),
-        Command::Agent(args) => runtime().block_on(commonground::agent::run(args)).map_err(Into::into),
+        Command::Controller(args) => runtime()
+            .block_on(commonground::controller::run(args))
+            .map_err(Into::into),
+        Command::Agent(args) => runtime()
+            .block_on(commonground::agent::run(args))
+            .map_err(Into::into),
         Command::Digest(args) => commonground::cli::digest::run(args).map_err(Into::into),
         Command::Crd(args) => commonground::cli::crd::run(args).map_err(Into::into),
-        Command::Extender(args) => runtime().block_on(commonground::extender::run(args)).map_err(Into::into),
+        Command::Extender(args) => runtime()
+            .block_on(commonground::extender::run(args))
+            .map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
         Command::Simulate(args) => commonground::simulate::run(args).map_err(Into::into),
     };

@@ -25,8 +25,14 @@ const RERENDER: &str = "run scripts/render-manifests.sh and commit the result";
 #[test]
 fn chart_and_deploy_crds_equal_the_generated_crds() {
     let crds = read("crds/commonground.yaml");
-    for copy in ["charts/commonground/crds/commonground.yaml", "deploy/crds.yaml"] {
-        assert!(read(copy) == crds, "{copy} differs from crds/commonground.yaml: {RERENDER}");
+    for copy in [
+        "charts/commonground/crds/commonground.yaml",
+        "deploy/crds.yaml",
+    ] {
+        assert!(
+            read(copy) == crds,
+            "{copy} differs from crds/commonground.yaml: {RERENDER}"
+        );
     }
 }
 
@@ -59,7 +65,11 @@ struct Metric {
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -129,7 +139,10 @@ fn metrics_in_source() -> Vec<Metric> {
             .map(|(p, _)| format!("{p}_"))
             .unwrap_or_default();
         let mut at = 0;
-        while let Some(rel_i) = text[at..].find("::new(").or_else(|| text[at..].find("::with_opts(")) {
+        while let Some(rel_i) = text[at..]
+            .find("::new(")
+            .or_else(|| text[at..].find("::with_opts("))
+        {
             let i = at + rel_i;
             at = i + 1;
             let ident_start = text[..i]
@@ -152,7 +165,11 @@ fn metrics_in_source() -> Vec<Metric> {
                         })
                         .max_by_key(|(pos, _)| *pos)
                         .map(|(_, k)| k)
-                        .unwrap_or(if ident == "HistogramOpts" { "histogram" } else { "counter" })
+                        .unwrap_or(if ident == "HistogramOpts" {
+                            "histogram"
+                        } else {
+                            "counter"
+                        })
                 }
                 _ => match direct {
                     Some((_, k)) => k,
@@ -161,19 +178,28 @@ fn metrics_in_source() -> Vec<Metric> {
             };
             // `IntCounterVec::new(Opts::new(..))`: handled at the inner Opts.
             let after_paren = text[i..].find('(').map(|p| i + p + 1).unwrap();
-            if text[after_paren..].trim_start().starts_with(|c: char| c.is_alphabetic()) {
+            if text[after_paren..]
+                .trim_start()
+                .starts_with(|c: char| c.is_alphabetic())
+            {
                 continue;
             }
-            let Some((name, after_name)) = next_literal(&text, after_paren) else { continue };
+            let Some((name, after_name)) = next_literal(&text, after_paren) else {
+                continue;
+            };
             if !text[after_paren..].trim_start().starts_with('"') {
                 continue;
             }
-            let Some((help, after_help)) = next_literal(&text, after_name) else { continue };
+            let Some((help, after_help)) = next_literal(&text, after_name) else {
+                continue;
+            };
             let name = format!("{prefix}{name}");
             if !name.starts_with("commonground_") {
                 continue;
             }
-            let stmt_end = text[after_help..].find(';').map_or(text.len(), |p| after_help + p);
+            let stmt_end = text[after_help..]
+                .find(';')
+                .map_or(text.len(), |p| after_help + p);
             let stmt = &text[after_help..stmt_end];
             let labels = stmt
                 .find("&[")
@@ -186,7 +212,13 @@ fn metrics_in_source() -> Vec<Metric> {
                         .collect()
                 })
                 .unwrap_or_default();
-            found.entry(name.clone()).or_insert(Metric { name, kind, help, labels, source: rel.clone() });
+            found.entry(name.clone()).or_insert(Metric {
+                name,
+                kind,
+                help,
+                labels,
+                source: rel.clone(),
+            });
         }
     }
     found.into_values().collect()
@@ -195,14 +227,21 @@ fn metrics_in_source() -> Vec<Metric> {
 #[test]
 fn dashboard_uses_only_metrics_the_code_registers() {
     let metrics = metrics_in_source();
-    assert!(metrics.len() >= 10, "metric scan found too few metrics: {metrics:?}");
-    let dashboard: Value = serde_json::from_str(&read("charts/commonground/files/dashboard.json")).unwrap();
+    assert!(
+        metrics.len() >= 10,
+        "metric scan found too few metrics: {metrics:?}"
+    );
+    let dashboard: Value =
+        serde_json::from_str(&read("charts/commonground/files/dashboard.json")).unwrap();
     let mut used = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
             for (i, _) in expr.match_indices("commonground_") {
-                let name: String = expr[i..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
                 used.push(name);
             }
         }
@@ -214,7 +253,9 @@ fn dashboard_uses_only_metrics_the_code_registers() {
             .find_map(|s| name.strip_suffix(s))
             .unwrap_or(&name);
         assert!(
-            metrics.iter().any(|m| m.name == name || (m.kind == "histogram" && m.name == base)),
+            metrics
+                .iter()
+                .any(|m| m.name == name || (m.kind == "histogram" && m.name == base)),
             "the dashboard queries {name}, which no code registers; metrics: {:?}",
             metrics.iter().map(|m| &m.name).collect::<Vec<_>>()
         );
@@ -223,7 +264,8 @@ fn dashboard_uses_only_metrics_the_code_registers() {
 
 // --- reference docs --------------------------------------------------------------------
 
-const HEADER: &str = "<!-- Generated by tests/manifests.rs (scripts/render-manifests.sh); do not edit. -->\n\n";
+const HEADER: &str =
+    "<!-- Generated by tests/manifests.rs (scripts/render-manifests.sh); do not edit. -->\n\n";
 
 fn cell(s: &str) -> String {
     s.split("\n\n")
@@ -253,18 +295,34 @@ fn fields(schema: &Value, path: &str, required: bool, out: &mut String) {
         notes.push("required".to_string());
     }
     if let Some(e) = schema.get("enum").and_then(Value::as_array) {
-        let vals: Vec<String> = e.iter().filter(|v| !v.is_null()).map(|v| format!("`{}`", v.as_str().map_or(v.to_string(), String::from))).collect();
+        let vals: Vec<String> = e
+            .iter()
+            .filter(|v| !v.is_null())
+            .map(|v| format!("`{}`", v.as_str().map_or(v.to_string(), String::from)))
+            .collect();
         notes.push(format!("one of {}", vals.join(", ")));
     }
     if let Some(d) = schema.get("default") {
         notes.push(format!("default `{d}`"));
     }
-    for (k, label) in [("minimum", "min"), ("maximum", "max"), ("maxItems", "max items"), ("maxLength", "max length"), ("pattern", "pattern")] {
+    for (k, label) in [
+        ("minimum", "min"),
+        ("maximum", "max"),
+        ("maxItems", "max items"),
+        ("maxLength", "max length"),
+        ("pattern", "pattern"),
+    ] {
         if let Some(v) = schema.get(k) {
-            notes.push(format!("{label} `{}`", v.as_str().map_or(v.to_string(), String::from)));
+            notes.push(format!(
+                "{label} `{}`",
+                v.as_str().map_or(v.to_string(), String::from)
+            ));
         }
     }
-    let desc = schema.get("description").and_then(Value::as_str).unwrap_or("");
+    let desc = schema
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let _ = writeln!(
         out,
         "| `{path}` | {} | {} | {} |",
@@ -272,13 +330,30 @@ fn fields(schema: &Value, path: &str, required: bool, out: &mut String) {
         cell(desc),
         notes.join("; ").replace('|', "\\|")
     );
-    let item = if schema.get("type").and_then(Value::as_str) == Some("array") { schema.get("items") } else { Some(schema) };
+    let item = if schema.get("type").and_then(Value::as_str) == Some("array") {
+        schema.get("items")
+    } else {
+        Some(schema)
+    };
     let Some(item) = item else { return };
-    let base = if schema.get("type").and_then(Value::as_str) == Some("array") { format!("{path}[]") } else { path.to_string() };
+    let base = if schema.get("type").and_then(Value::as_str) == Some("array") {
+        format!("{path}[]")
+    } else {
+        path.to_string()
+    };
     if let Some(props) = item.get("properties").and_then(Value::as_object) {
-        let req: Vec<&str> = item.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let req: Vec<&str> = item
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         for (name, sub) in props {
-            fields(sub, &format!("{base}.{name}"), req.contains(&name.as_str()), out);
+            fields(
+                sub,
+                &format!("{base}.{name}"),
+                req.contains(&name.as_str()),
+                out,
+            );
         }
     } else if let Some(ap) = item.get("additionalProperties").filter(|v| v.is_object()) {
         fields(ap, &format!("{base}.<key>"), false, out);
@@ -298,30 +373,70 @@ fn crd_reference() -> String {
     }
     for crd in &crds {
         let names = &crd["spec"]["names"];
-        let _ = writeln!(out, "- [{}](#{})", names["kind"].as_str().unwrap(), names["kind"].as_str().unwrap().to_lowercase());
+        let _ = writeln!(
+            out,
+            "- [{}](#{})",
+            names["kind"].as_str().unwrap(),
+            names["kind"].as_str().unwrap().to_lowercase()
+        );
     }
     for crd in &crds {
         let spec = &crd["spec"];
         let names = &spec["names"];
         let kind = names["kind"].as_str().unwrap();
         let _ = writeln!(out, "\n## {kind}\n");
-        let list = |v: &Value| v.as_array().map(|a| a.iter().filter_map(Value::as_str).map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-        let _ = writeln!(out, "- API: `{}/{}`, plural `{}`, scope `{}`", spec["group"].as_str().unwrap(), spec["versions"][0]["name"].as_str().unwrap(), names["plural"].as_str().unwrap(), spec["scope"].as_str().unwrap());
-        let _ = writeln!(out, "- Short names: {}; categories: {}", list(&names["shortNames"]), list(&names["categories"]));
+        let list = |v: &Value| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            out,
+            "- API: `{}/{}`, plural `{}`, scope `{}`",
+            spec["group"].as_str().unwrap(),
+            spec["versions"][0]["name"].as_str().unwrap(),
+            names["plural"].as_str().unwrap(),
+            spec["scope"].as_str().unwrap()
+        );
+        let _ = writeln!(
+            out,
+            "- Short names: {}; categories: {}",
+            list(&names["shortNames"]),
+            list(&names["categories"])
+        );
         for version in spec["versions"].as_array().unwrap() {
             let schema = &version["schema"]["openAPIV3Schema"];
             if let Some(d) = schema.get("description").and_then(Value::as_str) {
                 let _ = writeln!(out, "\n{d}");
             }
-            if let Some(cols) = version.get("additionalPrinterColumns").and_then(Value::as_array) {
+            if let Some(cols) = version
+                .get("additionalPrinterColumns")
+                .and_then(Value::as_array)
+            {
                 out.push_str("\n`kubectl get` columns:\n\n| column | JSON path | description |\n| --- | --- | --- |\n");
                 for c in cols {
-                    let _ = writeln!(out, "| {} | `{}` | {} |", c["name"].as_str().unwrap_or(""), c["jsonPath"].as_str().unwrap_or(""), cell(c.get("description").and_then(Value::as_str).unwrap_or("")));
+                    let _ = writeln!(
+                        out,
+                        "| {} | `{}` | {} |",
+                        c["name"].as_str().unwrap_or(""),
+                        c["jsonPath"].as_str().unwrap_or(""),
+                        cell(c.get("description").and_then(Value::as_str).unwrap_or(""))
+                    );
                 }
             }
             out.push_str("\n| field | type | description | notes |\n| --- | --- | --- | --- |\n");
             let props = schema["properties"].as_object().unwrap();
-            let req: Vec<&str> = schema.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let req: Vec<&str> = schema
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             for (name, sub) in props {
                 if ["apiVersion", "kind", "metadata"].contains(&name.as_str()) {
                     continue;
@@ -337,8 +452,21 @@ fn metrics_reference() -> String {
     let mut out = String::from(HEADER);
     out.push_str("# Metrics\n\nEvery Prometheus metric, found in the source where it is registered. Each component serves `/metrics` on its health address: controller `:8080`, agent `:8081`, extender on its serving port (`:8888`). Histograms also expose `_bucket`, `_sum` and `_count`.\n\n| metric | type | labels | description | defined in |\n| --- | --- | --- | --- | --- |\n");
     for m in metrics_in_source() {
-        let labels = m.labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(out, "| `{}` | {} | {} | {} | `{}` |", m.name, m.kind, labels, cell(&m.help), m.source);
+        let labels = m
+            .labels
+            .iter()
+            .map(|l| format!("`{l}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | `{}` |",
+            m.name,
+            m.kind,
+            labels,
+            cell(&m.help),
+            m.source
+        );
     }
     out
 }
@@ -357,9 +485,25 @@ fn commands_reference() -> String {
         assert!(o.status.success(), "commonground {args:?} failed");
         String::from_utf8(o.stdout).unwrap()
     };
-    let _ = write!(out, "\n```text\n$ commonground --help\n{}```\n", help(&["--help"]));
-    for sub in ["controller", "extender", "agent", "crd", "digest", "simulate", "estimate"] {
-        let _ = write!(out, "\n## `commonground {sub}`\n\n```text\n{}```\n", help(&[sub, "--help"]));
+    let _ = write!(
+        out,
+        "\n```text\n$ commonground --help\n{}```\n",
+        help(&["--help"])
+    );
+    for sub in [
+        "controller",
+        "extender",
+        "agent",
+        "crd",
+        "digest",
+        "simulate",
+        "estimate",
+    ] {
+        let _ = write!(
+            out,
+            "\n## `commonground {sub}`\n\n```text\n{}```\n",
+            help(&[sub, "--help"])
+        );
     }
     out
 }

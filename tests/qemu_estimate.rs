@@ -52,7 +52,9 @@ fn prepare() -> Option<Env> {
     match out.status.code() {
         Some(0) => {}
         Some(77) => {
-            println!("SKIP qemu_estimate: prepare.sh cannot provide QEMU here (see its message above)");
+            println!(
+                "SKIP qemu_estimate: prepare.sh cannot provide QEMU here (see its message above)"
+            );
             return None;
         }
         other => panic!("tests/qemu/prepare.sh failed ({other:?})"),
@@ -93,10 +95,18 @@ impl Qmp {
                 }
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut qmp = Qmp { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
         let greeting = qmp.read();
-        assert!(greeting.get("QMP").is_some(), "not a QMP greeting: {greeting}");
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
         qmp.cmd("qmp_capabilities", json!({})).unwrap();
         qmp
     }
@@ -145,36 +155,55 @@ impl Drop for Vm {
 impl Vm {
     fn start(env: &Env, s: &Scenario, incoming: bool) -> Vm {
         // Guest RAM is a file in tmpfs so the test can count its non-zero pages.
-        let base = if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let dir = tempfile::Builder::new().prefix("cg-qemu-").tempdir_in(base).unwrap();
+        let base = if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("cg-qemu-")
+            .tempdir_in(base)
+            .unwrap();
         let d = dir.path();
         let append = format!(
             "console=ttyS0 quiet panic=-1 alloc_mib={} wss_mib={} dirty_mib_s={}",
             s.alloc_mib, s.wss_mib, s.rate_mib_s
         );
         let mut cmd = Command::new(&env.qemu);
-        cmd.args(["-accel", &env.accel, "-machine", "pc,memory-backend=ram0", "-smp", "1"])
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
-                s.mem_mib,
-                d.join("ram").display()
-            ))
-            .args(["-m", &format!("{}M", s.mem_mib)])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .arg("-serial")
-            .arg(format!("file:{}", d.join("serial.log").display()))
-            .arg("-kernel")
-            .arg(&env.kernel)
-            .arg("-initrd")
-            .arg(&env.initrd)
-            .args(["-append", &append])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()));
+        cmd.args([
+            "-accel",
+            &env.accel,
+            "-machine",
+            "pc,memory-backend=ram0",
+            "-smp",
+            "1",
+        ])
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            s.mem_mib,
+            d.join("ram").display()
+        ))
+        .args(["-m", &format!("{}M", s.mem_mib)])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", d.join("serial.log").display()))
+        .arg("-kernel")
+        .arg(&env.kernel)
+        .arg("-initrd")
+        .arg(&env.initrd)
+        .args(["-append", &append])
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            d.join("qmp.sock").display()
+        ));
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(d.join("stderr.log")).unwrap());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(d.join("stderr.log")).unwrap());
         // Should the test process die without unwinding, QEMU goes with it.
         unsafe {
             cmd.pre_exec(|| {
@@ -184,7 +213,11 @@ impl Vm {
         }
         let mut child = cmd.spawn().expect("spawn qemu-system-x86_64");
         let qmp = Qmp::connect(&d.join("qmp.sock"), &mut child, Duration::from_secs(30));
-        Vm { child, qmp: Some(qmp), dir }
+        Vm {
+            child,
+            qmp: Some(qmp),
+            dir,
+        }
     }
 
     fn qmp(&mut self) -> &mut Qmp {
@@ -201,7 +234,11 @@ impl Vm {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("QEMU exited ({status}): {}", self.stderr());
             }
-            assert!(Instant::now() < deadline, "no {needle:?} on the guest console; it shows:\n{}", self.serial());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the guest console; it shows:\n{}",
+                self.serial()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -220,7 +257,10 @@ impl Vm {
             if n == 0 {
                 break;
             }
-            nonzero += buf[..n].chunks(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+            nonzero += buf[..n]
+                .chunks(PAGE)
+                .filter(|p| p.iter().any(|&b| b != 0))
+                .count() as u64;
         }
         nonzero * PAGE as u64
     }
@@ -288,11 +328,16 @@ fn run(env: &Env, s: Scenario) -> Outcome {
     };
     let est = estimate(&input).expect("estimate");
 
-    dst.qmp().cmd("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" })).unwrap();
+    dst.qmp()
+        .cmd("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))
+        .unwrap();
     let info = dst.qmp().cmd("query-migrate", json!({})).unwrap();
     let port = info["socket-address"]
         .as_array()
-        .and_then(|a| a.iter().find_map(|sa| sa["port"].as_str().map(str::to_string)))
+        .and_then(|a| {
+            a.iter()
+                .find_map(|sa| sa["port"].as_str().map(str::to_string))
+        })
         .unwrap_or_else(|| panic!("destination reports no listening port: {info}"));
 
     let q = src.qmp();
@@ -302,11 +347,16 @@ fn run(env: &Env, s: Scenario) -> Outcome {
     )
     .unwrap();
     let started = Instant::now();
-    q.cmd("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") })).unwrap();
+    q.cmd("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
+        .unwrap();
     // Long enough for any migration the model expects to converge; a non-converging one is
     // given a few of its rounds past the bulk pass to prove it does not finish.
     let bulk_s = (nonzero as f64) / (s.bw_mib_s * MIB) as f64;
-    let limit = if est.converges { 3.0 * est.seconds + 20.0 } else { bulk_s + 6.0 };
+    let limit = if est.converges {
+        3.0 * est.seconds + 20.0
+    } else {
+        bulk_s + 6.0
+    };
     let mut syncs = Vec::new();
     let mut last_sync = 0;
     let mut max_dirty_pages_rate = 0.0f64;
@@ -315,7 +365,8 @@ fn run(env: &Env, s: Scenario) -> Outcome {
         let info = q.cmd("query-migrate", json!({})).unwrap();
         let t = started.elapsed().as_secs_f64();
         let sync = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-        max_dirty_pages_rate = max_dirty_pages_rate.max(info["ram"]["dirty-pages-rate"].as_f64().unwrap_or(0.0));
+        max_dirty_pages_rate =
+            max_dirty_pages_rate.max(info["ram"]["dirty-pages-rate"].as_f64().unwrap_or(0.0));
         if sync != last_sync {
             let mib = info["ram"]["transferred"].as_f64().unwrap_or(0.0) / MIB as f64;
             syncs.push((t, sync, mib));
@@ -335,7 +386,11 @@ fn run(env: &Env, s: Scenario) -> Outcome {
     if completed {
         // the guest runs on at the destination
         let st = dst.qmp().cmd("query-status", json!({})).unwrap();
-        assert_eq!(st["status"], "running", "{}: destination after migration: {st}", s.name);
+        assert_eq!(
+            st["status"], "running",
+            "{}: destination after migration: {st}",
+            s.name
+        );
     }
     let ram = &info["ram"];
     let seconds = if completed {
@@ -356,7 +411,13 @@ fn run(env: &Env, s: Scenario) -> Outcome {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         dirty_pages_rate_mib_s: max_dirty_pages_rate * page_size / MIB as f64,
         // the last seconds before the source stopped
-        guest_rate_mib_s: rates.iter().rev().skip(1).take(5).copied().fold(f64::NAN, f64::min),
+        guest_rate_mib_s: rates
+            .iter()
+            .rev()
+            .skip(1)
+            .take(5)
+            .copied()
+            .fold(f64::NAN, f64::min),
         syncs,
     }
 }
@@ -395,15 +456,38 @@ fn scenarios() -> Vec<Scenario> {
     };
     vec![
         // Nothing dirtied: the bulk pass, then an almost empty stop-and-copy.
-        Scenario { name: "idle", ..base },
+        Scenario {
+            name: "idle",
+            ..base
+        },
         // λ = 0.5, working set (256 MiB) larger than a round dirties: plain geometric rounds.
-        Scenario { name: "rate-bound λ=0.5", wss_mib: 256, rate_mib_s: 32, ..base },
+        Scenario {
+            name: "rate-bound λ=0.5",
+            wss_mib: 256,
+            rate_mib_s: 32,
+            ..base
+        },
         // λ = 0.75, working set 64 MiB: bounds the first rounds, the rate the later ones.
-        Scenario { name: "mixed λ=0.75 ws=64M", wss_mib: 64, rate_mib_s: 48, ..base },
+        Scenario {
+            name: "mixed λ=0.75 ws=64M",
+            wss_mib: 64,
+            rate_mib_s: 48,
+            ..base
+        },
         // λ = 2 but only 16 MiB rewritten: fits the downtime after the bulk pass.
-        Scenario { name: "ws-bound λ=2 ws=16M", wss_mib: 16, rate_mib_s: 128, ..base },
+        Scenario {
+            name: "ws-bound λ=2 ws=16M",
+            wss_mib: 16,
+            rate_mib_s: 128,
+            ..base
+        },
         // λ = 1.5, 48 MiB rewritten: each round resends 48 MiB (750 ms > 300 ms), forever.
-        Scenario { name: "no-converge λ=1.5 ws=48M", wss_mib: 48, rate_mib_s: 96, ..base },
+        Scenario {
+            name: "no-converge λ=1.5 ws=48M",
+            wss_mib: 48,
+            rate_mib_s: 96,
+            ..base
+        },
     ]
 }
 
@@ -414,7 +498,11 @@ fn estimate_matches_qemu_live_migration() {
     println!(
         "qemu_estimate: {} with {}, guest kernel {}",
         env.qemu.display(),
-        if env.accel == "kvm" { "KVM" } else { "TCG (no usable KVM)" },
+        if env.accel == "kvm" {
+            "KVM"
+        } else {
+            "TCG (no usable KVM)"
+        },
         env.kernel.display()
     );
     let outcomes: Vec<Outcome> = scenarios().into_iter().map(|s| run(&env, s)).collect();
@@ -422,7 +510,14 @@ fn estimate_matches_qemu_live_migration() {
     println!();
     println!(
         "{:<26} {:>16} {:>18} {:>9} {:>15} {:>11} {:>9} {:>10}",
-        "scenario", "seconds est/qemu", "MiB sent est/qemu", "rounds", "downtime ms", "converges", "zero MiB", "dirty MiB/s guest/QEMU"
+        "scenario",
+        "seconds est/qemu",
+        "MiB sent est/qemu",
+        "rounds",
+        "downtime ms",
+        "converges",
+        "zero MiB",
+        "dirty MiB/s guest/QEMU"
     );
     let mut errs_s = Vec::new();
     let mut errs_b = Vec::new();
@@ -447,15 +542,22 @@ fn estimate_matches_qemu_live_migration() {
             o.guest_rate_mib_s,
             o.dirty_pages_rate_mib_s,
         );
-        let syncs: Vec<String> =
-            o.syncs.iter().map(|(t, n, mib)| format!("#{n}@{t:.1}s/{mib:.0}MiB")).collect();
+        let syncs: Vec<String> = o
+            .syncs
+            .iter()
+            .map(|(t, n, mib)| format!("#{n}@{t:.1}s/{mib:.0}MiB"))
+            .collect();
         println!("    QEMU syncs: {}", syncs.join(" "));
         if e.converges != o.completed {
             failures.push(format!(
                 "{}: the estimate says converges={} but QEMU {}",
                 o.s.name,
                 e.converges,
-                if o.completed { "completed" } else { "was still iterating" }
+                if o.completed {
+                    "completed"
+                } else {
+                    "was still iterating"
+                }
             ));
             continue;
         }
@@ -471,17 +573,39 @@ fn estimate_matches_qemu_live_migration() {
             ("rounds", e.rounds as f64, o.rounds as f64),
         ] {
             if ratio(est, qemu) > FAIL_RATIO {
-                failures.push(format!("{}: {what} estimated {est:.2}, QEMU {qemu:.2}", o.s.name));
+                failures.push(format!(
+                    "{}: {what} estimated {est:.2}, QEMU {qemu:.2}",
+                    o.s.name
+                ));
             }
         }
     }
     let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!();
-    println!("relative error over the {} completed migrations:", errs_s.len());
-    println!("  seconds: median {:5.1}%  worst {:5.1}%", 100.0 * median(errs_s.clone()), 100.0 * worst(&errs_s));
-    println!("  bytes:   median {:5.1}%  worst {:5.1}%", 100.0 * median(errs_b.clone()), 100.0 * worst(&errs_b));
-    println!("  rounds:  median {:5.1}%  worst {:5.1}%", 100.0 * median(errs_r.clone()), 100.0 * worst(&errs_r));
+    println!(
+        "relative error over the {} completed migrations:",
+        errs_s.len()
+    );
+    println!(
+        "  seconds: median {:5.1}%  worst {:5.1}%",
+        100.0 * median(errs_s.clone()),
+        100.0 * worst(&errs_s)
+    );
+    println!(
+        "  bytes:   median {:5.1}%  worst {:5.1}%",
+        100.0 * median(errs_b.clone()),
+        100.0 * worst(&errs_b)
+    );
+    println!(
+        "  rounds:  median {:5.1}%  worst {:5.1}%",
+        100.0 * median(errs_r.clone()),
+        100.0 * worst(&errs_r)
+    );
     println!("  (downtime is not compared: QEMU lifts max-bandwidth for the stop-and-copy, loopback makes it fast)");
     println!("qemu_estimate took {:.0} s", t0.elapsed().as_secs_f64());
-    assert!(failures.is_empty(), "the estimate is far off QEMU:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "the estimate is far off QEMU:\n{}",
+        failures.join("\n")
+    );
 }

@@ -24,7 +24,10 @@ use kube::Api;
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The harness's kubectl (same version as the API server), else one on PATH.
@@ -57,9 +60,12 @@ fn helm() -> anyhow::Result<PathBuf> {
 /// applied objects (a List's items, or the single object).
 fn kubectl_apply(cluster: &TestCluster, yaml: &str, dry_run: bool) -> anyhow::Result<Vec<Value>> {
     let mut cmd = Command::new(kubectl()?);
-    cmd.arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .args(["apply", "--server-side", "--force-conflicts", "--field-manager=commonground-e2e-manifests"]);
+    cmd.arg("--kubeconfig").arg(&cluster.kubeconfig).args([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=commonground-e2e-manifests",
+    ]);
     if dry_run {
         cmd.arg("--dry-run=server");
     }
@@ -112,7 +118,10 @@ fn applied_names(objects: &[Value]) -> Vec<(String, String)> {
         .map(|o| {
             (
                 o["kind"].as_str().unwrap_or_default().to_string(),
-                o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         })
         .collect();
@@ -131,13 +140,18 @@ async fn every_object_in_deploy_is_accepted_by_a_server_side_dry_run() -> anyhow
     let cluster = TestCluster::get();
     let ns = cluster.fresh_namespace("manifests").await?;
     for file in ["deploy/crds.yaml", "deploy/commonground.yaml"] {
-        let text = std::fs::read_to_string(repo_root().join(file)).with_context(|| file.to_string())?;
+        let text =
+            std::fs::read_to_string(repo_root().join(file)).with_context(|| file.to_string())?;
         let yaml = into_namespace(&text, &ns.name);
         let mut expected = documents(&yaml);
         expected.sort();
         assert!(!expected.is_empty(), "{file} holds no objects");
         let applied = kubectl_apply(cluster, &yaml, true).with_context(|| file.to_string())?;
-        assert_eq!(applied_names(&applied), expected, "{file}: objects the server returned");
+        assert_eq!(
+            applied_names(&applied),
+            expected,
+            "{file}: objects the server returned"
+        );
     }
     Ok(())
 }
@@ -146,11 +160,20 @@ fn render_chart(release: &str, namespace: &str, set: &[&str]) -> anyhow::Result<
     let mut cmd = Command::new(helm()?);
     cmd.args(["template", release])
         .arg(repo_root().join("charts/commonground"))
-        .args(["--namespace", namespace, "--skip-crds", "--kube-version", "1.37.0"]);
+        .args([
+            "--namespace",
+            namespace,
+            "--skip-crds",
+            "--kube-version",
+            "1.37.0",
+        ]);
     for s in set {
         cmd.args(["--set", s]);
     }
-    let out = cmd.stderr(Stdio::inherit()).output().context("helm template")?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("helm template")?;
     if !out.status.success() {
         bail!("helm template failed: {}", out.status);
     }
@@ -176,7 +199,8 @@ fn without_kinds(yaml: &str, kinds: &[&str]) -> (String, Vec<String>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_chart_with_every_option_on_renders_objects_the_api_server_accepts() -> anyhow::Result<()> {
+async fn the_chart_with_every_option_on_renders_objects_the_api_server_accepts(
+) -> anyhow::Result<()> {
     let cluster = TestCluster::get();
     let ns = cluster.fresh_namespace("chart-all").await?;
     let yaml = render_chart(
@@ -197,11 +221,22 @@ async fn the_chart_with_every_option_on_renders_objects_the_api_server_accepts()
     )?;
     let (yaml, skipped) = without_kinds(&yaml, &["ServiceMonitor", "Certificate"]);
     eprintln!("not served by the harness, skipped: {skipped:?}");
-    assert!(skipped.iter().any(|k| k == "ServiceMonitor") && skipped.iter().any(|k| k == "Certificate"));
+    assert!(
+        skipped.iter().any(|k| k == "ServiceMonitor") && skipped.iter().any(|k| k == "Certificate")
+    );
     let mut expected = documents(&yaml);
     expected.sort();
-    for kind in ["Secret", "NetworkPolicy", "ConfigMap", "DaemonSet", "Deployment"] {
-        assert!(expected.iter().any(|(k, _)| k == kind), "the chart rendered no {kind}");
+    for kind in [
+        "Secret",
+        "NetworkPolicy",
+        "ConfigMap",
+        "DaemonSet",
+        "Deployment",
+    ] {
+        assert!(
+            expected.iter().any(|(k, _)| k == kind),
+            "the chart rendered no {kind}"
+        );
     }
     let applied = kubectl_apply(cluster, &yaml, true)?;
     assert_eq!(applied_names(&applied), expected);
@@ -211,7 +246,11 @@ async fn the_chart_with_every_option_on_renders_objects_the_api_server_accepts()
 // --- components from the rendered manifests -------------------------------------------
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The `commonground` binary of this workspace, built if needed.
@@ -256,7 +295,11 @@ async fn kubeconfig_for(ns: &TestNamespace, sa: &str, dir: &Path) -> anyhow::Res
     let pick = |key: &str| -> anyhow::Result<String> {
         admin
             .lines()
-            .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().trim_matches('"').to_string()))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(key)
+                    .map(|v| v.trim().trim_matches('"').to_string())
+            })
             .ok_or_else(|| anyhow!("no {key} in the harness kubeconfig"))
     };
     let server = pick("server:")?;
@@ -299,7 +342,11 @@ fn container(obj: &Value, downward: &[(&str, &str)]) -> (Vec<String>, Vec<(Strin
     let c = &obj["spec"]["template"]["spec"]["containers"][0];
     let args = c["args"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let env = c["env"]
         .as_array()
@@ -355,7 +402,9 @@ fn http_get_ok(url: &str) -> bool {
     use std::io::Read;
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let Ok(mut s) = std::net::TcpStream::connect(host) else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect(host) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     if write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").is_err() {
         return false;
@@ -377,7 +426,13 @@ async fn components_come_up_from_the_manifests_as_their_service_accounts() -> an
     let cluster_scoped: Vec<String> = applied
         .iter()
         .filter(|o| o["metadata"]["namespace"].is_null())
-        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or_default().to_lowercase(), o["metadata"]["name"].as_str().unwrap_or_default()))
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or_default().to_lowercase(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
         .filter(|r| r.starts_with("clusterrole"))
         .collect();
     let _ = Command::new(kubectl()?)
@@ -403,7 +458,12 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
             })
             .ok_or_else(|| anyhow!("the chart rendered no {kind} for the {component}"))
     };
-    let sa_of = |o: &Value| o["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap_or_default().to_string();
+    let sa_of = |o: &Value| {
+        o["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
     let bin = commonground_binary()?;
     let dir = tempfile_dir(&ns.name)?;
     let node = ns.node_name("agent");
@@ -411,17 +471,33 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
 
     // The cluster key Secret the chart generated, as the kubelet would mount it.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api();
-    let key_secret = secrets.get(&format!("{}-commonground-cluster-key", ns.name)).await?;
-    let key = key_secret.data.unwrap_or_default().remove("key").context("no key in the cluster key Secret")?;
+    let key_secret = secrets
+        .get(&format!("{}-commonground-cluster-key", ns.name))
+        .await?;
+    let key = key_secret
+        .data
+        .unwrap_or_default()
+        .remove("key")
+        .context("no key in the cluster key Secret")?;
     let key_file = dir.join("key");
     std::fs::write(&key_file, &key.0)?;
     assert_eq!(key.0.len(), 32, "the generated key is 32 hex characters");
 
     let mut started = Vec::new();
-    for (kind, component) in [("Deployment", "controller"), ("Deployment", "extender"), ("DaemonSet", "agent")] {
+    for (kind, component) in [
+        ("Deployment", "controller"),
+        ("Deployment", "extender"),
+        ("DaemonSet", "agent"),
+    ] {
         let obj = find(kind, component)?;
         let pod_name = format!("{component}-0");
-        let (args, env) = container(obj, &[("metadata.name", pod_name.as_str()), ("spec.nodeName", node.as_str())]);
+        let (args, env) = container(
+            obj,
+            &[
+                ("metadata.name", pod_name.as_str()),
+                ("spec.nodeName", node.as_str()),
+            ],
+        );
         let port = free_port();
         let (args, probe) = match component {
             "extender" => (
@@ -456,14 +532,27 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
             .stderr(std::fs::File::create(dir.join(format!("{component}.err")))?)
             .spawn()
             .with_context(|| format!("starting {} {args:?}", bin.display()))?;
-        started.push((Component { name: component.to_string(), child, log: dir.join(format!("{component}.err")) }, probe, args));
+        started.push((
+            Component {
+                name: component.to_string(),
+                child,
+                log: dir.join(format!("{component}.err")),
+            },
+            probe,
+            args,
+        ));
     }
     for (c, probe, args) in &mut started {
-        ready(c, probe).await.with_context(|| format!("{} did not become ready with {args:?}", c.name))?;
+        ready(c, probe)
+            .await
+            .with_context(|| format!("{} did not become ready with {args:?}", c.name))?;
     }
     // The agent published its node's digest with its own ServiceAccount's rights.
     let digests: Api<commonground::api::NodeRegionDigest> = Api::all(ns.client.clone());
-    digests.get(&node).await.with_context(|| format!("NodeRegionDigest {node}"))?;
+    digests
+        .get(&node)
+        .await
+        .with_context(|| format!("NodeRegionDigest {node}"))?;
     let _ = digests.delete(&node, &Default::default()).await;
     Ok(())
 }

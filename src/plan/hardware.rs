@@ -20,15 +20,30 @@ pub enum FilterReason {
     NotReady,
     Unschedulable,
     NotKubevirtSchedulable,
-    InsufficientCpu { free_millis: u64, needed_millis: u64 },
-    InsufficientMemory { free_bytes: u64, needed_bytes: u64 },
-    NodeSelectorMismatch { key: String, want: String },
+    InsufficientCpu {
+        free_millis: u64,
+        needed_millis: u64,
+    },
+    InsufficientMemory {
+        free_bytes: u64,
+        needed_bytes: u64,
+    },
+    NodeSelectorMismatch {
+        key: String,
+        want: String,
+    },
     AffinityMismatch,
-    UntoleratedTaint { key: String, effect: TaintEffect },
+    UntoleratedTaint {
+        key: String,
+        effect: TaintEffect,
+    },
     MissingCpuModel(String),
     MissingCpuFeature(String),
     NotPinnedTarget(String),
-    OutsideWorkGroup { node_group: String, wanted: String },
+    OutsideWorkGroup {
+        node_group: String,
+        wanted: String,
+    },
 }
 
 impl std::fmt::Display for FilterReason {
@@ -43,7 +58,10 @@ impl std::fmt::Display for FilterReason {
             Self::InsufficientCpu {
                 free_millis,
                 needed_millis,
-            } => write!(f, "insufficient cpu: {free_millis}m free, {needed_millis}m needed"),
+            } => write!(
+                f,
+                "insufficient cpu: {free_millis}m free, {needed_millis}m needed"
+            ),
             Self::InsufficientMemory {
                 free_bytes,
                 needed_bytes,
@@ -144,7 +162,10 @@ pub fn check_node(vm: &VmRequest, node: &NodeFacts) -> Option<FilterReason> {
     }
     if let Some(model) = &vm.cpu_model {
         let has = |prefix: &str| {
-            node.labels.get(&format!("{prefix}{model}")).map(String::as_str) == Some("true")
+            node.labels
+                .get(&format!("{prefix}{model}"))
+                .map(String::as_str)
+                == Some("true")
         };
         if !has(CPU_MODEL_LABEL_PREFIX) && !has(CPU_MODEL_MIGRATION_LABEL_PREFIX) {
             return Some(FilterReason::MissingCpuModel(model.clone()));
@@ -180,9 +201,10 @@ fn term_matches(term: &NodeSelectorTerm, name: &str, labels: &BTreeMap<String, S
     term.match_expressions
         .iter()
         .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
-        && term.match_fields.iter().all(|r| {
-            r.key == "metadata.name" && requirement_matches(r, Some(name))
-        })
+        && term
+            .match_fields
+            .iter()
+            .all(|r| r.key == "metadata.name" && requirement_matches(r, Some(name)))
 }
 
 fn requirement_matches(r: &SelectorRequirement, value: Option<&str>) -> bool {
@@ -234,7 +256,10 @@ mod tests {
             taints: vec![],
             unschedulable: false,
             ready: true,
-            allocatable: Resources { cpu_millis: 8000, memory_bytes: 32 * GIB },
+            allocatable: Resources {
+                cpu_millis: 8000,
+                memory_bytes: 32 * GIB,
+            },
             requested: Resources::default(),
             work_group: "a".into(),
             load: None,
@@ -245,7 +270,10 @@ mod tests {
         VmRequest {
             vm: VmKey::new("ns", "vm"),
             source_node: "src".into(),
-            requests: Resources { cpu_millis: 2000, memory_bytes: 8 * GIB },
+            requests: Resources {
+                cpu_millis: 2000,
+                memory_bytes: 8 * GIB,
+            },
             node_selector: BTreeMap::new(),
             affinity_terms: vec![],
             tolerations: vec![],
@@ -258,17 +286,32 @@ mod tests {
 
     #[test]
     fn source_node_always_fails() {
-        assert_eq!(check_node(&vm(), &node("src")), Some(FilterReason::SourceNode));
+        assert_eq!(
+            check_node(&vm(), &node("src")),
+            Some(FilterReason::SourceNode)
+        );
     }
 
     #[test]
     fn capacity_is_checked_with_a_readable_reason() {
         let mut n = node("n");
-        n.requested = Resources { cpu_millis: 0, memory_bytes: 30 * GIB };
+        n.requested = Resources {
+            cpu_millis: 0,
+            memory_bytes: 30 * GIB,
+        };
         let r = check_node(&vm(), &n).unwrap();
-        assert_eq!(r.to_string(), "insufficient memory: 2.0 GiB free, 8.0 GiB needed");
-        n.requested = Resources { cpu_millis: 7000, memory_bytes: 0 };
-        assert!(matches!(check_node(&vm(), &n), Some(FilterReason::InsufficientCpu { .. })));
+        assert_eq!(
+            r.to_string(),
+            "insufficient memory: 2.0 GiB free, 8.0 GiB needed"
+        );
+        n.requested = Resources {
+            cpu_millis: 7000,
+            memory_bytes: 0,
+        };
+        assert!(matches!(
+            check_node(&vm(), &n),
+            Some(FilterReason::InsufficientCpu { .. })
+        ));
     }
 
     #[test]
@@ -281,14 +324,24 @@ mod tests {
         assert_eq!(check_node(&vm(), &n), Some(FilterReason::NotReady));
         let mut n = node("n");
         n.labels.clear();
-        assert_eq!(check_node(&vm(), &n), Some(FilterReason::NotKubevirtSchedulable));
+        assert_eq!(
+            check_node(&vm(), &n),
+            Some(FilterReason::NotKubevirtSchedulable)
+        );
     }
 
     #[test]
     fn taints_need_tolerations_but_prefer_no_schedule_does_not() {
         let mut n = node("n");
-        n.taints.push(Taint { key: "gpu".into(), value: Some("yes".into()), effect: TaintEffect::NoSchedule });
-        assert!(matches!(check_node(&vm(), &n), Some(FilterReason::UntoleratedTaint { .. })));
+        n.taints.push(Taint {
+            key: "gpu".into(),
+            value: Some("yes".into()),
+            effect: TaintEffect::NoSchedule,
+        });
+        assert!(matches!(
+            check_node(&vm(), &n),
+            Some(FilterReason::UntoleratedTaint { .. })
+        ));
         let mut v = vm();
         v.tolerations.push(Toleration {
             key: Some("gpu".into()),
@@ -298,20 +351,38 @@ mod tests {
         });
         assert_eq!(check_node(&v, &n), None);
         let mut n = node("n");
-        n.taints.push(Taint { key: "x".into(), value: None, effect: TaintEffect::PreferNoSchedule });
+        n.taints.push(Taint {
+            key: "x".into(),
+            value: None,
+            effect: TaintEffect::PreferNoSchedule,
+        });
         assert_eq!(check_node(&vm(), &n), None);
         let mut v = vm();
-        v.tolerations.push(Toleration { operator: TolerationOperator::Exists, ..Default::default() });
+        v.tolerations.push(Toleration {
+            operator: TolerationOperator::Exists,
+            ..Default::default()
+        });
         let mut n = node("n");
-        n.taints.push(Taint { key: "any".into(), value: None, effect: TaintEffect::NoExecute });
-        assert_eq!(check_node(&v, &n), None, "empty key with Exists tolerates everything");
+        n.taints.push(Taint {
+            key: "any".into(),
+            value: None,
+            effect: TaintEffect::NoExecute,
+        });
+        assert_eq!(
+            check_node(&v, &n),
+            None,
+            "empty key with Exists tolerates everything"
+        );
     }
 
     #[test]
     fn selectors_affinity_and_cpu_labels() {
         let mut v = vm();
         v.node_selector.insert("disk".into(), "ssd".into());
-        assert!(matches!(check_node(&v, &node("n")), Some(FilterReason::NodeSelectorMismatch { .. })));
+        assert!(matches!(
+            check_node(&v, &node("n")),
+            Some(FilterReason::NodeSelectorMismatch { .. })
+        ));
         let mut v = vm();
         v.affinity_terms.push(NodeSelectorTerm {
             match_expressions: vec![SelectorRequirement {
@@ -330,10 +401,18 @@ mod tests {
         v.cpu_model = Some("Skylake".into());
         v.cpu_features = vec!["avx2".into()];
         let mut n = node("n");
-        assert_eq!(check_node(&v, &n), Some(FilterReason::MissingCpuModel("Skylake".into())));
-        n.labels.insert(format!("{CPU_MODEL_LABEL_PREFIX}Skylake"), "true".into());
-        assert_eq!(check_node(&v, &n), Some(FilterReason::MissingCpuFeature("avx2".into())));
-        n.labels.insert(format!("{CPU_FEATURE_LABEL_PREFIX}avx2"), "true".into());
+        assert_eq!(
+            check_node(&v, &n),
+            Some(FilterReason::MissingCpuModel("Skylake".into()))
+        );
+        n.labels
+            .insert(format!("{CPU_MODEL_LABEL_PREFIX}Skylake"), "true".into());
+        assert_eq!(
+            check_node(&v, &n),
+            Some(FilterReason::MissingCpuFeature("avx2".into()))
+        );
+        n.labels
+            .insert(format!("{CPU_FEATURE_LABEL_PREFIX}avx2"), "true".into());
         assert_eq!(check_node(&v, &n), None);
     }
 
@@ -348,7 +427,10 @@ mod tests {
                 values: vec!["b".into()],
             }],
         });
-        assert_eq!(check_node(&v, &node("a")), Some(FilterReason::AffinityMismatch));
+        assert_eq!(
+            check_node(&v, &node("a")),
+            Some(FilterReason::AffinityMismatch)
+        );
         assert_eq!(check_node(&v, &node("b")), None);
     }
 }

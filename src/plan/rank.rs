@@ -47,7 +47,10 @@ pub fn why_lost(loser: &Scored, winner: &Scored) -> String {
             winner.node, loser.load, winner.load
         )
     } else {
-        format!("equal on regions and load with {}, tie broken by name", winner.node)
+        format!(
+            "equal on regions and load with {}, tie broken by name",
+            winner.node
+        )
     }
 }
 
@@ -113,7 +116,12 @@ mod tests {
 
     #[test]
     fn scores_follow_the_ranking() {
-        let mut v = vec![s("a", 100.0, 0.5), s("b", 50.0, 0.5), s("c", 0.0, 0.0), s("d", 100.0, 0.6)];
+        let mut v = vec![
+            s("a", 100.0, 0.5),
+            s("b", 50.0, 0.5),
+            s("c", 0.0, 0.0),
+            s("d", 100.0, 0.6),
+        ];
         rank(&mut v);
         let scores = extender_scores(&v);
         assert_eq!(v[0].node, "a");

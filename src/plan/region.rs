@@ -180,7 +180,11 @@ mod tests {
         assert_eq!(kinds[0], RegionContent::Zero);
         assert!(matches!(kinds[1], RegionContent::Data(_)));
         assert_eq!(kinds[2], RegionContent::Zero);
-        assert_eq!(kinds[3], RegionContent::Zero, "partial trailing region of zeros");
+        assert_eq!(
+            kinds[3],
+            RegionContent::Zero,
+            "partial trailing region of zeros"
+        );
     }
 
     #[test]

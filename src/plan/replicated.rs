@@ -94,7 +94,11 @@ impl RegionTable {
                 replicas: *c,
             })
             .collect();
-        entries.sort_by(|a, b| b.replicas.cmp(&a.replicas).then(a.identity.cmp(&b.identity)));
+        entries.sort_by(|a, b| {
+            b.replicas
+                .cmp(&a.replicas)
+                .then(a.identity.cmp(&b.identity))
+        });
         entries.truncate(max);
         entries
     }
@@ -175,7 +179,10 @@ mod tests {
         assert_eq!(t.count(id(2)), 3);
         let e = t.replicated("n1", 16, 2, KEY_SPACE, 10);
         assert_eq!(e.len(), 1);
-        assert_eq!((e[0].identity, e[0].replicas, e[0].node.as_str()), (id(2), 3, "n1"));
+        assert_eq!(
+            (e[0].identity, e[0].replicas, e[0].node.as_str()),
+            (id(2), 3, "n1")
+        );
         t.release(&VmKey::new("ns", "a"));
         assert_eq!(t.count(id(2)), 1);
         assert_eq!(t.count(id(1)), 0);
@@ -184,12 +191,22 @@ mod tests {
 
     #[test]
     fn migration_moves_the_vm_and_its_regions() {
-        let mut src = node("s", vec![vm_summary("x", &[1, 2, 3]), vm_summary("y", &[3, 4])]);
+        let mut src = node(
+            "s",
+            vec![vm_summary("x", &[1, 2, 3]), vm_summary("y", &[3, 4])],
+        );
         let mut dst = node("d", vec![vm_summary("z", &[9])]);
         assert!(apply_migration(&mut src, &mut dst, &VmKey::new("ns", "x")));
-        assert_eq!(src.sketch.keys(), &[3, 4], "region 3 stays: y still holds it");
+        assert_eq!(
+            src.sketch.keys(),
+            &[3, 4],
+            "region 3 stays: y still holds it"
+        );
         assert_eq!(dst.sketch.keys(), &[1, 2, 3, 9]);
         assert_eq!(dst.vms.len(), 2);
-        assert!(!apply_migration(&mut src, &mut dst, &VmKey::new("ns", "x")), "already moved");
+        assert!(
+            !apply_migration(&mut src, &mut dst, &VmKey::new("ns", "x")),
+            "already moved"
+        );
     }
 }
