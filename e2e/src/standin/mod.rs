@@ -22,7 +22,7 @@ pub mod pods;
 mod vmi;
 mod vmim;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,7 +119,7 @@ pub(crate) struct Ctx {
     pub client: Client,
     pub cfg: StandinConfig,
     /// Serializes starting and killing memory helpers (both reconcilers do it).
-    pub memory_lock: tokio::sync::Mutex<()>,
+    pub memory_lock: tokio::sync::Mutex<BTreeMap<(String, String), u32>>,
 }
 
 impl Ctx {
@@ -141,7 +141,9 @@ impl Ctx {
         let Some(mc) = &self.cfg.memory else {
             return Ok(true);
         };
-        let _guard = self.memory_lock.lock().await;
+        // Under the lock: helpers this stand-in spawned, by (guest, node). A helper that has
+        // not exec'd yet is invisible in /proc, and a second pass must not start it twice.
+        let mut spawned = self.memory_lock.lock().await;
         let ns = vmi.namespace().unwrap_or_default();
         let name = vmi.name_any();
         let uid = vmi.uid().unwrap_or_default();
@@ -161,6 +163,14 @@ impl Ctx {
                 ready &= p.ready().is_some();
                 continue;
             }
+            let key = (format!("{ns}_{name}_{uid}"), node.clone());
+            if let Some(&pid) = spawned.get(&key) {
+                // Started by us and still alive, just not visible under its argv yet.
+                if unsafe { libc::kill(pid as i32, 0) } == 0 {
+                    ready = false;
+                    continue;
+                }
+            }
             let spec = memory_spec(vmi, mc);
             let mut cmd = tokio::process::Command::new(&mc.helper);
             cmd.args(spec.argv(&ns, &name, &uid, node))
@@ -173,6 +183,9 @@ impl Ctx {
                 .spawn()
                 .map_err(|e| Error::Memory(format!("starting {}: {e}", mc.helper.display())))?;
             tracing::info!(pid = ?child.id(), guest = %format!("{ns}_{name}"), %node, "started vm-memory");
+            if let Some(pid) = child.id() {
+                spawned.insert(key, pid);
+            }
             // Dropping the handle leaves the process running; tokio reaps it when it exits.
             drop(child);
             ready = false;
@@ -223,7 +236,7 @@ pub async fn run(client: Client, cfg: StandinConfig) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         cfg,
-        memory_lock: tokio::sync::Mutex::new(()),
+        memory_lock: tokio::sync::Mutex::new(BTreeMap::new()),
     });
     fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
