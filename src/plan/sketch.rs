@@ -321,7 +321,8 @@ fn put_rice_increasing(mut out: Vec<u8>, values: &[u64], bound: u64) -> Vec<u8> 
     let k = if mean_gap <= 1 {
         0
     } else {
-        63 - mean_gap.leading_zeros()
+        // Capped so an empty or nearly empty sketch over the full key space stays decodable.
+        (63 - mean_gap.leading_zeros()).min(KEY_BITS - 1)
     };
     put_varint(&mut out, n);
     out.push(k as u8);
@@ -499,6 +500,20 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         let back: RegionSketch = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn empty_and_single_entry_sketches_round_trip_at_any_threshold() {
+        for t in [1, 2, KEY_SPACE >> 16, KEY_SPACE / 2, KEY_SPACE] {
+            let empty = RegionSketch::empty(t);
+            assert_eq!(
+                RegionSketch::decode(&empty.encode()).unwrap(),
+                empty,
+                "t={t}"
+            );
+            let one = RegionSketch::from_keys(t, [t - 1]);
+            assert_eq!(RegionSketch::decode(&one.encode()).unwrap(), one, "t={t}");
+        }
     }
 
     #[test]
