@@ -14,6 +14,7 @@ pub mod node_scanner;
 pub mod proc_maps;
 pub mod publish;
 pub mod scan;
+pub mod shared_access;
 pub mod shared_memory;
 pub mod soft_dirty;
 pub mod vm_tracker;
@@ -332,6 +333,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     None => gate.decide(
                         &inputs.summary,
                         status.load.composite,
+                        &status.memory_groups,
                         refresh.as_deref(),
                         now,
                     ),
@@ -353,7 +355,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                             );
                             publishes.with_label_values(&[reason]).inc();
                             force = None;
-                            gate.published(inputs.summary, status.load.composite, refresh, now);
+                            gate.published(
+                                inputs.summary,
+                                status.load.composite,
+                                status.memory_groups.clone(),
+                                refresh,
+                                now,
+                            );
                             ready.set(true);
                         }
                         Err(e) => {

@@ -2,6 +2,7 @@
 //! table, and produce what is published. Blocking work; the agent runs it off the async runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use crate::api::digest::{LoadStatus, NodeCapacity};
 use crate::plan::region::{ClusterKey, RegionGeometry};
@@ -12,6 +13,7 @@ use crate::plan::{NodeRegionSummary, VmKey, VmRegionSummary};
 use super::discover::{self, QemuProcess};
 use super::load;
 use super::publish::DigestInputs;
+use super::shared_access::SharedAccessMonitor;
 use super::shared_memory;
 use super::vm_tracker::{RescanMode, RescanPolicy, TrackedVm};
 
@@ -31,6 +33,8 @@ pub struct NodeScanner {
     table: RegionTable,
     node_counters: Option<load::NodeCounters>,
     node_rates: load::LoadRates,
+    /// Memory groups over time, and accesses to shared memory after a member left.
+    pub shared: SharedAccessMonitor,
 }
 
 impl NodeScanner {
@@ -53,17 +57,30 @@ impl NodeScanner {
             table: RegionTable::default(),
             node_counters: load::sample_node().ok(),
             node_rates: load::LoadRates::default(),
+            shared: SharedAccessMonitor::default(),
         }
     }
 
     /// One interval: start tracking new VMs among `processes` that are in `on_node`, refresh
     /// the others, forget those gone. A VM whose process cannot be read is logged and skipped.
+    /// Memory groups are updated from the VMs' mappings, and the members left behind by a
+    /// member that moved away are watched for accesses to the memory they shared with it.
     pub fn tick(&mut self, processes: &[QemuProcess], on_node: &BTreeSet<VmKey>) {
         let wanted: BTreeMap<&VmKey, i32> = processes
             .iter()
             .filter(|p| on_node.contains(&p.vm))
             .map(|p| (&p.vm, p.pid))
             .collect();
+        // Shared memory accesses are read before any scan: reading guest memory marks the
+        // pages it reads accessed, for every process that maps them.
+        self.shared.probe(
+            self.vms
+                .values()
+                .filter(|t| wanted.get(&t.vm) == Some(&t.pid))
+                .map(|t| (&t.vm, t.pid, t.maps.as_slice())),
+            self.mode,
+            Instant::now(),
+        );
         let gone: Vec<VmKey> = self
             .vms
             .iter()
@@ -75,7 +92,7 @@ impl NodeScanner {
             self.vms.remove(&vm);
             self.table.release(&vm);
         }
-        for (vm, pid) in wanted {
+        for (&vm, &pid) in &wanted {
             let result = match self.vms.get_mut(vm) {
                 Some(t) => t.refresh(self.mode, &self.policy).map(|o| o.exited),
                 None => {
@@ -108,6 +125,21 @@ impl NodeScanner {
                 }
             }
         }
+        let groups = shared_memory::memory_groups(
+            &self
+                .vms
+                .values()
+                .map(|t| (t.vm.clone(), t.maps.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let present: BTreeSet<VmKey> = wanted.keys().map(|vm| (*vm).clone()).collect();
+        self.shared.update(groups, &present, Instant::now());
+        // After the scans, so the next interval's reading holds the VMs' own accesses only.
+        let pids: BTreeMap<VmKey, i32> = wanted
+            .iter()
+            .map(|(vm, pid)| ((*vm).clone(), *pid))
+            .collect();
+        self.shared.arm(&pids, self.mode);
         if let Ok(c) = load::sample_node() {
             if let Some(prev) = &self.node_counters {
                 self.node_rates = load::node_rates(prev, &c);
@@ -150,13 +182,7 @@ impl NodeScanner {
                 }
             })
             .collect();
-        let groups = shared_memory::memory_groups(
-            &self
-                .vms
-                .values()
-                .map(|t| (t.vm.clone(), t.maps.clone()))
-                .collect::<Vec<_>>(),
-        );
+        let groups = self.shared.groups(Instant::now());
         DigestInputs {
             summary: NodeRegionSummary {
                 node: self.node.clone(),

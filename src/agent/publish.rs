@@ -3,7 +3,9 @@
 //! positions in the node sketch (`vmSketchEncoding: NodeIndexed`, a few bits per key instead of
 //! about 19). Bounded to [`MAX_DIGEST_BYTES`] by coarsening sketch thresholds; written only when the content changed
 //! beyond a threshold and at most once per minute at steady state, at once when a VM arrived or
-//! left, or when the digest carries a new [`REFRESH_ANNOTATION`] (set after a migration).
+//! left, when the memory groups changed (above all, when a member touched the shared memory
+//! after another left: a `Follow` migration waits on that), or when the digest carries a new
+//! [`REFRESH_ANNOTATION`] (set after a migration).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -79,7 +81,11 @@ fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
             name: g.name.clone(),
             members: g.members.iter().map(|m| m.to_string()).collect(),
             shared_bytes: g.shared_bytes,
-            recently_accessed_by: Vec::new(),
+            recently_accessed_by: g
+                .recently_accessed_by
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
         })
         .collect();
     status.scan_time = inputs
@@ -146,7 +152,8 @@ pub fn build_bounded_status(inputs: &DigestInputs) -> NodeRegionDigestStatus {
 /// Why a digest is (or is not) written now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PublishDecision {
-    /// Never published, a VM arrived or left, or a refresh was asked for.
+    /// Never published, a VM arrived or left, the memory groups changed, or a refresh was asked
+    /// for.
     Immediate(&'static str),
     /// Changed beyond the threshold and the minimum interval has passed.
     Changed,
@@ -163,6 +170,7 @@ pub struct PublishGate {
     /// Fraction of a VM's sampled regions that must differ, or absolute composite load change.
     pub change_threshold: f64,
     last: Option<(NodeRegionSummary, f64, Instant)>,
+    last_groups: Vec<MemoryGroupStatus>,
     last_refresh: Option<String>,
 }
 
@@ -173,6 +181,7 @@ impl Default for PublishGate {
             max_quiet: Duration::from_secs(600),
             change_threshold: 0.02,
             last: None,
+            last_groups: Vec::new(),
             last_refresh: None,
         }
     }
@@ -199,10 +208,22 @@ impl PublishGate {
         worst
     }
 
+    /// Whether `groups` name a member touching shared memory that the last published groups
+    /// did not.
+    fn new_access(&self, groups: &[MemoryGroupStatus]) -> bool {
+        groups.iter().any(|g| {
+            let before = self.last_groups.iter().find(|o| o.name == g.name);
+            g.recently_accessed_by
+                .iter()
+                .any(|m| before.is_none_or(|o| !o.recently_accessed_by.contains(m)))
+        })
+    }
+
     pub fn decide(
         &self,
         summary: &NodeRegionSummary,
         load: f64,
+        groups: &[MemoryGroupStatus],
         refresh: Option<&str>,
         now: Instant,
     ) -> PublishDecision {
@@ -218,6 +239,13 @@ impl PublishGate {
         new_vms.sort();
         if old_vms != new_vms {
             return PublishDecision::Immediate("VMs changed");
+        }
+        // Group changes are rare and a Follow migration waits on them: no rate limit.
+        if self.new_access(groups) {
+            return PublishDecision::Immediate("shared memory accessed");
+        }
+        if groups != self.last_groups.as_slice() {
+            return PublishDecision::Immediate("memory groups changed");
         }
         let since = now.duration_since(*at);
         if since < self.min_interval {
@@ -238,10 +266,12 @@ impl PublishGate {
         &mut self,
         summary: NodeRegionSummary,
         load: f64,
+        groups: Vec<MemoryGroupStatus>,
         refresh: Option<String>,
         now: Instant,
     ) {
         self.last = Some((summary, load, now));
+        self.last_groups = groups;
         if refresh.is_some() {
             self.last_refresh = refresh;
         }
@@ -386,44 +416,82 @@ mod tests {
         let mut gate = PublishGate::default();
         let t0 = Instant::now();
         assert_eq!(
-            gate.decide(&i.summary, 0.1, None, t0),
+            gate.decide(&i.summary, 0.1, &[], None, t0),
             PublishDecision::Immediate("first digest")
         );
-        gate.published(i.summary.clone(), 0.1, None, t0);
+        gate.published(i.summary.clone(), 0.1, Vec::new(), None, t0);
         let same_later = t0 + Duration::from_secs(120);
         assert_eq!(
-            gate.decide(&i.summary, 0.1, None, same_later),
+            gate.decide(&i.summary, 0.1, &[], None, same_later),
             PublishDecision::Skip
         );
         let mut changed = i.summary.clone();
         changed.vms[0].sketch = RegionSketch::from_keys(KEY_SPACE, 0..1000u64);
         assert_eq!(
-            gate.decide(&changed, 0.1, None, t0 + Duration::from_secs(30)),
+            gate.decide(&changed, 0.1, &[], None, t0 + Duration::from_secs(30)),
             PublishDecision::Skip,
             "at most once per minute"
         );
         assert_eq!(
-            gate.decide(&changed, 0.1, None, same_later),
+            gate.decide(&changed, 0.1, &[], None, same_later),
             PublishDecision::Changed
         );
         let mut fewer = i.summary.clone();
         fewer.vms.pop();
         assert_eq!(
-            gate.decide(&fewer, 0.1, None, t0 + Duration::from_secs(1)),
+            gate.decide(&fewer, 0.1, &[], None, t0 + Duration::from_secs(1)),
             PublishDecision::Immediate("VMs changed")
         );
         assert_eq!(
             gate.decide(
                 &i.summary,
                 0.1,
+                &[],
                 Some("after-migration-1"),
                 t0 + Duration::from_secs(1)
             ),
             PublishDecision::Immediate("refresh requested")
         );
         assert_eq!(
-            gate.decide(&i.summary, 0.1, None, t0 + Duration::from_secs(601)),
+            gate.decide(&i.summary, 0.1, &[], None, t0 + Duration::from_secs(601)),
             PublishDecision::Heartbeat
+        );
+    }
+
+    #[test]
+    fn gate_publishes_group_changes_at_once_and_names_new_accesses() {
+        let i = inputs(2, 100);
+        let mut gate = PublishGate::default();
+        let t0 = Instant::now();
+        let group = |accessed: &[&str]| MemoryGroupStatus {
+            name: "shm-common".into(),
+            members: vec!["ns/vm0".into(), "ns/vm1".into()],
+            shared_bytes: 1 << 20,
+            recently_accessed_by: accessed.iter().map(|a| a.to_string()).collect(),
+        };
+        gate.published(i.summary.clone(), 0.1, vec![group(&[])], None, t0);
+        let soon = t0 + Duration::from_secs(1);
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, &[group(&[])], None, soon),
+            PublishDecision::Skip
+        );
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, &[group(&["ns/vm1"])], None, soon),
+            PublishDecision::Immediate("shared memory accessed"),
+            "within the minimum interval"
+        );
+        gate.published(i.summary.clone(), 0.1, vec![group(&["ns/vm1"])], None, soon);
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, &[group(&["ns/vm1"])], None, soon),
+            PublishDecision::Skip
+        );
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, &[group(&[])], None, soon),
+            PublishDecision::Immediate("memory groups changed")
+        );
+        assert_eq!(
+            gate.decide(&i.summary, 0.1, &[], None, soon),
+            PublishDecision::Immediate("memory groups changed")
         );
     }
 }

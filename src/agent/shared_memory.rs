@@ -1,6 +1,7 @@
 //! VMs that share memory (seed 001): processes that map the same file or shared-memory object
 //! (same device and inode) writable and shared. Such VMs form a memory group, reported with the
-//! size of what they share, so the planner can keep them together.
+//! size of what they share, so the planner can keep them together. What becomes of a group once
+//! one of its members has left the node is [`super::shared_access`]'s business.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +34,11 @@ pub struct MemoryGroup {
     pub members: Vec<VmKey>,
     /// Per shared object, the bytes every member maps (the smallest mapping), summed.
     pub shared_bytes: u64,
+    /// The shared objects that make the group.
+    pub objects: Vec<ObjectId>,
+    /// Members still on the node that touched the shared memory recently, after another member
+    /// left (filled in by [`super::shared_access::SharedAccessMonitor`]).
+    pub recently_accessed_by: Vec<VmKey>,
 }
 
 /// Groups VMs by shared objects: connected components of "maps the same object".
@@ -70,7 +76,8 @@ pub fn memory_groups(vms: &[(VmKey, Vec<Mapping>)]) -> Vec<MemoryGroup> {
             }
         }
     }
-    let mut groups: BTreeMap<VmKey, (BTreeSet<VmKey>, u64, String)> = BTreeMap::new();
+    let mut groups: BTreeMap<VmKey, (BTreeSet<VmKey>, u64, String, Vec<ObjectId>)> =
+        BTreeMap::new();
     for ((major, minor, inode), (path, members)) in &objects {
         let root = find(&mut parent, members.keys().next().expect("non-empty"));
         let g = groups.entry(root).or_insert_with(|| {
@@ -90,17 +97,20 @@ pub fn memory_groups(vms: &[(VmKey, Vec<Mapping>)]) -> Vec<MemoryGroup> {
                     )
                 )
             };
-            (BTreeSet::new(), 0, name)
+            (BTreeSet::new(), 0, name, Vec::new())
         });
         g.0.extend(members.keys().cloned());
         g.1 += members.values().copied().min().unwrap_or(0);
+        g.3.push((*major, *minor, *inode));
     }
     groups
         .into_values()
-        .map(|(members, shared_bytes, name)| MemoryGroup {
+        .map(|(members, shared_bytes, name, objects)| MemoryGroup {
             name,
             members: members.into_iter().collect(),
             shared_bytes,
+            objects,
+            recently_accessed_by: Vec::new(),
         })
         .collect()
 }
@@ -138,5 +148,6 @@ mod tests {
         );
         assert_eq!(groups[0].shared_bytes, 2 << 20);
         assert_eq!(groups[0].name, "shm-common");
+        assert_eq!(groups[0].objects, vec![(0, 0x1a, 77)]);
     }
 }
