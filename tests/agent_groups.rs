@@ -1,0 +1,178 @@
+//! Memory groups against real processes (seed 001, `group: Follow`): VMs whose processes map
+//! the same /dev/shm file form a group. Once a member has left the node, the group is kept for
+//! the members still there, and those that touch the shared memory are reported, while those
+//! that do not touch it are not.
+
+mod helpers;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use commonground::agent::discover;
+use commonground::agent::node_scanner::NodeScanner;
+use commonground::agent::publish::build_bounded_status;
+use commonground::agent::vm_tracker::{RescanMode, RescanPolicy};
+use commonground::plan::region::{ClusterKey, RegionGeometry};
+use commonground::plan::VmKey;
+use helpers::{Holder, HolderSpec, MIB};
+
+const SHARED_MIB: u64 = 4;
+
+fn quiet_policy() -> RescanPolicy {
+    RescanPolicy {
+        full_every: Duration::from_secs(3600),
+        changed_fraction: 2.0,
+        min_full_gap: Duration::from_secs(3600),
+        probes: 4096,
+    }
+}
+
+/// Three "VMs" whose whole guest memory is one shared /dev/shm file.
+struct SharedTrio {
+    shm: String,
+    keys: Vec<VmKey>,
+    holders: Vec<Holder>,
+}
+
+impl SharedTrio {
+    fn start(tag: &str) -> SharedTrio {
+        let shm = format!("cg-groups-{tag}-{}", std::process::id());
+        let backing = format!("shm:{shm}");
+        let mut keys = Vec::new();
+        let mut holders = Vec::new();
+        for name in ["a", "b", "c"] {
+            let vm = format!("{name}-{tag}-{}", std::process::id());
+            holders.push(Holder::start(HolderSpec {
+                vm: Some(("ns", &vm)),
+                image_mib: SHARED_MIB,
+                backing: &backing,
+                ..Default::default()
+            }));
+            keys.push(VmKey::new("ns", vm));
+        }
+        SharedTrio { shm, keys, holders }
+    }
+
+    /// Writes one byte in one page of member `i`'s shared memory.
+    fn touch_one_page(&mut self, i: usize) {
+        let answer = self.holders[i].command(&format!("touch {} 1 4096", 3 * 4096));
+        assert_eq!(answer, "ok 1");
+    }
+}
+
+impl Drop for SharedTrio {
+    fn drop(&mut self) {
+        for h in &mut self.holders {
+            h.kill();
+        }
+        let _ = std::fs::remove_file(format!("/dev/shm/{}", self.shm));
+    }
+}
+
+fn scanner() -> NodeScanner {
+    NodeScanner::new(
+        "node-1".into(),
+        "zone-a".into(),
+        RegionGeometry::default(),
+        ClusterKey::development(),
+        RescanMode::detect(),
+        quiet_policy(),
+    )
+}
+
+/// One agent interval over the VMs of `on_node` that still have a process.
+fn tick(scanner: &mut NodeScanner, on_node: &[&VmKey]) {
+    let procs = discover::find_qemu_processes().expect("/proc lists");
+    let on_node: BTreeSet<VmKey> = on_node.iter().map(|k| (*k).clone()).collect();
+    scanner.tick(&procs, &on_node);
+}
+
+/// (members, recently accessed by) of the node's only memory group, as published.
+fn published_group(scanner: &NodeScanner) -> Option<(Vec<String>, Vec<String>)> {
+    let status = build_bounded_status(&scanner.inputs());
+    assert!(
+        status.memory_groups.len() <= 1,
+        "{:?}",
+        status.memory_groups
+    );
+    let g = status.memory_groups.first()?;
+    Some((g.members.clone(), g.recently_accessed_by.clone()))
+}
+
+#[test]
+fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_are_not() {
+    let mut trio = SharedTrio::start("follow");
+    let [a, b, c] = [&trio.keys[0], &trio.keys[1], &trio.keys[2]].map(|k| k.clone());
+    let all = vec![a.to_string(), b.to_string(), c.to_string()];
+    let mut s = scanner();
+
+    tick(&mut s, &[&a, &b, &c]);
+    let inputs = s.inputs();
+    assert_eq!(inputs.groups.len(), 1);
+    assert_eq!(inputs.groups[0].shared_bytes, SHARED_MIB * MIB);
+    assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+    // While the group is whole, touching the shared memory is normal: nothing is reported.
+    trio.touch_one_page(1);
+    tick(&mut s, &[&a, &b, &c]);
+    trio.touch_one_page(1);
+    tick(&mut s, &[&a, &b, &c]);
+    assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+
+    // a migrated away: its process is gone, and b and c are watched from now on.
+    trio.holders[0].kill();
+    tick(&mut s, &[&b, &c]);
+    assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+    // The agent's own scans of b and c (which read the shared pages) do not count.
+    for _ in 0..3 {
+        tick(&mut s, &[&b, &c]);
+        assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+    }
+    trio.touch_one_page(1);
+    tick(&mut s, &[&b, &c]);
+    assert_eq!(
+        published_group(&s),
+        Some((all.clone(), vec![b.to_string()])),
+        "b touched the shared memory, c did not"
+    );
+
+    // b followed a: c alone no longer shares the file with anyone here, but the group stays.
+    trio.holders[1].kill();
+    tick(&mut s, &[&c]);
+    assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+    tick(&mut s, &[&c]);
+    assert_eq!(published_group(&s), Some((all.clone(), vec![])));
+    trio.touch_one_page(2);
+    tick(&mut s, &[&c]);
+    assert_eq!(
+        published_group(&s),
+        Some((all.clone(), vec![c.to_string()]))
+    );
+
+    // The last member left: nothing of the group is on the node.
+    trio.holders[2].kill();
+    tick(&mut s, &[]);
+    assert_eq!(published_group(&s), None);
+}
+
+#[test]
+fn a_whole_group_is_not_watched_however_much_its_members_touch_the_shared_memory() {
+    let mut trio = SharedTrio::start("whole");
+    let [a, b, c] = [&trio.keys[0], &trio.keys[1], &trio.keys[2]].map(|k| k.clone());
+    let mut s = scanner();
+    tick(&mut s, &[&a, &b, &c]);
+    assert!(s.shared.watched().is_empty());
+    // Every member touches the shared memory, interval after interval: no reports, nothing
+    // watched, as long as all are here.
+    for _ in 0..3 {
+        for i in 0..3 {
+            trio.touch_one_page(i);
+        }
+        tick(&mut s, &[&a, &b, &c]);
+        assert!(s.shared.watched().is_empty());
+        assert_eq!(
+            published_group(&s).map(|g| g.1),
+            Some(vec![]),
+            "no departure, no reports"
+        );
+    }
+}
