@@ -131,6 +131,19 @@ fn print_breakdown(state: &ClusterState) {
         black_box(state.planner.plan(&req, &opts).expect("plan"));
     });
     println!("  breakdown: Planner::plan (5000 only_nodes) p50 {p50:>9.3?}  p99 {p99:>9.3?}");
+    let positions: Vec<usize> = names
+        .iter()
+        .filter_map(|n| state.planner.node_position(n))
+        .collect();
+    let (p50, p99) = time(&mut || {
+        black_box(
+            state
+                .planner
+                .rank_nodes(&req, &Default::default(), Some(&positions))
+                .expect("rank"),
+        );
+    });
+    println!("  breakdown: Planner::rank_nodes (5000)     p50 {p50:>9.3?}  p99 {p99:>9.3?}");
 }
 
 fn memory_held() -> ClusterState {

@@ -29,25 +29,16 @@ use self::migration::Context;
 use self::status::TransferModel;
 use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
 use crate::api::VirtualMachineMigration;
-use crate::plan::region::RegionGeometry;
-use crate::plan::workgroups::{DistanceMatrix, DEFAULT_WORK_GROUP_LABEL};
 use crate::telemetry::{self, LogFormat, Readiness};
-use crate::view::{ClusterView, ViewConfig};
+use crate::view::{ClusterView, ViewArgs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllerArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "COMMONGROUND_HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: SocketAddr,
-    /// Node label whose value is the node's work group.
-    #[arg(long, env = "COMMONGROUND_WORK_GROUP_LABEL", default_value = DEFAULT_WORK_GROUP_LABEL)]
-    pub work_group_label: String,
-    /// Distances between work groups: `a:b=10,a:c=20` (empty: all equally far).
-    #[arg(long, env = "COMMONGROUND_DISTANCES", default_value = "")]
-    pub distances: String,
-    /// Region size in 4 KiB pages; must equal the agents'.
-    #[arg(long, env = "COMMONGROUND_REGION_PAGES", default_value_t = crate::plan::region::DEFAULT_REGION_PAGES)]
-    pub region_pages: u32,
+    #[command(flatten)]
+    pub view: ViewArgs,
     /// Bytes per second of the default migration network, for time estimates.
     #[arg(
         long,
@@ -87,9 +78,9 @@ pub struct ControllerArgs {
 
 pub async fn run(args: ControllerArgs) -> Result<()> {
     telemetry::init_logging(args.log_format);
-    let distances = DistanceMatrix::parse(&args.distances)
-        .map_err(|e| ControllerError::Config(e.to_string()))?;
-    let geometry = RegionGeometry::new(args.region_pages)
+    let view_config = args
+        .view
+        .config()
         .map_err(|e| ControllerError::Config(e.to_string()))?;
     let client = Client::try_default().await?;
 
@@ -136,12 +127,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
 
     let view = ClusterView::start(
         client.clone(),
-        ViewConfig {
-            work_group_label: args.work_group_label.clone(),
-            distances,
-            geometry,
-            ..Default::default()
-        },
+        view_config,
     );
     view.wait_ready().await;
     ready.set(true);

@@ -7,12 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use super::placement::{place, Cause, Placement, Report};
+use super::placement::{place, Cause, NodeAnswer, Placement, Report};
 use super::state::ClusterState;
 use super::wire::{Candidates, ExtenderArgs, ExtenderFilterResult, NodeList};
 use super::BadRequest;
 use crate::plan::hardware::FilterReason;
-use crate::plan::Verdict;
 
 /// Why a node failed.
 enum Failed {
@@ -20,10 +19,10 @@ enum Failed {
     Unresolvable(String),
 }
 
-pub fn filter(
+pub fn filter<'a>(
     state: Option<&ClusterState>,
-    args: &ExtenderArgs,
-) -> Result<(ExtenderFilterResult, Report), BadRequest> {
+    args: &ExtenderArgs<'a>,
+) -> Result<(ExtenderFilterResult<'a>, Report), BadRequest> {
     let pod = args
         .pod
         .as_ref()
@@ -37,32 +36,31 @@ pub fn filter(
             Vec::new()
         }
         Placement::Neutral(cause) => {
-            report.pod_degraded = Some(cause);
+            report.degraded(pod, cause);
             Vec::new()
         }
         Placement::Planned(planned) => {
-            let by_node = planned.by_node();
-            let pin = planned.pin.as_deref();
-            let source = planned.plan.source_node.as_str();
+            report.decision = Some(planned.decision(pod));
             names
                 .iter()
-                .map(|name| {
+                .enumerate()
+                .map(|(i, name)| {
                     // A pin applies by name, even to a node the view does not know yet.
-                    let not_pinned = pin.filter(|p| p != name);
-                    match (by_node.get(name).map(|c| &c.verdict), not_pinned) {
-                        (Some(Verdict::Filtered(reason)), _)
-                            if *name == source || not_pinned.is_some() =>
+                    let not_pinned = planned.pin.as_deref().filter(|p| p != name);
+                    match (planned.answer(i), not_pinned) {
+                        (NodeAnswer::Filtered(reason), _)
+                            if name == planned.source || not_pinned.is_some() =>
                         {
-                            Some(Failed::Unresolvable(reason.clone()))
+                            Some(Failed::Unresolvable(reason.to_string()))
                         }
-                        (Some(Verdict::Filtered(reason)), None) => {
-                            Some(Failed::Resolvable(reason.clone()))
+                        (NodeAnswer::Filtered(reason), None) => {
+                            Some(Failed::Resolvable(reason.to_string()))
                         }
                         (_, Some(p)) => Some(Failed::Unresolvable(
                             FilterReason::NotPinnedTarget(p.to_string()).to_string(),
                         )),
-                        (Some(_), None) => None,
-                        (None, None) => {
+                        (NodeAnswer::Passed { .. }, None) => None,
+                        (NodeAnswer::Unknown, None) => {
                             report.count_node(Cause::NodeUnknown);
                             None
                         }
@@ -85,16 +83,12 @@ pub fn filter(
         }
         Candidates::Objects(items) => {
             result.nodes = Some(NodeList {
-                metadata: args
-                    .nodes
-                    .as_ref()
-                    .map(|l| l.metadata.clone())
-                    .unwrap_or_default(),
+                metadata: args.nodes.as_ref().and_then(|l| l.metadata),
                 items: items
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| passes(*i))
-                    .map(|(_, n)| n.clone())
+                    .map(|(_, n)| *n)
                     .collect(),
             });
         }

@@ -25,9 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::plan::workgroups::{DistanceError, DistanceMatrix, DEFAULT_WORK_GROUP_LABEL};
 use crate::telemetry::{LogFormat, Readiness};
-use crate::view::{ClusterView, ViewConfig};
+use crate::view::{ClusterView, ViewArgs};
 
 /// A request the extender cannot answer; the message goes back with a 400.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +34,8 @@ pub struct BadRequest(pub String);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtenderError {
-    #[error("invalid --distances: {0}")]
-    Distances(#[from] DistanceError),
+    #[error(transparent)]
+    View(#[from] crate::view::args::ViewArgsError),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("--tls-cert and --tls-key must be given together")]
@@ -71,12 +70,8 @@ pub struct ExtenderArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "COMMONGROUND_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Node label whose value is the node's work group.
-    #[arg(long, env = "COMMONGROUND_WORK_GROUP_LABEL", default_value = DEFAULT_WORK_GROUP_LABEL)]
-    pub work_group_label: String,
-    /// Distances between work groups: `a:b=10,a:c=20`. Empty: all equally far.
-    #[arg(long, env = "COMMONGROUND_DISTANCES", default_value = "")]
-    pub distances: String,
+    #[command(flatten)]
+    pub view: ViewArgs,
     #[arg(long, env = "COMMONGROUND_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Largest request body accepted (413 above). With `nodeCacheCapable: false` the body
@@ -92,7 +87,7 @@ pub struct ExtenderArgs {
 /// Runs the extender until SIGTERM or Ctrl-C.
 pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
     crate::telemetry::init_logging(args.log_format);
-    let distances = DistanceMatrix::parse(&args.distances)?;
+    let view_config = args.view.config()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_config(cert, key)?),
         (None, None) => None,
@@ -101,11 +96,7 @@ pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
     let client = kube::Client::try_default().await?;
     let view = ClusterView::start(
         client,
-        ViewConfig {
-            work_group_label: args.work_group_label.clone(),
-            distances,
-            ..ViewConfig::default()
-        },
+        view_config,
     );
     let ready = Readiness::default();
     let live = state::LiveState::spawn(view, Duration::from_millis(100), ready.clone());

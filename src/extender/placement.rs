@@ -1,13 +1,14 @@
 //! The decision both verbs share: pass the pod through, answer neutrally because data is
 //! missing, or plan it with the planning core exactly as the controller would.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 
 use super::migration_pod::{migration_target, Unresolved};
 use super::state::ClusterState;
 use super::wire::WirePod;
-use crate::plan::planner::Candidate;
-use crate::plan::{Plan, PlanError, PlanOptions};
+use crate::plan::hardware::FilterReason;
+use crate::plan::planner::Ranking;
+use crate::plan::{PlanError, PlanOptions, Planner};
 
 /// Why an answer was neutral (a metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,9 +55,37 @@ pub struct Report {
     pub pod_degraded: Option<Cause>,
     /// Nodes that got a neutral answer, by cause.
     pub nodes_degraded: Vec<(Cause, usize)>,
+    /// For a migration target pod: what was decided, for the log.
+    pub decision: Option<Decision>,
+}
+
+/// One migration target pod's answer, as the extender logs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// `namespace/name` of the target pod.
+    pub pod: String,
+    /// `namespace/name` of the VMI, when it was found.
+    pub vm: Option<String>,
+    pub source: Option<String>,
+    /// The node the planner ranks first among the candidates.
+    pub best: Option<String>,
+    /// Candidates that pass the filter, and those that fail it.
+    pub passed: usize,
+    pub failed: usize,
+    /// The node a `VirtualMachineMigration` chose.
+    pub pinned: Option<String>,
 }
 
 impl Report {
+    /// A migration target pod answered neutrally: the pod and the cause.
+    pub(crate) fn degraded(&mut self, pod: &WirePod, cause: Cause) {
+        self.pod_degraded = Some(cause);
+        self.decision = Some(Decision {
+            pod: format!("{}/{}", pod.namespace(), pod.name()),
+            ..Decision::default()
+        });
+    }
+
     pub(crate) fn count_node(&mut self, cause: Cause) {
         match self.nodes_degraded.iter_mut().find(|(c, _)| *c == cause) {
             Some((_, n)) => *n += 1,
@@ -65,35 +94,89 @@ impl Report {
     }
 }
 
-/// A migration target pod planned by the planning core.
-pub struct Planned {
-    pub plan: Plan,
+/// How one candidate node fared in a [`Planned`] answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAnswer<'r> {
+    /// kube-scheduler named a node the view has not seen (yet).
+    Unknown,
+    /// The node passed the filter; its extender score, and whether it has a digest.
+    Passed { score: u8, has_digest: bool },
+    /// The node failed the minimum-hardware filter (or the pin), and why.
+    Filtered(&'r FilterReason),
+}
+
+/// A migration target pod planned by the planning core, over the request's candidates.
+pub struct Planned<'s> {
+    pub ranking: Ranking<'s>,
+    /// `namespace/name` of the VMI.
+    pub vm: String,
+    /// The VMI's source node.
+    pub source: &'s str,
     /// The node a `VirtualMachineMigration` chose for this VMI.
     pub pin: Option<String>,
     /// False when no digest holds the VM's memory summary.
     pub vm_summary: bool,
+    /// Per candidate (request order): its node position, `None` when the view lacks it.
+    positions: Vec<Option<usize>>,
+    /// Per node position: where it is in `ranking` (passing rank, or `!filtered index`).
+    slot: Vec<Slot>,
+    planner: &'s Planner,
 }
 
-impl Planned {
-    /// Candidates by node name.
-    pub fn by_node(&self) -> HashMap<&str, &Candidate> {
-        self.plan
-            .candidates
-            .iter()
-            .map(|c| (c.node.as_str(), c))
-            .collect()
+#[derive(Clone, Copy)]
+enum Slot {
+    NotConsidered,
+    Ranked(usize),
+    Filtered(usize),
+}
+
+impl<'s> Planned<'s> {
+    /// What was decided for `pod`, for the log.
+    pub fn decision(&self, pod: &WirePod) -> Decision {
+        Decision {
+            pod: format!("{}/{}", pod.namespace(), pod.name()),
+            vm: Some(self.vm.clone()),
+            source: Some(self.source.to_string()),
+            best: self
+                .ranking
+                .ranked
+                .first()
+                .map(|r| self.planner.snapshot().nodes[r.node].name.clone()),
+            passed: self.ranking.ranked.len(),
+            failed: self.ranking.filtered.len(),
+            pinned: self.pin.clone(),
+        }
+    }
+
+    /// How the `i`-th candidate of the request fared.
+    pub fn answer(&self, i: usize) -> NodeAnswer<'_> {
+        let Some(pos) = self.positions.get(i).copied().flatten() else {
+            return NodeAnswer::Unknown;
+        };
+        match self.slot[pos] {
+            Slot::NotConsidered => NodeAnswer::Unknown,
+            Slot::Ranked(r) => NodeAnswer::Passed {
+                score: self.ranking.ranked[r].score,
+                has_digest: self.planner.index().has_digest(pos),
+            },
+            Slot::Filtered(f) => NodeAnswer::Filtered(&self.ranking.filtered[f].1),
+        }
     }
 }
 
-pub enum Placement {
+pub enum Placement<'s> {
     PassThrough,
     Neutral(Cause),
-    Planned(Box<Planned>),
+    Planned(Box<Planned<'s>>),
 }
 
 /// Decides how to treat `pod` over the candidate `names`. Never fails: what cannot be
 /// planned is answered neutrally.
-pub fn place(state: Option<&ClusterState>, pod: Option<&WirePod>, names: &[&str]) -> Placement {
+pub fn place<'s>(
+    state: Option<&'s ClusterState>,
+    pod: Option<&WirePod>,
+    names: &[Cow<'_, str>],
+) -> Placement<'s> {
     let Some(target) = pod.and_then(migration_target) else {
         return Placement::PassThrough;
     };
@@ -110,17 +193,31 @@ pub fn place(state: Option<&ClusterState>, pod: Option<&WirePod>, names: &[&str]
     let opts = PlanOptions {
         // A pin to a node the view does not know yet is applied by name in the filter.
         pinned_node: pin.clone().filter(|p| planner.node_position(p).is_some()),
-        only_nodes: Some(names.iter().map(|n| n.to_string()).collect()),
-        // Scores and filter reasons only: nobody reads why 5,000 nodes lost.
-        explain_top: Some(0),
         ..PlanOptions::default()
     };
-    match planner.plan(req, &opts) {
-        Ok(plan) => Placement::Planned(Box::new(Planned {
-            vm_summary: req.summary.is_some() || planner.vm_summary(&req.vm).is_some(),
-            plan,
-            pin,
-        })),
+    let positions: Vec<Option<usize>> = names.iter().map(|n| planner.node_position(n)).collect();
+    let considered: Vec<usize> = positions.iter().flatten().copied().collect();
+    match planner.rank_nodes(req, &opts, Some(&considered)) {
+        Ok(ranking) => {
+            let node_count = planner.snapshot().nodes.len();
+            let mut slot = vec![Slot::NotConsidered; node_count];
+            for (r, n) in ranking.ranked.iter().enumerate() {
+                slot[n.node] = Slot::Ranked(r);
+            }
+            for (f, (n, _)) in ranking.filtered.iter().enumerate() {
+                slot[*n] = Slot::Filtered(f);
+            }
+            Placement::Planned(Box::new(Planned {
+                vm_summary: ranking.summary.is_some(),
+                vm: req.vm.to_string(),
+                source: &req.source_node,
+                ranking,
+                pin,
+                positions,
+                slot,
+                planner,
+            }))
+        }
         Err(PlanError::UnknownSourceNode(_)) => Placement::Neutral(Cause::SourceNodeUnknown),
         Err(e) => {
             tracing::warn!(

@@ -6,71 +6,66 @@
 //! the extender never skews ordinary scheduling. Where data is missing the score is neutral,
 //! which is also 0: the extender then adds nothing and kube-scheduler's own plugins decide.
 
-use super::placement::{place, Cause, Placement, Report};
+use super::placement::{place, Cause, NodeAnswer, Placement, Report};
 use super::state::ClusterState;
-use super::wire::{ExtenderArgs, HostPriority, MAX_EXTENDER_PRIORITY};
+use super::wire::{ExtenderArgs, HostPriority, Text, MAX_EXTENDER_PRIORITY};
 use super::BadRequest;
-use crate::plan::Verdict;
 
 /// The score that expresses no opinion.
 pub const NEUTRAL_SCORE: i64 = 0;
 
-pub fn prioritize(
+pub fn prioritize<'s, 'a>(
     state: Option<&ClusterState>,
-    args: &ExtenderArgs,
-) -> Result<(Vec<HostPriority>, Report), BadRequest> {
+    args: &'s ExtenderArgs<'a>,
+) -> Result<(Vec<HostPriority<'s>>, Report), BadRequest> {
     let pod = args
         .pod
         .as_ref()
         .ok_or_else(|| BadRequest("ExtenderArgs.Pod is missing".into()))?;
     let names = args.node_names().map_err(BadRequest)?;
     let mut report = Report::default();
-    let neutral = |names: &[&str]| {
-        names
-            .iter()
-            .map(|n| HostPriority {
-                host: n.to_string(),
-                score: NEUTRAL_SCORE,
-            })
-            .collect::<Vec<_>>()
-    };
-    let scores = match place(state, Some(pod), &names) {
+    let scores: Vec<i64> = match place(state, Some(pod), &names) {
         Placement::PassThrough => {
             report.pass_through = true;
-            neutral(&names)
+            vec![NEUTRAL_SCORE; names.len()]
         }
         Placement::Neutral(cause) => {
-            report.pod_degraded = Some(cause);
-            neutral(&names)
+            report.degraded(pod, cause);
+            vec![NEUTRAL_SCORE; names.len()]
         }
         Placement::Planned(planned) if !planned.vm_summary => {
             report.pod_degraded = Some(Cause::VmSummaryMissing);
-            neutral(&names)
+            report.decision = Some(planned.decision(pod));
+            vec![NEUTRAL_SCORE; names.len()]
         }
         Placement::Planned(planned) => {
-            let by_node = planned.by_node();
-            names
-                .iter()
-                .map(|name| {
-                    let score = match by_node.get(name) {
-                        None => {
-                            report.count_node(Cause::NodeUnknown);
-                            NEUTRAL_SCORE
-                        }
-                        Some(c) if matches!(c.verdict, Verdict::Filtered(_)) => 0,
-                        Some(c) if !c.has_digest => {
-                            report.count_node(Cause::NodeWithoutDigest);
-                            NEUTRAL_SCORE
-                        }
-                        Some(c) => i64::from(c.score).clamp(0, MAX_EXTENDER_PRIORITY),
-                    };
-                    HostPriority {
-                        host: name.to_string(),
-                        score,
+            report.decision = Some(planned.decision(pod));
+            (0..names.len())
+                .map(|i| match planned.answer(i) {
+                    NodeAnswer::Unknown => {
+                        report.count_node(Cause::NodeUnknown);
+                        NEUTRAL_SCORE
+                    }
+                    NodeAnswer::Filtered(_) => 0,
+                    NodeAnswer::Passed {
+                        has_digest: false, ..
+                    } => {
+                        report.count_node(Cause::NodeWithoutDigest);
+                        NEUTRAL_SCORE
+                    }
+                    NodeAnswer::Passed { score, .. } => {
+                        i64::from(score).clamp(0, MAX_EXTENDER_PRIORITY)
                     }
                 })
                 .collect()
         }
     };
-    Ok((scores, report))
+    let hosts = names
+        .into_iter()
+        .zip(scores)
+        .map(|(host, score)| HostPriority {
+            host: Text(host),
+            score,
+        });
+    Ok((hosts.collect(), report))
 }

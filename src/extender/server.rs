@@ -16,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 
 use super::filter::filter;
 use super::metrics::{ExtenderMetrics, Outcome};
@@ -148,9 +148,43 @@ async fn answer(app: &App, verb: Verb, req: Request) -> (Outcome, Response) {
     match respond(state.as_deref(), verb, &body) {
         Ok((response, report)) => {
             app.metrics.report(verb.label(), &report);
+            log_decision(verb, &report);
             (Outcome::Ok, response)
         }
         Err(BadRequest(message)) => (Outcome::BadRequest, plain(StatusCode::BAD_REQUEST, message)),
+    }
+}
+
+/// One line per migration target pod and verb (pass-through pods are only counted: they are
+/// every other pod the cluster schedules).
+fn log_decision(verb: Verb, report: &Report) {
+    let Some(d) = &report.decision else {
+        return;
+    };
+    match report.pod_degraded {
+        Some(cause) => tracing::info!(
+            verb = verb.label(),
+            pod = %d.pod,
+            vmi = d.vm.as_deref().unwrap_or(""),
+            cause = cause.as_str(),
+            "migration target answered neutrally"
+        ),
+        None => tracing::info!(
+            verb = verb.label(),
+            pod = %d.pod,
+            vmi = d.vm.as_deref().unwrap_or(""),
+            source = d.source.as_deref().unwrap_or(""),
+            best = d.best.as_deref().unwrap_or("none"),
+            pinned = d.pinned.as_deref().unwrap_or(""),
+            passed = d.passed,
+            failed = d.failed,
+            degraded_nodes = report
+                .nodes_degraded
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<usize>(),
+            "migration target placed"
+        ),
     }
 }
 
@@ -164,17 +198,21 @@ pub fn respond(
     Ok(match verb {
         Verb::Filter => {
             let (result, report) = filter(state, &args)?;
-            (Json(result).into_response(), report)
+            (json(wire::filter_result_to_json(&result)), report)
         }
         Verb::Prioritize => {
             let (result, report) = prioritize(state, &args)?;
-            (Json(result).into_response(), report)
+            (json(wire::priorities_to_json(&result)), report)
         }
     })
 }
 
+fn json(body: Vec<u8>) -> Response {
+    ([("content-type", "application/json")], body).into_response()
+}
+
 /// `ExtenderArgs` from a body, with a message a person can act on.
-pub fn decode(body: &[u8]) -> Result<wire::ExtenderArgs, BadRequest> {
+pub fn decode(body: &[u8]) -> Result<wire::ExtenderArgs<'_>, BadRequest> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BadRequest(
             "empty request body: expected a JSON ExtenderArgs object".into(),

@@ -15,23 +15,28 @@ use crate::extender::fixtures::{
 };
 use crate::extender::placement::Cause;
 use crate::extender::state::FixedState;
-use crate::extender::wire::{ExtenderFilterResult, HostPriority};
+use crate::extender::wire::ExtenderFilterResult;
 use crate::plan::PlanOptions;
 
 const NODES: usize = 40;
 
-fn filter_with(state: Option<&ClusterState>, body: &[u8]) -> (ExtenderFilterResult, Report) {
+fn filter_with<'a>(
+    state: Option<&ClusterState>,
+    body: &'a [u8],
+) -> (ExtenderFilterResult<'a>, Report) {
     let args = decode(body).unwrap();
     super::filter(state, &args).unwrap()
 }
 
-fn prioritize_with(state: Option<&ClusterState>, body: &[u8]) -> (Vec<HostPriority>, Report) {
+fn prioritize_with(state: Option<&ClusterState>, body: &[u8]) -> (Vec<(String, i64)>, Report) {
     let args = decode(body).unwrap();
-    super::prioritize(state, &args).unwrap()
+    let (list, report) = super::prioritize(state, &args).unwrap();
+    let owned = list.iter().map(|h| (h.host.to_string(), h.score)).collect();
+    (owned, report)
 }
 
-fn scores(list: &[HostPriority]) -> HashMap<String, i64> {
-    list.iter().map(|h| (h.host.clone(), h.score)).collect()
+fn scores(list: &[(String, i64)]) -> HashMap<String, i64> {
+    list.iter().cloned().collect()
 }
 
 #[test]
@@ -44,7 +49,7 @@ fn ordinary_pod_passes_every_node_with_neutral_scores() {
     assert!(report.pass_through);
     let (p, report) = prioritize_with(Some(&state), &body);
     assert_eq!(p.len(), NODES);
-    assert!(p.iter().all(|h| h.score == 0));
+    assert!(p.iter().all(|(_, score)| *score == 0));
     assert!(report.pass_through);
 }
 
@@ -54,8 +59,14 @@ fn migration_pod_fails_source_and_cordoned_nodes_with_reasons() {
     let body = body_with_names(&migration_pod(true), &names(NODES));
     let (f, report) = filter_with(Some(&state), &body);
     let passed = f.node_names.unwrap();
-    assert!(!passed.contains(&node_name(0)), "source node passed");
-    assert!(!passed.contains(&node_name(4)), "cordoned node passed");
+    assert!(
+        !passed.iter().any(|n| *n == node_name(0)),
+        "source node passed"
+    );
+    assert!(
+        !passed.iter().any(|n| *n == node_name(4)),
+        "cordoned node passed"
+    );
     assert_eq!(passed.len(), NODES - 2);
     assert_eq!(
         f.failed_and_unresolvable_nodes[&node_name(0)],
@@ -64,6 +75,13 @@ fn migration_pod_fails_source_and_cordoned_nodes_with_reasons() {
     assert!(f.failed_nodes[&node_name(4)].contains("cordoned"));
     assert!(!report.pass_through);
     assert_eq!(report.pod_degraded, None);
+    // What the log line says about the decision.
+    let d = report.decision.expect("a migration target pod is logged");
+    assert_eq!(d.pod, "ns/virt-launcher-vm1-target");
+    assert_eq!(d.vm.as_deref(), Some("ns/vm1"));
+    assert_eq!(d.source.as_deref(), Some(node_name(0).as_str()));
+    assert_eq!(d.best.as_deref(), Some(node_name(1).as_str()));
+    assert_eq!((d.passed, d.failed), (NODES - 2, 2));
 }
 
 #[test]
@@ -149,7 +167,7 @@ fn unknown_node_names_pass_with_neutral_score_and_are_counted() {
     all.push("brand-new".into());
     let body = body_with_names(&migration_pod(true), &all);
     let (f, report) = filter_with(Some(&state), &body);
-    assert!(f.node_names.unwrap().contains(&"brand-new".to_string()));
+    assert!(f.node_names.unwrap().iter().any(|n| n == "brand-new"));
     assert_eq!(report.nodes_degraded, vec![(Cause::NodeUnknown, 1)]);
     let (p, report) = prioritize_with(Some(&state), &body);
     assert_eq!(scores(&p)["brand-new"], 0);
@@ -161,7 +179,7 @@ fn node_without_digest_passes_and_gets_a_neutral_score() {
     let state = fixtures::state(NODES, &[]);
     let body = body_with_names(&migration_pod(true), &names(NODES));
     let (f, _) = filter_with(Some(&state), &body);
-    assert!(f.node_names.unwrap().contains(&node_name(3)));
+    assert!(f.node_names.unwrap().iter().any(|n| *n == node_name(3)));
     let (p, report) = prioritize_with(Some(&state), &body);
     assert_eq!(scores(&p)[&node_name(3)], 0);
     assert_eq!(report.nodes_degraded, vec![(Cause::NodeWithoutDigest, 1)]);
@@ -174,7 +192,7 @@ fn view_not_ready_passes_every_node_with_neutral_scores() {
     assert_eq!(f.node_names.unwrap().len(), NODES);
     assert_eq!(report.pod_degraded, Some(Cause::ViewNotReady));
     let (p, _) = prioritize_with(None, &body);
-    assert!(p.iter().all(|h| h.score == 0));
+    assert!(p.iter().all(|(_, score)| *score == 0));
 }
 
 #[test]
@@ -189,7 +207,7 @@ fn unknown_vmi_passes_every_node_with_neutral_scores() {
     assert_eq!(f.node_names.unwrap().len(), NODES);
     assert_eq!(report.pod_degraded, Some(Cause::VmiUnknown));
     let (p, _) = prioritize_with(Some(&state), &body);
-    assert!(p.iter().all(|h| h.score == 0));
+    assert!(p.iter().all(|(_, score)| *score == 0));
 }
 
 #[test]
@@ -204,7 +222,7 @@ fn vm_without_published_summary_gets_neutral_scores_but_is_still_filtered() {
     );
     let body = body_with_names(&migration_pod(true), &names(NODES));
     let (p, report) = prioritize_with(Some(&state), &body);
-    assert!(p.iter().all(|h| h.score == 0));
+    assert!(p.iter().all(|(_, score)| *score == 0));
     assert_eq!(report.pod_degraded, Some(Cause::VmSummaryMissing));
     let (f, _) = filter_with(Some(&state), &body);
     assert!(f.failed_and_unresolvable_nodes.contains_key(&node_name(0)));
@@ -224,9 +242,13 @@ fn whole_node_objects_are_echoed_when_not_node_cache_capable() {
     let (f, _) = filter_with(Some(&state), &body);
     assert!(f.node_names.is_none());
     let list = f.nodes.unwrap();
-    assert_eq!(list.metadata["resourceVersion"], "7");
-    let kept: Vec<_> = list
+    assert_eq!(list.metadata.unwrap().get(), r#"{"resourceVersion":"7"}"#);
+    let parsed: Vec<serde_json::Value> = list
         .items
+        .iter()
+        .map(|n| serde_json::from_str(n.get()).unwrap())
+        .collect();
+    let kept: Vec<_> = parsed
         .iter()
         .map(|n| n["metadata"]["name"].clone())
         .collect();
@@ -239,7 +261,11 @@ fn whole_node_objects_are_echoed_when_not_node_cache_capable() {
             json!(node_name(5))
         ]
     );
-    assert_eq!(list.items[0], items[1], "node objects are echoed untouched");
+    assert_eq!(
+        list.items[0].get(),
+        items[1].to_string(),
+        "node objects are echoed untouched"
+    );
     let (p, _) = prioritize_with(Some(&state), &body);
     assert_eq!(scores(&p)[&node_name(1)], 10);
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::cluster::{ClusterSnapshot, VmKey, VmRegionSummary, VmRequest};
 use super::hardware::{check_node, FilterReason};
 use super::overlap_index::OverlapIndex;
-use super::rank::{extender_scores, rank_order, why_lost, Scored};
+use super::rank::{extender_scores_of, why_lost, Scored};
 use super::sketch::RegionSketch;
 use super::workgroups::DistanceError;
 
@@ -129,10 +129,51 @@ impl Plan {
     }
 }
 
+/// One passing node of a [`Ranking`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RankedNode {
+    /// Position in the snapshot's node list.
+    pub node: usize,
+    pub load: f64,
+    /// Scheduler-extender score 0..=10.
+    pub score: u8,
+}
+
+/// What [`Planner::rank_nodes`] decided, by node position.
+#[derive(Debug)]
+pub struct Ranking<'p> {
+    pub source: usize,
+    pub source_group: String,
+    /// The VM's summary the ranking used (`None`: ranked by load only).
+    pub summary: Option<&'p VmRegionSummary>,
+    /// Passing nodes, best first.
+    pub ranked: Vec<RankedNode>,
+    /// Nodes that failed the filter, with why.
+    pub filtered: Vec<(usize, FilterReason)>,
+    /// Estimated VM regions on every node, by position.
+    pub common: Vec<f64>,
+    /// Work groups with candidates, the chosen one first.
+    pub work_groups: Vec<WorkGroupScore>,
+    /// Distance from the source's work group, by work group index.
+    group_distance: Vec<f64>,
+    pub notes: Vec<String>,
+}
+
+/// The sort key of one passing node.
+struct RankKey {
+    group_rank: usize,
+    common: f64,
+    load: f64,
+    name_order: u32,
+    node: usize,
+}
+
 /// A cluster snapshot made ready for planning. Cheap to query, rebuilt when the view changes.
 pub struct Planner {
     snapshot: ClusterSnapshot,
     node_pos: HashMap<String, usize>,
+    /// Each node's place in name order: the last tie-break without comparing strings.
+    name_order: Vec<u32>,
     group_of: Vec<usize>,
     groups: Vec<String>,
     vm_home: HashMap<VmKey, (usize, usize)>,
@@ -153,6 +194,12 @@ impl Planner {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
+        let mut by_name: Vec<usize> = (0..snapshot.nodes.len()).collect();
+        by_name.sort_by(|&a, &b| snapshot.nodes[a].name.cmp(&snapshot.nodes[b].name));
+        let mut name_order = vec![0u32; snapshot.nodes.len()];
+        for (order, &i) in by_name.iter().enumerate() {
+            name_order[i] = order as u32;
+        }
         let mut groups: Vec<String> = snapshot
             .nodes
             .iter()
@@ -201,6 +248,7 @@ impl Planner {
         };
         Self {
             node_pos,
+            name_order,
             group_of,
             groups,
             vm_home,
@@ -361,19 +409,33 @@ impl Planner {
         Ok(plan)
     }
 
-    pub fn plan(&self, req: &VmRequest, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    /// Ranks the `considered` node positions (every node when `None`) for `req`: steps 1-3
+    /// of the module doc on positions only, so that 5,000 candidates cost no strings. `plan`
+    /// explains the result; the extender answers straight from it.
+    pub fn rank_nodes<'p>(
+        &'p self,
+        req: &'p VmRequest,
+        opts: &PlanOptions,
+        considered: Option<&[usize]>,
+    ) -> Result<Ranking<'p>, PlanError> {
         let source = *self
             .node_pos
             .get(&req.source_node)
             .ok_or_else(|| PlanError::UnknownSourceNode(req.source_node.clone()))?;
-        if let Some(p) = &opts.pinned_node {
-            if !self.node_pos.contains_key(p) {
-                return Err(PlanError::UnknownPinnedNode(p.clone()));
-            }
-        }
+        let pinned = match &opts.pinned_node {
+            Some(p) => Some(
+                self.node_position(p)
+                    .ok_or_else(|| PlanError::UnknownPinnedNode(p.clone()))?,
+            ),
+            None => None,
+        };
+        // A work group nobody is in matches no node (`usize::MAX`).
+        let pinned_group = opts
+            .pinned_work_group
+            .as_ref()
+            .map(|g| self.groups.binary_search(g).unwrap_or(usize::MAX));
         let nodes = &self.snapshot.nodes;
         let source_group = nodes[source].work_group.clone();
-        let region_bytes = self.snapshot.geometry.region_bytes();
         let mut notes = Vec::new();
 
         let summary = req.summary.as_ref().or_else(|| self.vm_summary(&req.vm));
@@ -390,32 +452,31 @@ impl Planner {
         };
 
         // 1. Minimum hardware configuration.
-        let considered: Vec<usize> = match &opts.only_nodes {
-            Some(names) => names
-                .iter()
-                .filter_map(|n| self.node_pos.get(n).copied())
-                .collect(),
-            None => (0..nodes.len()).collect(),
+        let all: Vec<usize>;
+        let considered = match considered {
+            Some(c) => c,
+            None => {
+                all = (0..nodes.len()).collect();
+                &all
+            }
         };
-        let mut passing = Vec::new();
+        let mut passing = Vec::with_capacity(considered.len());
         let mut filtered = Vec::new();
-        for &i in &considered {
+        for &i in considered {
             let node = &nodes[i];
             let reason = check_node(req, node)
                 .or_else(|| {
-                    opts.pinned_node
-                        .as_ref()
-                        .filter(|p| **p != node.name)
-                        .map(|p| FilterReason::NotPinnedTarget(p.clone()))
+                    pinned
+                        .filter(|&p| p != i)
+                        .map(|p| FilterReason::NotPinnedTarget(nodes[p].name.clone()))
                 })
                 .or_else(|| {
-                    opts.pinned_work_group
-                        .as_ref()
-                        .filter(|g| **g != node.work_group)
-                        .map(|g| FilterReason::OutsideWorkGroup {
+                    pinned_group.filter(|&g| g != self.group_of[i]).map(|_| {
+                        FilterReason::OutsideWorkGroup {
                             node_group: node.work_group.clone(),
-                            wanted: g.clone(),
-                        })
+                            wanted: opts.pinned_work_group.clone().unwrap_or_default(),
+                        }
+                    })
                 });
             match reason {
                 Some(r) => filtered.push((i, r)),
@@ -491,74 +552,121 @@ impl Planner {
             }
         }
 
-        // 3. Rank: work groups in their order, inside each by regions in common and load.
-        let mut ranked: Vec<(usize, Scored)> = passing
+        // 3. Rank: work groups in their order, inside each by regions in common and load
+        // (`rank_order`), the name breaking the last tie through its precomputed order.
+        let mut keyed: Vec<RankKey> = passing
             .iter()
-            .map(|&i| {
-                (
-                    i,
-                    Scored {
-                        node: nodes[i].name.clone(),
-                        common_regions: common[i],
-                        load: nodes[i].effective_load(),
-                        has_digest: self.index.has_digest(i),
-                    },
-                )
+            .map(|&i| RankKey {
+                group_rank: group_rank[self.group_of[i]],
+                common: common[i],
+                load: nodes[i].effective_load(),
+                name_order: self.name_order[i],
+                node: i,
             })
             .collect();
-        ranked.sort_by(|(a, sa), (b, sb)| {
-            let ga = group_rank[self.group_of[*a]];
-            let gb = group_rank[self.group_of[*b]];
-            ga.cmp(&gb).then_with(|| rank_order(sa, sb))
+        keyed.sort_unstable_by(|a, b| {
+            a.group_rank
+                .cmp(&b.group_rank)
+                .then(b.common.total_cmp(&a.common))
+                .then(a.load.total_cmp(&b.load))
+                .then(a.name_order.cmp(&b.name_order))
         });
-        let scored: Vec<Scored> = ranked.iter().map(|(_, s)| s.clone()).collect();
-        let scores = extender_scores(&scored);
-        let winner = scored.first().cloned();
-        let chosen_group = work_groups.first().map(|w| w.work_group.clone());
+        let scores = extender_scores_of(keyed.iter().map(|k| (k.common, k.load)));
+        let ranked = keyed
+            .iter()
+            .zip(scores)
+            .map(|(k, score)| RankedNode {
+                node: k.node,
+                load: k.load,
+                score,
+            })
+            .collect();
+        Ok(Ranking {
+            source,
+            source_group,
+            summary,
+            ranked,
+            filtered,
+            common,
+            work_groups,
+            group_distance,
+            notes,
+        })
+    }
 
+    fn scored(&self, ranking: &Ranking, r: &RankedNode) -> Scored {
+        Scored {
+            node: self.snapshot.nodes[r.node].name.clone(),
+            common_regions: ranking.common[r.node],
+            load: r.load,
+            has_digest: self.index.has_digest(r.node),
+        }
+    }
+
+    /// Plans `req`: [`Planner::rank_nodes`] with every decision written out.
+    pub fn plan(&self, req: &VmRequest, opts: &PlanOptions) -> Result<Plan, PlanError> {
+        let only: Option<Vec<usize>> = opts
+            .only_nodes
+            .as_ref()
+            .map(|names| names.iter().filter_map(|n| self.node_position(n)).collect());
+        let ranking = self.rank_nodes(req, opts, only.as_deref())?;
+        let nodes = &self.snapshot.nodes;
+        let region_bytes = self.snapshot.geometry.region_bytes();
+        let summary = ranking.summary;
+        let winner = ranking.ranked.first().map(|r| self.scored(&ranking, r));
+        let chosen_group = ranking.work_groups.first().map(|w| w.work_group.as_str());
         let explain = opts.explain_top.unwrap_or(DEFAULT_EXPLAINED);
-        let mut candidates = Vec::with_capacity(considered.len());
-        for (pos, ((i, s), score)) in ranked.iter().zip(scores).enumerate() {
-            let node = &nodes[*i];
+        let mut candidates = Vec::with_capacity(ranking.ranked.len() + ranking.filtered.len());
+        for (pos, r) in ranking.ranked.iter().enumerate() {
+            let node = &nodes[r.node];
             let verdict = if pos == 0 {
                 Verdict::Chosen
             } else if pos > explain {
                 Verdict::Lost(String::from("ranked lower"))
-            } else if Some(&node.work_group) != chosen_group.as_ref() {
+            } else if Some(node.work_group.as_str()) != chosen_group {
                 Verdict::Lost(format!(
                     "in work group {}, work group {} was chosen",
                     node.work_group,
-                    chosen_group.as_deref().unwrap_or("")
+                    chosen_group.unwrap_or("")
                 ))
             } else {
-                Verdict::Lost(why_lost(s, winner.as_ref().expect("ranked is not empty")))
+                let winner = winner.as_ref().expect("ranked is not empty");
+                Verdict::Lost(why_lost(&self.scored(&ranking, r), winner))
             };
+            let common = ranking.common[r.node];
             candidates.push(Candidate {
                 node: node.name.clone(),
                 work_group: node.work_group.clone(),
-                common_regions: s.common_regions,
-                common_bytes: (s.common_regions * region_bytes as f64) as u64,
-                distance: group_distance[self.group_of[*i]],
-                load: s.load,
-                has_digest: s.has_digest,
-                score,
+                common_regions: common,
+                common_bytes: (common * region_bytes as f64) as u64,
+                distance: ranking.group_distance[self.group_of[r.node]],
+                load: r.load,
+                has_digest: self.index.has_digest(r.node),
+                score: r.score,
                 verdict,
             });
         }
-        for (i, reason) in filtered {
-            let node = &nodes[i];
+        for (i, reason) in &ranking.filtered {
+            let node = &nodes[*i];
+            let common = ranking.common[*i];
             candidates.push(Candidate {
                 node: node.name.clone(),
                 work_group: node.work_group.clone(),
-                common_regions: common[i],
-                common_bytes: (common[i] * region_bytes as f64) as u64,
-                distance: group_distance[self.group_of[i]],
+                common_regions: common,
+                common_bytes: (common * region_bytes as f64) as u64,
+                distance: ranking.group_distance[self.group_of[*i]],
                 load: node.effective_load(),
-                has_digest: self.index.has_digest(i),
+                has_digest: self.index.has_digest(*i),
                 score: 0,
                 verdict: Verdict::Filtered(reason.to_string()),
             });
         }
+        let Ranking {
+            source_group,
+            work_groups,
+            mut notes,
+            ..
+        } = ranking;
 
         // 4. Bytes.
         let total = summary.map_or(req.memory_bytes, |s| s.memory_bytes);

@@ -59,27 +59,32 @@ pub fn why_lost(loser: &Scored, winner: &Scored) -> String {
 /// the other plugins are indifferent. Below the top: common memory (80%) and spare load (20%),
 /// capped so the scores never rise down the ranking.
 pub fn extender_scores(ranked: &[Scored]) -> Vec<u8> {
-    let best_common = ranked.first().map_or(0.0, |s| s.common_regions);
+    extender_scores_of(ranked.iter().map(|s| (s.common_regions, s.load)))
+}
+
+/// [`extender_scores`] from (common regions, load) pairs, best first.
+pub fn extender_scores_of(ranked: impl ExactSizeIterator<Item = (f64, f64)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ranked.len());
+    let mut best_common = 0.0;
     let mut previous = 10u8;
-    ranked
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            if i == 0 {
-                return 10;
-            }
-            let common = if best_common > 0.0 {
-                (s.common_regions / best_common).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
-            let spare = (1.0 - s.load).clamp(0.0, 1.0);
-            let raw = (9.0 * (0.8 * common + 0.2 * spare)).round().clamp(0.0, 9.0) as u8;
-            // Never score a node above one the ranking put before it.
-            previous = raw.min(previous);
-            previous
-        })
-        .collect()
+    for (i, (common, load)) in ranked.enumerate() {
+        if i == 0 {
+            best_common = common;
+            out.push(10);
+            continue;
+        }
+        let common = if best_common > 0.0 {
+            (common / best_common).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let spare = (1.0 - load).clamp(0.0, 1.0);
+        let raw = (9.0 * (0.8 * common + 0.2 * spare)).round().clamp(0.0, 9.0) as u8;
+        // Never score a node above one the ranking put before it.
+        previous = raw.min(previous);
+        out.push(previous);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! The cluster as the controller and the extender see it: watch-fed stores and the conversion
 //! of Kubernetes objects into the planner's plain facts.
 
+pub mod args;
 pub mod convert;
 pub mod quantity;
 pub mod store;
 
+pub use args::ViewArgs;
 pub use store::{ClusterView, MigrationLimits, ViewConfig};
