@@ -125,10 +125,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         }
     }
 
-    let view = ClusterView::start(
-        client.clone(),
-        view_config,
-    );
+    let view = ClusterView::start(client.clone(), view_config);
     view.wait_ready().await;
     ready.set(true);
     tracing::info!("caches synced; reconciling");
