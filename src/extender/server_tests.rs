@@ -504,3 +504,112 @@ proptest! {
         }
     }
 }
+
+// ---- HTTPS ----
+
+/// A self-signed certificate for `localhost`, written as PEM files.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path, cert.cert.der().to_vec())
+}
+
+/// One HTTP/1.1 request over TLS, trusting only `ca`; the response as text.
+async fn https_post(port: u16, ca: &[u8], path: &str, body: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca.to_vec()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await?;
+    tls.write_all(body).await?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn https_serves_the_verbs_with_the_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = self_signed(dir.path());
+    let tls = tls_config(&cert, &key).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        app(Some(fixtures::state(NODES, &[])), 1 << 20),
+        listener,
+        Some(tls),
+        std::time::Duration::from_secs(5),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let answer = https_post(port, &ca, "/prioritize", &body).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let list: serde_json::Value = serde_json::from_str(json).unwrap();
+    let best = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["Score"] == 10)
+        .unwrap();
+    assert_eq!(best["Host"], node_name(1));
+    // A client that does not trust the certificate gets no answer.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    assert!(https_post(port, other.cert.der(), "/filter", &body)
+        .await
+        .is_err());
+    // Plain HTTP on the TLS port is not answered as HTTP.
+    let plain = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out).await;
+        out
+    };
+    assert!(!plain.starts_with(b"HTTP/1.1 200"));
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[test]
+fn tls_files_that_do_not_fit_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = self_signed(dir.path());
+    let missing = dir.path().join("missing.crt");
+    let e = tls_config(&missing, &key).unwrap_err().to_string();
+    assert!(e.contains("missing.crt"), "{e}");
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_key, _) = self_signed(other.path());
+    let e = tls_config(&cert, &other_key).unwrap_err().to_string();
+    assert!(e.contains("do not match"), "{e}");
+    std::fs::write(&missing, "not a certificate").unwrap();
+    let e = tls_config(&missing, &key).unwrap_err().to_string();
+    assert!(e.contains("no certificate"), "{e}");
+}
