@@ -13,16 +13,16 @@
 //! `tests/qemu/prepare.sh` cannot provide QEMU (exit code 77), or when
 //! `COMMONGROUND_SKIP_QEMU=1`. See tests/qemu/README.md for the numbers observed.
 
+#[path = "qemu/common.rs"]
+mod qemu;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use commonground::plan::estimate::{estimate, Estimate, EstimateInput, Transport};
-use serde_json::{json, Value};
+use qemu::{Env, Guest, GuestConfig};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const PAGE: usize = 4096;
@@ -30,248 +30,47 @@ const PAGE: usize = 4096;
 /// Far beyond the error observed (see README): a ratio above this fails the test.
 const FAIL_RATIO: f64 = 3.0;
 
-struct Env {
-    qemu: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    accel: String,
+fn start_vm(env: &Env, s: &Scenario, incoming: bool) -> Guest {
+    Guest::start(
+        env,
+        &GuestConfig {
+            mem_mib: s.mem_mib,
+            append: format!(
+                "console=ttyS0 quiet panic=-1 alloc_mib={} wss_mib={} dirty_mib_s={}",
+                s.alloc_mib, s.wss_mib, s.rate_mib_s
+            ),
+            name: None,
+            // so the test can count the non-zero pages of guest RAM
+            ram_file: true,
+            incoming,
+        },
+    )
 }
 
-/// Runs prepare.sh; `None` when QEMU cannot be provided here.
-fn prepare() -> Option<Env> {
-    if std::env::var("COMMONGROUND_SKIP_QEMU").is_ok_and(|v| v == "1") {
-        println!("SKIP qemu_estimate: COMMONGROUND_SKIP_QEMU=1");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu/prepare.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run tests/qemu/prepare.sh");
-    match out.status.code() {
-        Some(0) => {}
-        Some(77) => {
-            println!(
-                "SKIP qemu_estimate: prepare.sh cannot provide QEMU here (see its message above)"
-            );
-            return None;
+/// Non-zero 4 KiB pages of guest RAM, in bytes.
+fn nonzero_bytes(vm: &Guest) -> u64 {
+    let mut f = File::open(vm.ram_path()).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut nonzero = 0u64;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
         }
-        other => panic!("tests/qemu/prepare.sh failed ({other:?})"),
+        nonzero += buf[..n]
+            .chunks(PAGE)
+            .filter(|p| p.iter().any(|&b| b != 0))
+            .count() as u64;
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("prepare.sh printed no {k}=: {text}"))
-            .to_string()
-    };
-    Some(Env {
-        qemu: get("QEMU").into(),
-        kernel: get("KERNEL").into(),
-        initrd: get("INITRD").into(),
-        accel: get("ACCEL"),
-    })
+    nonzero * PAGE as u64
 }
 
-/// A minimal QMP client: one JSON object per line, events skipped.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, child: &mut Child, timeout: Duration) -> Qmp {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        panic!("QEMU exited ({status}) before its QMP socket {path:?} was up");
-                    }
-                    assert!(Instant::now() < deadline, "QMP socket {path:?}: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        let greeting = qmp.read();
-        assert!(
-            greeting.get("QMP").is_some(),
-            "not a QMP greeting: {greeting}"
-        );
-        qmp.cmd("qmp_capabilities", json!({})).unwrap();
-        qmp
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read from QMP");
-        assert!(n > 0, "QMP connection closed");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
-    }
-
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Result<Value, String> {
-        let mut msg = json!({ "execute": execute });
-        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
-            msg["arguments"] = arguments;
-        }
-        writeln!(self.writer, "{msg}").expect("write to QMP");
-        loop {
-            let v = self.read();
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(format!("{execute}: {e}"));
-            }
-            // an event: skip
-        }
-    }
-}
-
-/// One QEMU process and its files; killed (and its files removed) when dropped, panic or not.
-struct Vm {
-    child: Child,
-    qmp: Option<Qmp>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.qmp = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vm {
-    fn start(env: &Env, s: &Scenario, incoming: bool) -> Vm {
-        // Guest RAM is a file in tmpfs so the test can count its non-zero pages.
-        let base = if Path::new("/dev/shm").is_dir() {
-            "/dev/shm"
-        } else {
-            "/tmp"
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("cg-qemu-")
-            .tempdir_in(base)
-            .unwrap();
-        let d = dir.path();
-        let append = format!(
-            "console=ttyS0 quiet panic=-1 alloc_mib={} wss_mib={} dirty_mib_s={}",
-            s.alloc_mib, s.wss_mib, s.rate_mib_s
-        );
-        let mut cmd = Command::new(&env.qemu);
-        cmd.args([
-            "-accel",
-            &env.accel,
-            "-machine",
-            "pc,memory-backend=ram0",
-            "-smp",
-            "1",
-        ])
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
-            s.mem_mib,
-            d.join("ram").display()
-        ))
-        .args(["-m", &format!("{}M", s.mem_mib)])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", d.join("serial.log").display()))
-        .arg("-kernel")
-        .arg(&env.kernel)
-        .arg("-initrd")
-        .arg(&env.initrd)
-        .args(["-append", &append])
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            d.join("qmp.sock").display()
-        ));
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(d.join("stderr.log")).unwrap());
-        // Should the test process die without unwinding, QEMU goes with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn qemu-system-x86_64");
-        let qmp = Qmp::connect(&d.join("qmp.sock"), &mut child, Duration::from_secs(30));
-        Vm {
-            child,
-            qmp: Some(qmp),
-            dir,
-        }
-    }
-
-    fn qmp(&mut self) -> &mut Qmp {
-        self.qmp.as_mut().unwrap()
-    }
-
-    fn serial(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
-    }
-
-    fn wait_serial(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.serial().contains(needle) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("QEMU exited ({status}): {}", self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on the guest console; it shows:\n{}",
-                self.serial()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    /// Non-zero 4 KiB pages of guest RAM, in bytes.
-    fn nonzero_bytes(&self) -> u64 {
-        let mut f = File::open(self.dir.path().join("ram")).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut nonzero = 0u64;
-        loop {
-            let n = f.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            nonzero += buf[..n]
-                .chunks(PAGE)
-                .filter(|p| p.iter().any(|&b| b != 0))
-                .count() as u64;
-        }
-        nonzero * PAGE as u64
-    }
-
-    /// Achieved rates the dirtier printed (MiB/s), in order.
-    fn guest_rates(&self) -> Vec<f64> {
-        self.serial()
-            .lines()
-            .filter_map(|l| l.split("rate_mib_s=").nth(1)?.trim().parse().ok())
-            .collect()
-    }
+/// Achieved rates the dirtier printed (MiB/s), in order.
+fn guest_rates(vm: &Guest) -> Vec<f64> {
+    vm.serial()
+        .lines()
+        .filter_map(|l| l.split("rate_mib_s=").nth(1)?.trim().parse().ok())
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -306,14 +105,17 @@ struct Outcome {
 }
 
 fn run(env: &Env, s: Scenario) -> Outcome {
-    let mut dst = Vm::start(env, &s, true);
-    let mut src = Vm::start(env, &s, false);
-    src.wait_serial("cg-dirtier: ready", Duration::from_secs(90));
+    let mut dst = start_vm(env, &s, true);
+    let mut src = start_vm(env, &s, false);
+    src.wait_serial(
+        "cg-dirtier: ready",
+        Instant::now() + Duration::from_secs(90),
+    );
     // let the dirtier reach its pace
     std::thread::sleep(Duration::from_millis(500));
 
     let mem = s.mem_mib * MIB;
-    let nonzero = src.nonzero_bytes();
+    let nonzero = nonzero_bytes(&src);
     let zero_bytes = mem.saturating_sub(nonzero);
     let input = EstimateInput {
         memory_bytes: mem,
@@ -399,7 +201,7 @@ fn run(env: &Env, s: Scenario) -> Outcome {
         started.elapsed().as_secs_f64()
     };
     let page_size = ram["page-size"].as_f64().unwrap_or(PAGE as f64);
-    let rates = src.guest_rates();
+    let rates = guest_rates(&src);
     Outcome {
         s,
         est,
@@ -493,16 +295,14 @@ fn scenarios() -> Vec<Scenario> {
 
 #[test]
 fn estimate_matches_qemu_live_migration() {
-    let Some(env) = prepare() else { return };
+    let Some(env) = qemu::prepare("qemu_estimate") else {
+        return;
+    };
     let t0 = Instant::now();
     println!(
         "qemu_estimate: {} with {}, guest kernel {}",
         env.qemu.display(),
-        if env.accel == "kvm" {
-            "KVM"
-        } else {
-            "TCG (no usable KVM)"
-        },
+        env.accel_description(),
         env.kernel.display()
     );
     let outcomes: Vec<Outcome> = scenarios().into_iter().map(|s| run(&env, s)).collect();

@@ -74,6 +74,7 @@ impl Mapping {
     pub fn is_guest_ram(&self) -> bool {
         self.readable
             && self.writable
+            && !self.executable
             && self.len() >= MIN_GUEST_RAM_BYTES
             && !self.is_special()
             && (self.is_anonymous() || self.is_memory_object())
