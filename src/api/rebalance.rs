@@ -45,11 +45,14 @@ pub struct RebalancePolicySpec {
     #[serde(default = "default_factor")]
     #[schemars(range(min = 1.0, max = 10.0))]
     pub threshold_factor: f64,
-    /// Sender-initiated: nodes above this composite load look for a peer.
+    /// Sender-initiated: nodes above this load look for a peer. Loads are the weighted sums
+    /// shown in `status.loads` (CPU in cores, I/O in 100 MiB/s, memory in 4 GiB, times the
+    /// weights); unset: 1.2 x the mean load of the round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 10.0))]
     pub high_threshold: Option<f64>,
-    /// Receiver-initiated: nodes below this composite load pull from a peer.
+    /// Receiver-initiated: nodes below this load (as `highThreshold`) pull from a peer;
+    /// unset: 0.8 x the mean load of the round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 10.0))]
     pub low_threshold: Option<f64>,
@@ -134,10 +137,12 @@ impl Default for LoadWeights {
 pub struct RebalancePolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_round_time: Option<String>,
-    /// Composite load per node seen in the last round.
+    /// Load per node seen in the last round: the weighted sum over its VMs of CPU cores, I/O
+    /// in 100 MiB/s and memory in 4 GiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub loads: BTreeMap<String, f64>,
-    /// Decisions of the last round and why.
+    /// Decisions of the last round that decided anything, and why (a round that finds the
+    /// nodes even keeps them, so the record of the last moves stays).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<RebalanceDecision>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -155,4 +160,7 @@ pub struct RebalanceDecision {
     /// The VirtualMachineMigration created (empty in dry run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
+    /// When the round that decided this ran (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_time: Option<String>,
 }

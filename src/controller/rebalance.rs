@@ -17,8 +17,8 @@ use crate::api::migration::{MigrationTarget, VirtualMachineMigrationSpec};
 use crate::api::rebalance::{RebalanceDecision, RebalanceMode, RebalancePolicyStatus};
 use crate::api::{RebalancePolicy, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::rebalance::{
-    cooldown_seconds, rank_by_common_memory, round, BalancingNode, BalancingVm, LoadFactors, Mode,
-    RoundConfig, Weights,
+    admits, cooldown_seconds, rank_by_common_memory, round, BalancingNode, BalancingVm,
+    LoadFactors, Mode, RoundConfig, Weights,
 };
 use crate::plan::VmKey;
 use crate::view::quantity;
@@ -226,8 +226,15 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
     };
     // Several receivers: the one already holding most of the VM's memory first.
     let mut prefer = |vm: &VmKey, names: &[&str]| rank_by_common_memory(&planner, vm, names);
-    let moves = round(&nodes, &config, &mut prefer);
+    // A receiver must pass the planner's filter for the VM (room, selectors, taints), or the
+    // migration would only fail at planning.
+    let mut admits_vm = |vm: &VmKey, node: &str| {
+        view.vm_request(vm)
+            .is_some_and(|req| admits(&planner, &req, node))
+    };
+    let moves = round(&nodes, &config, &mut admits_vm, &mut prefer);
 
+    let round_time = now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut decisions = Vec::new();
     for m in moves {
         let moves_so_far = history.get(&m.vm).map_or(0, |h| h.0);
@@ -274,10 +281,19 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
             to: m.to,
             reason: m.reason,
             migration,
+            round_time: Some(round_time.clone()),
         });
     }
+    if decisions.is_empty() {
+        // Nothing to do this round: the last decisions stay on record.
+        decisions = policy
+            .status
+            .as_ref()
+            .map(|s| s.decisions.clone())
+            .unwrap_or_default();
+    }
     let status = RebalancePolicyStatus {
-        last_round_time: Some(now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        last_round_time: Some(round_time),
         loads,
         decisions,
         conditions: policy.status.clone().unwrap_or_default().conditions,

@@ -15,7 +15,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::cluster::VmKey;
+use super::cluster::{VmKey, VmRequest};
+use super::hardware::check_node;
 use super::Planner;
 
 /// Units of the load sum: CPU in cores, I/O in 100 MiB/s, memory in 4 GiB, so that a
@@ -216,11 +217,14 @@ pub fn choose_vm(src: &BalancingNode, dst: &BalancingNode) -> Option<(usize, f64
         .map(|(i, _, s, d)| (i, s, d))
 }
 
-/// One rebalancing round. `prefer` orders several qualifying receivers for a VM (best first),
-/// e.g. by the VM's memory in common with each; it gets the VM and candidate node names.
+/// One rebalancing round. `admits` says whether a node can take a VM at all (capacity,
+/// selectors, taints: the planner's minimum-hardware filter); a VM no receiver admits is
+/// passed over for the next best. `prefer` orders several qualifying receivers for a VM (best
+/// first), e.g. by the VM's memory in common with each; it gets the VM and candidate names.
 pub fn round(
     nodes: &[BalancingNode],
     config: &RoundConfig,
+    admits: &mut dyn FnMut(&VmKey, &str) -> bool,
     prefer: &mut dyn FnMut(&VmKey, &[&str]) -> Vec<String>,
 ) -> Vec<Move> {
     let mut nodes: Vec<BalancingNode> = nodes.to_vec();
@@ -263,35 +267,54 @@ pub fn round(
         if receivers.is_empty() {
             return;
         }
-        // The VM first (against the least loaded receiver), then where it goes.
+        // The VM first (against the least loaded receiver), then where it goes. A VM that no
+        // receiver admits is set aside (for this pair only) and the next best one is tried.
         let least = *receivers
             .iter()
             .min_by(|a, b| nodes[**a].load().total_cmp(&nodes[**b].load()))
             .expect("not empty");
-        let Some((vm_idx, _, _)) = choose_vm(&nodes[src], &nodes[least]) else {
+        let mut set_aside: Vec<VmKey> = Vec::new();
+        let chosen = loop {
+            let Some((vm_idx, _, _)) = choose_vm(&nodes[src], &nodes[least]) else {
+                break None;
+            };
+            let vm = nodes[src].vms[vm_idx].clone();
+            // Every admitting receiver for which this VM still narrows the gap qualifies.
+            let qualifying: Vec<usize> = receivers
+                .iter()
+                .copied()
+                .filter(|&d| {
+                    let (ls, ld) = (nodes[src].load(), nodes[d].load());
+                    let after = (ls - nodes[src].weights.load(&vm.factors))
+                        - (ld + nodes[d].weights.load(&vm.factors));
+                    after.abs() < (ls - ld).abs()
+                })
+                .filter(|&d| admits(&vm.vm, &nodes[d].name))
+                .collect();
+            if qualifying.is_empty() {
+                nodes[src].vms[vm_idx].movable = false;
+                set_aside.push(vm.vm);
+                continue;
+            }
+            break Some((vm_idx, vm, qualifying));
+        };
+        for v in nodes[src].vms.iter_mut() {
+            if set_aside.contains(&v.vm) {
+                v.movable = true;
+            }
+        }
+        let Some((vm_idx, vm, qualifying)) = chosen else {
             return;
         };
-        let vm = nodes[src].vms[vm_idx].clone();
-        // Every receiver for which this VM still narrows the gap qualifies.
-        let qualifying: Vec<usize> = receivers
-            .iter()
-            .copied()
-            .filter(|&d| {
-                let (ls, ld) = (nodes[src].load(), nodes[d].load());
-                let after = (ls - nodes[src].weights.load(&vm.factors))
-                    - (ld + nodes[d].weights.load(&vm.factors));
-                after.abs() < (ls - ld).abs()
-            })
-            .collect();
         let dst = if qualifying.len() > 1 {
             let names: Vec<&str> = qualifying.iter().map(|&d| nodes[d].name.as_str()).collect();
             let ranked = prefer(&vm.vm, &names);
             ranked
                 .iter()
                 .find_map(|n| qualifying.iter().copied().find(|&d| &nodes[d].name == n))
-                .unwrap_or(least)
+                .unwrap_or(qualifying[0])
         } else {
-            qualifying.first().copied().unwrap_or(least)
+            qualifying[0]
         };
         let (before_s, before_d) = (nodes[src].load(), nodes[dst].load());
         let moved = nodes[src].vms.remove(vm_idx);
@@ -397,6 +420,15 @@ pub fn rank_by_common_memory(planner: &Planner, vm: &VmKey, names: &[&str]) -> V
     ranked.into_iter().map(|(_, n)| n).collect()
 }
 
+/// Could `node` take the VM now, by the planner's minimum-hardware filter (readiness,
+/// capacity, selectors, affinity, taints) over the snapshot? A node the planner does not know
+/// is not admitted; shared by the controller and `simulate --rebalance`.
+pub fn admits(planner: &Planner, vm: &VmRequest, node: &str) -> bool {
+    planner
+        .node_position(node)
+        .is_some_and(|i| check_node(vm, &planner.snapshot().nodes[i]).is_none())
+}
+
 /// Coefficient of variation of node loads (0 = perfectly even).
 pub fn coefficient_of_variation(loads: &[f64]) -> f64 {
     if loads.is_empty() {
@@ -453,6 +485,10 @@ mod tests {
         }
     }
 
+    fn admit_all() -> impl FnMut(&VmKey, &str) -> bool {
+        |_, _| true
+    }
+
     fn no_preference() -> impl FnMut(&VmKey, &[&str]) -> Vec<String> {
         |_, names| names.iter().map(|s| s.to_string()).collect()
     }
@@ -504,7 +540,7 @@ mod tests {
             threshold_factor: 1.1,
             ..Default::default()
         };
-        assert!(round(&nodes, &cfg, &mut no_preference()).is_empty());
+        assert!(round(&nodes, &cfg, &mut admit_all(), &mut no_preference()).is_empty());
     }
 
     #[test]
@@ -538,7 +574,7 @@ mod tests {
                 max_concurrent: 1,
                 ..Default::default()
             };
-            let moves = round(&nodes(), &cfg, &mut no_preference());
+            let moves = round(&nodes(), &cfg, &mut admit_all(), &mut no_preference());
             assert_eq!(moves.len(), 1, "{mode:?}: {moves:?}");
             let m = &moves[0];
             assert!(m.from_load_after < m.from_load_before);
@@ -554,7 +590,7 @@ mod tests {
             high_threshold: Some(1000.0),
             ..Default::default()
         };
-        assert!(round(&nodes(), &cfg, &mut no_preference()).is_empty());
+        assert!(round(&nodes(), &cfg, &mut admit_all(), &mut no_preference()).is_empty());
     }
 
     #[test]
@@ -568,7 +604,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            round(&nodes, &cfg, &mut no_preference()).len(),
+            round(&nodes, &cfg, &mut admit_all(), &mut no_preference()).len(),
             1,
             "one per node"
         );
@@ -581,7 +617,7 @@ mod tests {
             ..cfg
         };
         assert!(
-            round(&nodes, &cfg2, &mut no_preference()).is_empty(),
+            round(&nodes, &cfg2, &mut admit_all(), &mut no_preference()).is_empty(),
             "cluster limit reached"
         );
         for v in &mut hot.vms {
@@ -592,7 +628,7 @@ mod tests {
             mode: Mode::SenderInitiated,
             ..Default::default()
         };
-        assert!(round(&nodes, &cfg, &mut no_preference()).is_empty());
+        assert!(round(&nodes, &cfg, &mut admit_all(), &mut no_preference()).is_empty());
     }
 
     #[test]
@@ -611,8 +647,43 @@ mod tests {
             v.sort_by_key(|n| n != "c2");
             v
         };
-        let moves = round(&nodes, &cfg, &mut prefer_c2);
+        let moves = round(&nodes, &cfg, &mut admit_all(), &mut prefer_c2);
         assert_eq!(moves[0].to, "c2");
+    }
+
+    #[test]
+    fn a_receiver_without_room_is_passed_over_and_then_the_vm() {
+        // Loads 120 and 80 (+ a third node at 80): the VM of load 20 is the best move.
+        let nodes = vec![
+            node(
+                "hot",
+                vec![vm("v20", 20.0), vm("v15", 15.0), vm("v85", 85.0)],
+            ),
+            node("c1", vec![vm("x", 80.0)]),
+            node("c2", vec![vm("y", 80.0)]),
+        ];
+        let cfg = RoundConfig {
+            mode: Mode::SenderInitiated,
+            high_threshold: Some(100.0),
+            max_concurrent: 1,
+            ..RoundConfig::default()
+        };
+        // c1 has no room for v20: it goes to c2.
+        let mut not_c1 = |_: &VmKey, n: &str| n != "c1";
+        let moves = round(&nodes, &cfg, &mut not_c1, &mut no_preference());
+        assert_eq!(moves.len(), 1);
+        assert_eq!(
+            (moves[0].vm.name.as_str(), moves[0].to.as_str()),
+            ("v20", "c2")
+        );
+        // Nobody has room for v20: the next best VM (v15) moves instead.
+        let mut not_v20 = |v: &VmKey, _: &str| v.name != "v20";
+        let moves = round(&nodes, &cfg, &mut not_v20, &mut no_preference());
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].vm.name, "v15");
+        // Nobody has room for anything: no move.
+        let mut none = |_: &VmKey, _: &str| false;
+        assert!(round(&nodes, &cfg, &mut none, &mut no_preference()).is_empty());
     }
 
     #[test]

@@ -314,7 +314,9 @@ fn run_mode(start: &State, mode: Mode, cfg: &RebalanceConfig) -> RunReport {
             let p = planner.get_or_insert_with(|| Planner::new(s.snapshot.clone()));
             rank_by_common_memory(p, vm, names)
         };
-        let moves = round(&nodes, &config, &mut prefer);
+        // The controller asks the planner's filter; here capacity is what the workload limits.
+        let mut fits = |vm: &VmKey, node: &str| s.fits(index[vm], node_index[node]);
+        let moves = round(&nodes, &config, &mut fits, &mut prefer);
         let mut made = 0;
         for m in moves {
             let v = index[&m.vm];
