@@ -27,20 +27,20 @@ fn quiet_policy() -> RescanPolicy {
     }
 }
 
-/// Three "VMs" whose whole guest memory is one shared /dev/shm file.
-struct SharedTrio {
+/// "VMs" whose whole guest memory is one shared /dev/shm file.
+struct SharedVms {
     shm: String,
     keys: Vec<VmKey>,
     holders: Vec<Holder>,
 }
 
-impl SharedTrio {
-    fn start(tag: &str) -> SharedTrio {
+impl SharedVms {
+    fn start(tag: &str, members: &[&str]) -> SharedVms {
         let shm = format!("cg-groups-{tag}-{}", std::process::id());
         let backing = format!("shm:{shm}");
         let mut keys = Vec::new();
         let mut holders = Vec::new();
-        for name in ["a", "b", "c"] {
+        for name in members {
             let vm = format!("{name}-{tag}-{}", std::process::id());
             holders.push(Holder::start(HolderSpec {
                 vm: Some(("ns", &vm)),
@@ -50,7 +50,7 @@ impl SharedTrio {
             }));
             keys.push(VmKey::new("ns", vm));
         }
-        SharedTrio { shm, keys, holders }
+        SharedVms { shm, keys, holders }
     }
 
     /// Writes one byte in one page of member `i`'s shared memory.
@@ -60,7 +60,7 @@ impl SharedTrio {
     }
 }
 
-impl Drop for SharedTrio {
+impl Drop for SharedVms {
     fn drop(&mut self) {
         for h in &mut self.holders {
             h.kill();
@@ -101,8 +101,8 @@ fn published_group(scanner: &NodeScanner) -> Option<(Vec<String>, Vec<String>)> 
 
 #[test]
 fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_are_not() {
-    let mut trio = SharedTrio::start("follow");
-    let [a, b, c] = [&trio.keys[0], &trio.keys[1], &trio.keys[2]].map(|k| k.clone());
+    let mut vms = SharedVms::start("follow", &["a", "b", "c"]);
+    let [a, b, c] = [&vms.keys[0], &vms.keys[1], &vms.keys[2]].map(|k| k.clone());
     let all = vec![a.to_string(), b.to_string(), c.to_string()];
     let mut s = scanner();
 
@@ -112,14 +112,14 @@ fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_
     assert_eq!(inputs.groups[0].shared_bytes, SHARED_MIB * MIB);
     assert_eq!(published_group(&s), Some((all.clone(), vec![])));
     // While the group is whole, touching the shared memory is normal: nothing is reported.
-    trio.touch_one_page(1);
+    vms.touch_one_page(1);
     tick(&mut s, &[&a, &b, &c]);
-    trio.touch_one_page(1);
+    vms.touch_one_page(1);
     tick(&mut s, &[&a, &b, &c]);
     assert_eq!(published_group(&s), Some((all.clone(), vec![])));
 
     // a migrated away: its process is gone, and b and c are watched from now on.
-    trio.holders[0].kill();
+    vms.holders[0].kill();
     tick(&mut s, &[&b, &c]);
     assert_eq!(published_group(&s), Some((all.clone(), vec![])));
     // The agent's own scans of b and c (which read the shared pages) do not count.
@@ -127,7 +127,7 @@ fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_
         tick(&mut s, &[&b, &c]);
         assert_eq!(published_group(&s), Some((all.clone(), vec![])));
     }
-    trio.touch_one_page(1);
+    vms.touch_one_page(1);
     tick(&mut s, &[&b, &c]);
     assert_eq!(
         published_group(&s),
@@ -136,12 +136,12 @@ fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_
     );
 
     // b followed a: c alone no longer shares the file with anyone here, but the group stays.
-    trio.holders[1].kill();
+    vms.holders[1].kill();
     tick(&mut s, &[&c]);
     assert_eq!(published_group(&s), Some((all.clone(), vec![])));
     tick(&mut s, &[&c]);
     assert_eq!(published_group(&s), Some((all.clone(), vec![])));
-    trio.touch_one_page(2);
+    vms.touch_one_page(2);
     tick(&mut s, &[&c]);
     assert_eq!(
         published_group(&s),
@@ -149,15 +149,15 @@ fn members_left_behind_that_touch_the_shared_memory_are_reported_and_the_others_
     );
 
     // The last member left: nothing of the group is on the node.
-    trio.holders[2].kill();
+    vms.holders[2].kill();
     tick(&mut s, &[]);
     assert_eq!(published_group(&s), None);
 }
 
 #[test]
 fn a_whole_group_is_not_watched_however_much_its_members_touch_the_shared_memory() {
-    let mut trio = SharedTrio::start("whole");
-    let [a, b, c] = [&trio.keys[0], &trio.keys[1], &trio.keys[2]].map(|k| k.clone());
+    let mut vms = SharedVms::start("whole", &["a", "b", "c"]);
+    let [a, b, c] = [&vms.keys[0], &vms.keys[1], &vms.keys[2]].map(|k| k.clone());
     let mut s = scanner();
     tick(&mut s, &[&a, &b, &c]);
     assert!(s.shared.watched().is_empty());
@@ -165,7 +165,7 @@ fn a_whole_group_is_not_watched_however_much_its_members_touch_the_shared_memory
     // watched, as long as all are here.
     for _ in 0..3 {
         for i in 0..3 {
-            trio.touch_one_page(i);
+            vms.touch_one_page(i);
         }
         tick(&mut s, &[&a, &b, &c]);
         assert!(s.shared.watched().is_empty());
@@ -175,4 +175,29 @@ fn a_whole_group_is_not_watched_however_much_its_members_touch_the_shared_memory
             "no departure, no reports"
         );
     }
+}
+
+#[test]
+fn a_member_whose_process_exits_during_an_interval_has_left() {
+    let mut pair = SharedVms::start("exit", &["a", "b"]);
+    let [a, b] = [&pair.keys[0], &pair.keys[1]].map(|k| k.clone());
+    let both = vec![a.to_string(), b.to_string()];
+    let mut s = scanner();
+    tick(&mut s, &[&a, &b]);
+    assert_eq!(published_group(&s), Some((both.clone(), vec![])));
+    // a's process exits after the agent listed the processes, while its VMI still names this
+    // node: the race the agent meets when a migration ends. a has left all the same: the group
+    // is kept for b, which no longer shares the file with anyone here, and b is watched.
+    let procs = discover::find_qemu_processes().expect("/proc lists");
+    pair.holders[0].kill();
+    s.tick(&procs, &[a.clone(), b.clone()].into());
+    assert_eq!(published_group(&s), Some((both.clone(), vec![])));
+    assert_eq!(
+        s.shared.watched().into_keys().collect::<Vec<_>>(),
+        vec![b.clone()]
+    );
+    tick(&mut s, &[&b]);
+    pair.touch_one_page(1);
+    tick(&mut s, &[&b]);
+    assert_eq!(published_group(&s), Some((both, vec![b.to_string()])));
 }

@@ -16,6 +16,7 @@ use super::publish::DigestInputs;
 use super::shared_access::SharedAccessMonitor;
 use super::shared_memory;
 use super::vm_tracker::{RescanMode, RescanPolicy, TrackedVm};
+use super::AgentError;
 
 /// Regions held at least this many times on a node are listed as replicated.
 pub const REPLICATION_THRESHOLD: u32 = 2;
@@ -92,6 +93,8 @@ impl NodeScanner {
             self.vms.remove(&vm);
             self.table.release(&vm);
         }
+        // VMs whose process went away during this interval: they have left the node too.
+        let mut vanished: BTreeSet<VmKey> = BTreeSet::new();
         for (&vm, &pid) in &wanted {
             let result = match self.vms.get_mut(vm) {
                 Some(t) => t.refresh(self.mode, &self.policy).map(|o| o.exited),
@@ -117,8 +120,12 @@ impl NodeScanner {
                     tracing::info!(namespace = %vm.namespace, name = %vm.name, pid, "QEMU process exited during the scan");
                     self.vms.remove(vm);
                     self.table.release(vm);
+                    vanished.insert(vm.clone());
                 }
                 Err(e) => {
+                    if matches!(e, AgentError::NoProcess(_)) {
+                        vanished.insert(vm.clone());
+                    }
                     tracing::warn!(namespace = %vm.namespace, name = %vm.name, pid, error = %e, "cannot scan VM");
                     self.vms.remove(vm);
                     self.table.release(vm);
@@ -132,7 +139,11 @@ impl NodeScanner {
                 .map(|t| (t.vm.clone(), t.maps.clone()))
                 .collect::<Vec<_>>(),
         );
-        let present: BTreeSet<VmKey> = wanted.keys().map(|vm| (*vm).clone()).collect();
+        let present: BTreeSet<VmKey> = wanted
+            .keys()
+            .map(|vm| (*vm).clone())
+            .filter(|vm| !vanished.contains(vm))
+            .collect();
         self.shared.update(groups, &present, Instant::now());
         // After the scans, so the next interval's reading holds the VMs' own accesses only.
         let pids: BTreeMap<VmKey, i32> = wanted

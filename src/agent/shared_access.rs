@@ -252,8 +252,12 @@ impl SharedAccessMonitor {
                     tracing::info!(namespace = %vm.namespace, name = %vm.name, pid, bytes, "member touched the shared memory after a member left");
                     self.record_access(vm, now);
                 }
-                Err(e) => {
+                // The process exited since the last interval: it has left the node.
+                Err(e @ AgentError::NoProcess(_)) => {
                     tracing::debug!(namespace = %vm.namespace, name = %vm.name, pid, error = %e, "cannot read shared memory accesses")
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %vm.namespace, name = %vm.name, pid, error = %e, "cannot read shared memory accesses")
                 }
             }
         }
@@ -300,6 +304,14 @@ impl SharedAccessMonitor {
         for (g, _) in &mut next {
             g.present = g.members.intersection(present).cloned().collect();
             if g.present.len() < g.members.len() {
+                if g.departed_at.is_none() && !g.present.is_empty() {
+                    let left: Vec<String> = g
+                        .members
+                        .difference(&g.present)
+                        .map(|m| m.to_string())
+                        .collect();
+                    tracing::info!(group = %g.name, ?left, "memory group member left the node; watching the members still here");
+                }
                 g.departed_at.get_or_insert(now);
             } else {
                 g.departed_at = None;
