@@ -150,18 +150,13 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
     if let Some(path) = &args.snapshot {
         let recorded = snapshot::load(path)?;
         let planner = Planner::new(recorded.snapshot);
-        let workload = Workload {
-            planner: &planner,
-            requests: &recorded.requests,
-            exact: recorded
-                .exact
-                .as_ref()
-                .map(|e| e as &dyn policies::ExactOverlap),
-        };
-        let bar = bar_for(args.migrations, "replaying", show);
-        let r = replay(&workload, args.migrations, args.seed, &bar);
-        bar.finish_and_clear();
-        let summary = report::summarize(&r);
+        let summary = replay_summary(
+            &planner,
+            &recorded.requests,
+            recorded.exact.as_ref(),
+            args,
+            show,
+        );
         let context = json!({
             "snapshot": path.display().to_string(),
             "nodes": planner.snapshot().nodes.len(),
@@ -198,18 +193,13 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
             .map_err(|e| SimulateError::Write(path.display().to_string(), e.to_string()))?;
     }
     let planner = Planner::new(cluster.snapshot.clone());
-    let workload = Workload {
-        planner: &planner,
-        requests: &cluster.requests,
-        exact: cluster
-            .exact
-            .as_ref()
-            .map(|e| e as &dyn policies::ExactOverlap),
-    };
-    let bar = bar_for(args.migrations, "replaying", show);
-    let r = replay(&workload, args.migrations, args.seed, &bar);
-    bar.finish_and_clear();
-    let summary = report::summarize(&r);
+    let summary = replay_summary(
+        &planner,
+        &cluster.requests,
+        cluster.exact.as_ref(),
+        args,
+        show,
+    );
     Ok(if args.json {
         let context = serde_json::to_value(&cluster.stats).expect("plain data");
         serde_json::to_string_pretty(&report::to_json(&summary, context)).expect("plain data")
@@ -236,6 +226,26 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
             report::table(&summary)
         )
     })
+}
+
+/// Replays `args.migrations` requests against every policy and summarises them; the same for
+/// a recorded and a synthetic cluster.
+fn replay_summary<E: policies::ExactOverlap>(
+    planner: &Planner,
+    requests: &[crate::plan::VmRequest],
+    exact: Option<&E>,
+    args: &SimulateArgs,
+    show: bool,
+) -> report::Summary {
+    let workload = Workload {
+        planner,
+        requests,
+        exact: exact.map(|e| e as &dyn policies::ExactOverlap),
+    };
+    let bar = bar_for(args.migrations, "replaying", show);
+    let r = replay(&workload, args.migrations, args.seed, &bar);
+    bar.finish_and_clear();
+    report::summarize(&r)
 }
 
 fn bar_for(len: usize, what: &str, show: bool) -> indicatif::ProgressBar {
