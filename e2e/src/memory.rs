@@ -10,6 +10,14 @@
 //!   none;
 //! - private page `i` depends only on (the private seed, `i`); the stand-in uses the VMI's UID as
 //!   seed, so a VMI's memory is identical before and after a migration and unique to it.
+//!
+//! Optionally a guest also maps shared memory, as QEMU does with a `share=on` memory backend:
+//! every guest naming the same shared memory on the same node maps one /dev/shm file
+//! ([`shared_memory_path`]), which makes them a memory group for the agent. Memory shared
+//! between VMs is local to a host, and the fake nodes share this machine, so each node has its
+//! own file. A guest touches nothing of it after filling it at start, except while its trigger
+//! file ([`shared_touch_trigger`]) exists. The test thus decides when a member "uses" the
+//! shared memory.
 
 use std::fs;
 use std::io;
@@ -27,6 +35,10 @@ pub const IMAGE_MIB_ARG: &str = "--image-mib";
 pub const PRIVATE_MIB_ARG: &str = "--private-mib";
 pub const PRIVATE_SEED_ARG: &str = "--private-seed";
 pub const DIE_WITH_PARENT_ARG: &str = "--die-with-parent";
+pub const SHARED_ARG: &str = "--shared-memory";
+pub const SHARED_MIB_ARG: &str = "--shared-mib";
+/// How often a guest whose trigger exists writes to its shared memory.
+pub const SHARED_TOUCH_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where `vm-memory` processes announce that their memory is filled: one file per process,
 /// named `<pid>-<start time in clock ticks>` (so a recycled pid never looks ready), holding
@@ -70,6 +82,14 @@ pub fn private_page(seed: &str, index: u64, out: &mut [u8]) {
     fill_page(page_seed("private", seed, index), out);
 }
 
+/// Shared memory a guest maps besides its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedMemorySpec {
+    /// Guests naming the same shared memory on one node share one file.
+    pub name: String,
+    pub mib: usize,
+}
+
 /// What one guest's memory holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemorySpec {
@@ -77,6 +97,41 @@ pub struct MemorySpec {
     pub image_mib: usize,
     pub private_mib: usize,
     pub private_seed: String,
+    pub shared: Option<SharedMemorySpec>,
+}
+
+/// The file holding shared memory `name` on (fake) node `node`.
+pub fn shared_memory_path(name: &str, node: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/commonground-e2e-{name}-{node}"))
+}
+
+/// While this file exists, guest `<namespace>_<name>` writes to its shared memory every
+/// [`SHARED_TOUCH_PERIOD`], on whichever node it runs.
+pub fn shared_touch_trigger(namespace: &str, name: &str) -> PathBuf {
+    ready_dir().join(format!("touch-shared-{namespace}_{name}"))
+}
+
+/// Removes the files of shared memory `name` on every node (best effort; the memory itself
+/// lives until its last mapper exits).
+pub fn remove_shared_memory(name: &str) {
+    let prefix = format!("commonground-e2e-{name}-");
+    let Ok(dir) = fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Content of page `index` of shared memory `name` (the same for every guest that fills it).
+pub fn shared_page(name: &str, index: u64, out: &mut [u8]) {
+    fill_page(page_seed("shared", name, index), out);
 }
 
 impl MemorySpec {
@@ -111,7 +166,7 @@ impl MemorySpec {
 
     /// argv (after the program name) of the `vm-memory` process for guest `<ns>_<name>` on `node`.
     pub fn argv(&self, namespace: &str, name: &str, uuid: &str, node: &str) -> Vec<String> {
-        vec![
+        let mut argv = vec![
             "-name".into(),
             format!("guest={namespace}_{name},debug-threads=on"),
             "-uuid".into(),
@@ -126,7 +181,16 @@ impl MemorySpec {
             self.private_mib.to_string(),
             PRIVATE_SEED_ARG.into(),
             self.private_seed.clone(),
-        ]
+        ];
+        if let Some(shared) = &self.shared {
+            argv.extend([
+                SHARED_ARG.into(),
+                shared.name.clone(),
+                SHARED_MIB_ARG.into(),
+                shared.mib.to_string(),
+            ]);
+        }
+        argv
     }
 }
 
@@ -216,6 +280,13 @@ pub fn parse_argv(pid: i32, argv: &[String]) -> Option<MemoryProcess> {
         .split(',')
         .next()?
         .to_string();
+    let shared = match value(SHARED_ARG) {
+        Some(name) => Some(SharedMemorySpec {
+            name,
+            mib: value(SHARED_MIB_ARG)?.parse().ok()?,
+        }),
+        None => None,
+    };
     Some(MemoryProcess {
         pid,
         guest,
@@ -225,6 +296,7 @@ pub fn parse_argv(pid: i32, argv: &[String]) -> Option<MemoryProcess> {
             image_mib: value(IMAGE_MIB_ARG)?.parse().ok()?,
             private_mib: value(PRIVATE_MIB_ARG)?.parse().ok()?,
             private_seed: value(PRIVATE_SEED_ARG)?,
+            shared,
         },
         start_ticks: process_start_ticks(pid)?,
     })
@@ -319,6 +391,7 @@ mod tests {
             image_mib: 1,
             private_mib: 1,
             private_seed: "uid-a".into(),
+            shared: None,
         };
         let b = MemorySpec {
             private_seed: "uid-b".into(),
@@ -341,14 +414,37 @@ mod tests {
             image_mib: 8,
             private_mib: 2,
             private_seed: "u".into(),
+            shared: None,
         };
-        let mut argv = vec!["vm-memory".to_string()];
-        argv.extend(spec.argv("ns", "vm", "u", "node-a"));
         let pid = std::process::id() as i32;
-        let p = parse_argv(pid, &argv).expect("parses");
-        assert_eq!(p.guest, "ns_vm");
-        assert_eq!(p.node, "node-a");
-        assert_eq!(p.spec, spec);
+        let with_shared = MemorySpec {
+            shared: Some(SharedMemorySpec {
+                name: "grp".into(),
+                mib: 4,
+            }),
+            ..spec.clone()
+        };
+        for spec in [spec, with_shared] {
+            let mut argv = vec!["vm-memory".to_string()];
+            argv.extend(spec.argv("ns", "vm", "u", "node-a"));
+            let p = parse_argv(pid, &argv).expect("parses");
+            assert_eq!(p.guest, "ns_vm");
+            assert_eq!(p.node, "node-a");
+            assert_eq!(p.spec, spec);
+        }
         assert!(parse_argv(pid, &["qemu".to_string()]).is_none());
+    }
+
+    #[test]
+    fn shared_memory_is_one_file_per_name_and_node() {
+        assert_eq!(
+            shared_memory_path("g", "n1"),
+            PathBuf::from("/dev/shm/commonground-e2e-g-n1")
+        );
+        assert_ne!(shared_memory_path("g", "n1"), shared_memory_path("g", "n2"));
+        assert_ne!(
+            shared_touch_trigger("ns", "a"),
+            shared_touch_trigger("ns", "b")
+        );
     }
 }

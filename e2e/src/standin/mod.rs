@@ -10,7 +10,8 @@
 //!   node and deletes the source pod. The transfer takes `memory bytes / bandwidth × time scale`.
 //! - With a memory helper configured, one `vm-memory` process per running VMI holds its memory;
 //!   on migration the target process is started while preparing the target and the source one is
-//!   killed when the migration ends.
+//!   killed when the migration ends. VMIs annotated with [`ANN_SHARED_MEMORY`] also map that
+//!   shared memory, one file per node, so the VMIs naming it on one node form a memory group.
 //!
 //! Everything is level-triggered (watches plus periodic resync) and derived from what is in the
 //! API, so the stand-in can be killed and restarted at any point.
@@ -35,7 +36,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
-use crate::memory::{self, MemorySpec, DIE_WITH_PARENT_ARG};
+use crate::memory::{self, MemorySpec, SharedMemorySpec, DIE_WITH_PARENT_ARG};
 
 /// Prefix of every annotation the stand-in reads.
 pub const ANN_PREFIX: &str = "e2e.commonground.dev/";
@@ -45,6 +46,12 @@ pub const ANN_IMAGE: &str = "e2e.commonground.dev/image";
 pub const ANN_IMAGE_MIB: &str = "e2e.commonground.dev/image-mib";
 /// VMI: MiB of private (VMI-unique) content in the guest memory.
 pub const ANN_PRIVATE_MIB: &str = "e2e.commonground.dev/private-mib";
+/// VMI: name of shared memory the guest maps (VMIs naming the same one share it per node; see
+/// `memory::shared_memory_path`).
+pub const ANN_SHARED_MEMORY: &str = "e2e.commonground.dev/shared-memory";
+/// VMI: MiB of that shared memory (default [`DEFAULT_SHARED_MIB`]).
+pub const ANN_SHARED_MIB: &str = "e2e.commonground.dev/shared-memory-mib";
+pub const DEFAULT_SHARED_MIB: usize = 4;
 /// VMI: `"true"` makes the VMI not live-migratable (condition LiveMigratable=False).
 pub const ANN_NOT_MIGRATABLE: &str = "e2e.commonground.dev/not-migratable";
 /// VMIM or VMI: `"true"` adds an impossible node selector to the target pod (never schedules).
@@ -206,6 +213,10 @@ pub fn memory_spec(vmi: &VirtualMachineInstance, mc: &MemoryConfig) -> MemorySpe
         image_mib: num(ANN_IMAGE_MIB, mc.default_image_mib),
         private_mib: num(ANN_PRIVATE_MIB, mc.default_private_mib),
         private_seed: vmi.uid().unwrap_or_default(),
+        shared: ann.get(ANN_SHARED_MEMORY).map(|name| SharedMemorySpec {
+            name: name.clone(),
+            mib: num(ANN_SHARED_MIB, DEFAULT_SHARED_MIB),
+        }),
     }
 }
 
