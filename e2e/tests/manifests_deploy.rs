@@ -4,7 +4,9 @@
 //!   API the harness does not serve, e.g. cert-manager's Certificate, are named and skipped);
 //! - the controller, extender and agent come up as local processes from the arguments and
 //!   environment of the rendered Deployments and DaemonSet, each authenticated as its own
-//!   ServiceAccount with the chart's RBAC, so a missing permission fails here.
+//!   ServiceAccount with the chart's RBAC, so a missing permission fails here: the agent
+//!   publishes its digest, the controller finalizes, fails (no such VMI) and releases a
+//!   VirtualMachineMigration and records an Event about it.
 //!
 //! kubectl (built by the harness next to the control plane) applies the YAML; this crate has
 //! no YAML parser, and `kubectl apply -o json` hands the applied objects back as JSON.
@@ -554,6 +556,83 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
         .await
         .with_context(|| format!("NodeRegionDigest {node}"))?;
     let _ = digests.delete(&node, &Default::default()).await;
+
+    // The controller writes with its ServiceAccount's rights: it adds its finalizer, writes the
+    // status of a VirtualMachineMigration (here one whose VMI does not exist) and records an
+    // Event. A missing verb leaves the object untouched and "forbidden" in its log.
+    use commonground::api::migration::{MigrationPhase, VirtualMachineMigrationSpec};
+    use commonground::api::VirtualMachineMigration;
+    let vmms: Api<VirtualMachineMigration> = ns.api();
+    vmms.create(
+        &PostParams::default(),
+        &VirtualMachineMigration::new(
+            "rbac-probe",
+            VirtualMachineMigrationSpec {
+                vmi_name: "absent".into(),
+                target: None,
+                max_duration: None,
+                path_setup_budget: None,
+                group: None,
+                dry_run: true,
+            },
+        ),
+    )
+    .await?;
+    let controller = &started
+        .iter()
+        .find(|(c, _, _)| c.name == "controller")
+        .expect("started above")
+        .0;
+    let failed = wait_for(
+        "rbac-probe finalized and failed",
+        Duration::from_secs(60),
+        || async {
+            let m = vmms.get("rbac-probe").await?;
+            let finalized = m
+                .metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|f| f == "commonground.dev/migration-cleanup"));
+            Ok(m.status
+                .filter(|s| finalized && s.phase == MigrationPhase::Failed))
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "the controller, as its ServiceAccount, did not finalize and fail rbac-probe:\n{}",
+            controller.log_tail()
+        )
+    })?;
+    assert!(
+        failed.conditions.iter().any(|c| c.reason == "VmiNotFound"),
+        "{:?}",
+        failed.conditions
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    wait_for(
+        "an Event about rbac-probe",
+        Duration::from_secs(30),
+        || async {
+            let list = events.list(&Default::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("rbac-probe"))
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("no Event about rbac-probe:\n{}", controller.log_tail()))?;
+    // Deleting runs the finalizer's cleanup, again as the ServiceAccount.
+    vmms.delete("rbac-probe", &Default::default()).await?;
+    wait_for("rbac-probe released", Duration::from_secs(60), || async {
+        Ok(vmms.get_opt("rbac-probe").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| format!("rbac-probe was not released:\n{}", controller.log_tail()))?;
+    let log = std::fs::read_to_string(&controller.log)?;
+    assert!(!log.contains("forbidden"), "{log}");
     Ok(())
 }
 
