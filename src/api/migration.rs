@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use super::conditions::Condition;
 
+/// Label declaring a memory group: VMIs of one namespace with the same value share memory
+/// (seed 001) and move together.
+pub const MEMORY_GROUP_LABEL: &str = "commonground.dev/memory-group";
+
 /// Ask commonground to live-migrate a VirtualMachineInstance to the node that already holds
 /// the most of its memory, then the nearest work group, then the least load.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -20,7 +20,7 @@ use crate::api::kubevirt::{
 use crate::api::migration::MemberStatus;
 use crate::api::VirtualMachineMigration;
 
-pub const MEMORY_GROUP_LABEL: &str = "commonground.dev/memory-group";
+pub use crate::api::migration::MEMORY_GROUP_LABEL;
 /// Follow: the shared transfer is complete when at most this many members remain on the source.
 pub const FOLLOW_REMAINING_THRESHOLD: usize = 0;
 

@@ -30,7 +30,7 @@ pub fn node_name(i: usize) -> String {
     format!("n{i:05}")
 }
 
-fn vm_summary(ns: &str, name: &str, keys: impl IntoIterator<Item = u64>) -> VmRegionSummary {
+pub fn vm_summary(ns: &str, name: &str, keys: impl IntoIterator<Item = u64>) -> VmRegionSummary {
     let sketch = RegionSketch::from_keys(KEY_SPACE, keys);
     let regions = sketch.len() as u64;
     VmRegionSummary {

@@ -94,10 +94,7 @@ pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
         _ => return Err(ExtenderError::TlsPair),
     };
     let client = kube::Client::try_default().await?;
-    let view = ClusterView::start(
-        client,
-        view_config,
-    );
+    let view = ClusterView::start(client, view_config);
     let ready = Readiness::default();
     let live = state::LiveState::spawn(view, Duration::from_millis(100), ready.clone());
     let metrics = Arc::new(metrics::ExtenderMetrics::new()?);

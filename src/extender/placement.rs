@@ -1,14 +1,19 @@
 //! The decision both verbs share: pass the pod through, answer neutrally because data is
 //! missing, or plan it with the planning core exactly as the controller would.
+//!
+//! A member of a memory group (seed 001) is never placed apart from its group: while the whole
+//! group is on the source it is ranked as one unit (room for all, union of their memory), and
+//! once a member has gone (or is going) elsewhere the rest are pinned to that node.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use super::migration_pod::{migration_target, Unresolved};
 use super::state::ClusterState;
 use super::wire::WirePod;
 use crate::plan::hardware::FilterReason;
 use crate::plan::planner::Ranking;
-use crate::plan::{PlanError, PlanOptions, Planner};
+use crate::plan::{PlanError, PlanOptions, Planner, VmRequest};
 
 /// Why an answer was neutral (a metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,8 +77,10 @@ pub struct Decision {
     /// Candidates that pass the filter, and those that fail it.
     pub passed: usize,
     pub failed: usize,
-    /// The node a `VirtualMachineMigration` chose.
+    /// The node a `VirtualMachineMigration` chose, or where the VM's memory group went.
     pub pinned: Option<String>,
+    /// Members of the VM's memory group, itself included (0 when not planned).
+    pub group_size: usize,
 }
 
 impl Report {
@@ -107,11 +114,13 @@ pub enum NodeAnswer<'r> {
 
 /// A migration target pod planned by the planning core, over the request's candidates.
 pub struct Planned<'s> {
-    pub ranking: Ranking<'s>,
+    pub ranking: Ranking,
     /// `namespace/name` of the VMI.
     pub vm: String,
     /// The VMI's source node.
     pub source: &'s str,
+    /// Members of the VM's memory group, itself included (1: no group).
+    pub group_size: usize,
     /// The node a `VirtualMachineMigration` chose for this VMI.
     pub pin: Option<String>,
     /// False when no digest holds the VM's memory summary.
@@ -128,6 +137,54 @@ enum Slot {
     NotConsidered,
     Ranked(usize),
     Filtered(usize),
+    GroupMemberExcluded,
+}
+
+static GROUP_MEMBER_EXCLUDED: FilterReason = FilterReason::GroupMemberExcluded;
+
+/// The memory group of the VM a target pod receives (seed 001): members never end up split.
+struct MemoryGroup {
+    /// Members in the group, this VM included (1: no group).
+    size: usize,
+    /// Where the other members went: the node most of those that left the source run on or
+    /// are migrating to (ties by name). The VM follows them there.
+    gone_to: Option<String>,
+    /// Every member's request, this VM first, while all are still on the source.
+    on_source: Option<Vec<VmRequest>>,
+}
+
+impl MemoryGroup {
+    fn of(state: &ClusterState, req: &VmRequest) -> Self {
+        let members = state.group_members(&req.vm);
+        let mut gone: BTreeMap<&str, usize> = BTreeMap::new();
+        for m in &members {
+            if let Some(d) = m.destination().filter(|d| *d != req.source_node) {
+                *gone.entry(d).or_default() += 1;
+            }
+        }
+        // Most members first; among equals the first name (BTreeMap order, `max_by` keeps the
+        // last maximum, so iterate in reverse).
+        let gone_to = gone
+            .iter()
+            .rev()
+            .max_by_key(|(_, n)| **n)
+            .map(|(node, _)| node.to_string());
+        let on_source = (gone_to.is_none() && !members.is_empty()).then(|| {
+            std::iter::once(req.clone())
+                .chain(
+                    members
+                        .iter()
+                        .filter_map(|m| m.request.clone())
+                        .filter(|r| r.source_node == req.source_node),
+                )
+                .collect()
+        });
+        MemoryGroup {
+            size: members.len() + 1,
+            gone_to,
+            on_source,
+        }
+    }
 }
 
 impl<'s> Planned<'s> {
@@ -145,6 +202,7 @@ impl<'s> Planned<'s> {
             passed: self.ranking.ranked.len(),
             failed: self.ranking.filtered.len(),
             pinned: self.pin.clone(),
+            group_size: self.group_size,
         }
     }
 
@@ -160,6 +218,7 @@ impl<'s> Planned<'s> {
                 has_digest: self.planner.index().has_digest(pos),
             },
             Slot::Filtered(f) => NodeAnswer::Filtered(&self.ranking.filtered[f].1),
+            Slot::GroupMemberExcluded => NodeAnswer::Filtered(&GROUP_MEMBER_EXCLUDED),
         }
     }
 }
@@ -189,15 +248,41 @@ pub fn place<'s>(
         Err(Unresolved::NoSource) => return Placement::Neutral(Cause::NoSource),
     };
     let planner = &state.planner;
-    let pin = state.pinned_target(&req.vm).map(str::to_string);
+    let group = MemoryGroup::of(state, req);
+    // A VirtualMachineMigration's choice first, else where the rest of the group went.
+    let pin = state
+        .pinned_target(&req.vm)
+        .map(str::to_string)
+        .or_else(|| group.gone_to.clone());
     let opts = PlanOptions {
         // A pin to a node the view does not know yet is applied by name in the filter.
         pinned_node: pin.clone().filter(|p| planner.node_position(p).is_some()),
         ..PlanOptions::default()
     };
     let positions: Vec<Option<usize>> = names.iter().map(|n| planner.node_position(n)).collect();
-    let considered: Vec<usize> = positions.iter().flatten().copied().collect();
-    match planner.rank_nodes(req, &opts, Some(&considered)) {
+    let mut considered: Vec<usize> = positions.iter().flatten().copied().collect();
+    // A group still together is planned as one unit: room for all, ranked by the union.
+    let together = match &group.on_source {
+        Some(members) if pin.is_none() => match planner.group_request(members) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(vmi = %req.vm, error = %e, "memory group cannot be planned as one; planning the VM alone");
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut excluded = Vec::new();
+    if let Some(g) = &together {
+        considered.retain(|&i| {
+            g.allowed[i] || {
+                excluded.push(i);
+                false
+            }
+        });
+    }
+    let request = together.as_ref().map_or(req, |g| &g.request);
+    match planner.rank_nodes(request, &opts, Some(&considered)) {
         Ok(ranking) => {
             let node_count = planner.snapshot().nodes.len();
             let mut slot = vec![Slot::NotConsidered; node_count];
@@ -207,10 +292,14 @@ pub fn place<'s>(
             for (f, (n, _)) in ranking.filtered.iter().enumerate() {
                 slot[*n] = Slot::Filtered(f);
             }
+            for i in excluded {
+                slot[i] = Slot::GroupMemberExcluded;
+            }
             Placement::Planned(Box::new(Planned {
-                vm_summary: ranking.summary.is_some(),
+                vm_summary: ranking.has_summary,
                 vm: req.vm.to_string(),
                 source: &req.source_node,
+                group_size: group.size,
                 ranking,
                 pin,
                 positions,

@@ -176,6 +176,7 @@ fn log_decision(verb: Verb, report: &Report) {
             source = d.source.as_deref().unwrap_or(""),
             best = d.best.as_deref().unwrap_or("none"),
             pinned = d.pinned.as_deref().unwrap_or(""),
+            group_size = d.group_size,
             passed = d.passed,
             failed = d.failed,
             degraded_nodes = report

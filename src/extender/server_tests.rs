@@ -613,3 +613,104 @@ fn tls_files_that_do_not_fit_are_clear_errors() {
     let e = tls_config(&missing, &key).unwrap_err().to_string();
     assert!(e.contains("no certificate"), "{e}");
 }
+
+// ---- memory groups (seed 001): a group is never split ----
+
+/// vm1 (the fixture's VMI) and vm2 labelled into one memory group; `vm2_status` is vm2's
+/// status, `tweak` edits the snapshot.
+fn group_state(
+    vm2_status: serde_json::Value,
+    tweak: impl FnOnce(&mut crate::plan::ClusterSnapshot),
+) -> ClusterState {
+    use crate::api::migration::MEMORY_GROUP_LABEL;
+    let mut snapshot = fixtures::snapshot(NODES);
+    // vm2's content is on no other node: the union ranks like vm1 alone.
+    snapshot.digests[0]
+        .vms
+        .push(fixtures::vm_summary("ns", "vm2", 5_000_000..5_000_100));
+    tweak(&mut snapshot);
+    let mut vm1 = fixtures::vmi();
+    vm1.metadata.labels = Some([(MEMORY_GROUP_LABEL.to_string(), "g".to_string())].into());
+    let vm2: crate::api::kubevirt::VirtualMachineInstance = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "vm2", "namespace": "ns", "uid": "uid-vm2",
+                     "labels": {MEMORY_GROUP_LABEL: "g"}},
+        "spec": {"nodeSelector": {"tier": "gold"},
+                 "domain": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}}}},
+        "status": vm2_status
+    }))
+    .unwrap();
+    ClusterState::new(
+        Arc::new(crate::plan::Planner::new(snapshot)),
+        [&vm1, &vm2],
+        [&fixtures::vmim()],
+        [],
+    )
+}
+
+fn gold_everywhere_but(node: usize) -> impl FnOnce(&mut crate::plan::ClusterSnapshot) {
+    move |s| {
+        for (i, n) in s.nodes.iter_mut().enumerate() {
+            if i != node {
+                n.labels.insert("tier".into(), "gold".into());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_group_still_together_is_placed_as_one_unit() {
+    let state = group_state(json!({"nodeName": node_name(0)}), |s| {
+        gold_everywhere_but(2)(s);
+        // Room for vm1 (4 GiB) but not for vm1 and vm2 together (8 GiB).
+        s.nodes[1].requested.memory_bytes = s.nodes[1].allocatable.memory_bytes - 6 * (1 << 30);
+    });
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    let (f, report) = filter_with(Some(&state), &body);
+    assert!(
+        f.failed_nodes[&node_name(1)].contains("memory"),
+        "{:?}",
+        f.failed_nodes
+    );
+    assert!(
+        f.failed_nodes[&node_name(2)].contains("memory group"),
+        "{:?}",
+        f.failed_nodes
+    );
+    let d = report.decision.unwrap();
+    assert_eq!(d.group_size, 2);
+    assert_eq!(d.pinned, None);
+    // Nodes 1 and 2 hold the most of vm1 but cannot take the group: the next best wins.
+    let best = node_name(NODES - 1);
+    assert_eq!(d.best.as_deref(), Some(best.as_str()));
+    let (p, _) = prioritize_with(Some(&state), &body);
+    assert_eq!(scores(&p)[&best], 10);
+    assert_eq!(scores(&p)[&node_name(1)], 0);
+}
+
+#[test]
+fn a_member_follows_the_group_to_where_it_went_or_is_going() {
+    let body = body_with_names(&migration_pod(true), &names(NODES));
+    for (status, there) in [
+        (json!({"nodeName": node_name(7)}), 7),
+        (
+            json!({"nodeName": node_name(0),
+                   "migrationState": {"targetNode": node_name(9), "completed": false}}),
+            9,
+        ),
+    ] {
+        let state = group_state(status, gold_everywhere_but(usize::MAX));
+        let (f, report) = filter_with(Some(&state), &body);
+        assert_eq!(f.node_names.as_ref().unwrap(), &vec![node_name(there)]);
+        assert!(f.failed_and_unresolvable_nodes[&node_name(1)].contains("pinned"));
+        assert_eq!(report.decision.unwrap().pinned, Some(node_name(there)));
+    }
+    // A migration of vm2 that completed or failed no longer draws vm1 anywhere.
+    let state = group_state(
+        json!({"nodeName": node_name(0),
+               "migrationState": {"targetNode": node_name(9), "failed": true}}),
+        gold_everywhere_but(usize::MAX),
+    );
+    let (_, report) = filter_with(Some(&state), &body);
+    assert_eq!(report.decision.unwrap().pinned, None);
+}

@@ -3,15 +3,17 @@
 //! watch-fed [`ClusterView`] whenever the view changes, so a request never waits for a
 //! rebuild and never calls the API; tests build it from a hand-made snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
+use crate::api::migration::MEMORY_GROUP_LABEL;
 use crate::api::VirtualMachineMigration;
 use crate::plan::{Planner, VmKey, VmRequest};
 use crate::telemetry::Readiness;
 use crate::view::{convert, ClusterView};
+use kube::ResourceExt;
 
 /// A VMI as the extender knows it.
 #[derive(Clone, Debug)]
@@ -19,6 +21,17 @@ pub struct VmiEntry {
     pub key: VmKey,
     /// `None` when the VMI has no node yet (nothing to migrate from).
     pub request: Option<VmRequest>,
+    /// The target node of a migration in flight (KubeVirt's `status.migrationState`).
+    pub heading_to: Option<String>,
+}
+
+impl VmiEntry {
+    /// Where the VM runs, or is being moved to.
+    pub fn destination(&self) -> Option<&str> {
+        self.heading_to
+            .as_deref()
+            .or(self.request.as_ref().map(|r| r.source_node.as_str()))
+    }
 }
 
 /// One consistent picture of the cluster for the handlers.
@@ -30,6 +43,8 @@ pub struct ClusterState {
     migrations: HashMap<(String, String), String>,
     /// Target chosen by a non-final `VirtualMachineMigration` for a VMI.
     pins: HashMap<VmKey, String>,
+    /// The other members of each VM's memory group (label or agent-detected).
+    group_members: HashMap<VmKey, BTreeSet<VmKey>>,
 }
 
 impl ClusterState {
@@ -45,7 +60,9 @@ impl ClusterState {
             by_uid: HashMap::new(),
             migrations: HashMap::new(),
             pins: HashMap::new(),
+            group_members: HashMap::new(),
         };
+        let mut labelled: BTreeMap<(String, String), Vec<VmKey>> = BTreeMap::new();
         for vmi in vmis {
             let (Some(ns), Some(name)) = (&vmi.metadata.namespace, &vmi.metadata.name) else {
                 continue;
@@ -54,14 +71,29 @@ impl ClusterState {
             if let Some(uid) = &vmi.metadata.uid {
                 state.by_uid.insert(uid.clone(), key.clone());
             }
+            if let Some(group) = vmi.labels().get(MEMORY_GROUP_LABEL) {
+                labelled
+                    .entry((ns.clone(), group.clone()))
+                    .or_default()
+                    .push(key.clone());
+            }
+            let heading_to = vmi
+                .status
+                .as_ref()
+                .and_then(|s| s.migration_state.as_ref())
+                .filter(|m| !m.completed && !m.failed)
+                .and_then(|m| m.target_node.clone())
+                .filter(|t| !t.is_empty());
             state.vmis.insert(
                 key.clone(),
                 VmiEntry {
                     key,
                     request: convert::vm_request(vmi),
+                    heading_to,
                 },
             );
         }
+        state.add_memory_groups(labelled.into_values());
         for m in vmims {
             if let (Some(ns), Some(name)) = (&m.metadata.namespace, &m.metadata.name) {
                 state
@@ -87,17 +119,53 @@ impl ClusterState {
         state
     }
 
+    /// Records memory groups (each a list of members); a VM in several is joined with all.
+    pub fn add_memory_groups(&mut self, groups: impl IntoIterator<Item = Vec<VmKey>>) {
+        for members in groups {
+            for m in &members {
+                let others = self.group_members.entry(m.clone()).or_default();
+                others.extend(members.iter().filter(|o| *o != m).cloned());
+            }
+        }
+    }
+
+    /// The other members of `vm`'s memory group that the view knows.
+    pub fn group_members(&self, vm: &VmKey) -> Vec<&VmiEntry> {
+        self.group_members
+            .get(vm)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.vmis.get(m))
+            .collect()
+    }
+
     /// From the view's stores (and its cached planner).
     pub fn from_view(view: &ClusterView, planner: Arc<Planner>) -> Self {
         let vmis = view.vmis.state();
         let vmims = view.vmims.state();
         let vmms = view.vmms.state();
-        Self::new(
+        let mut state = Self::new(
             planner,
             vmis.iter().map(|v| &**v),
             vmims.iter().map(|v| &**v),
             vmms.iter().map(|v| &**v),
-        )
+        );
+        // Groups the agents detected (QEMU processes mapping one shared object).
+        let detected: Vec<Vec<VmKey>> = view
+            .digests
+            .state()
+            .iter()
+            .flat_map(|d| d.status.iter().flat_map(|s| s.memory_groups.clone()))
+            .map(|g| {
+                g.members
+                    .iter()
+                    .filter_map(|m| m.split_once('/'))
+                    .map(|(ns, name)| VmKey::new(ns, name))
+                    .collect()
+            })
+            .collect();
+        state.add_memory_groups(detected);
+        state
     }
 
     /// The VMI whose UID a pod names in `kubevirt.io/created-by`, in the pod's namespace.

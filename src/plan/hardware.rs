@@ -40,6 +40,9 @@ pub enum FilterReason {
     MissingCpuModel(String),
     MissingCpuFeature(String),
     NotPinnedTarget(String),
+    /// Another member of the VM's memory group cannot run on the node (its own selectors,
+    /// affinity, taints or CPU model), and the group moves as one.
+    GroupMemberExcluded,
     OutsideWorkGroup {
         node_group: String,
         wanted: String,
@@ -81,6 +84,10 @@ impl std::fmt::Display for FilterReason {
             Self::MissingCpuModel(m) => write!(f, "CPU model {m} not supported"),
             Self::MissingCpuFeature(x) => write!(f, "CPU feature {x} not supported"),
             Self::NotPinnedTarget(t) => write!(f, "migration is pinned to node {t}"),
+            Self::GroupMemberExcluded => write!(
+                f,
+                "another member of the VM's memory group cannot run here, and the group moves as one"
+            ),
             Self::OutsideWorkGroup { node_group, wanted } => {
                 write!(f, "in work group {node_group}, migration asks for {wanted}")
             }

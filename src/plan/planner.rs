@@ -141,11 +141,11 @@ pub struct RankedNode {
 
 /// What [`Planner::rank_nodes`] decided, by node position.
 #[derive(Debug)]
-pub struct Ranking<'p> {
+pub struct Ranking {
     pub source: usize,
     pub source_group: String,
-    /// The VM's summary the ranking used (`None`: ranked by load only).
-    pub summary: Option<&'p VmRegionSummary>,
+    /// False when the VM has no memory summary: ranked by load only.
+    pub has_summary: bool,
     /// Passing nodes, best first.
     pub ranked: Vec<RankedNode>,
     /// Nodes that failed the filter, with why.
@@ -157,6 +157,16 @@ pub struct Ranking<'p> {
     /// Distance from the source's work group, by work group index.
     group_distance: Vec<f64>,
     pub notes: Vec<String>,
+}
+
+/// A memory group as one request, from [`Planner::group_request`].
+#[derive(Clone, Debug)]
+pub struct GroupRequest {
+    pub request: VmRequest,
+    /// By node position: does the node meet every member's own constraints?
+    pub allowed: Vec<bool>,
+    /// Every member has a memory summary (else the group is ranked by load).
+    pub every_summary: bool,
 }
 
 /// The sort key of one passing node.
@@ -348,10 +358,10 @@ impl Planner {
             .collect()
     }
 
-    /// Plans a memory group as one unit (`Together`): the target must fit every member at
-    /// once and satisfy each member's constraints, and candidates are ranked by the union of
-    /// the members' regions. The plan names the first member.
-    pub fn plan_group(&self, members: &[VmRequest], opts: &PlanOptions) -> Result<Plan, PlanError> {
+    /// A memory group as one request (`Together`): the requests of every member summed, and
+    /// their memory summaries united (only when every member has one). `allowed[i]` says
+    /// whether node `i` meets each member's own constraints (selectors, affinity, taints, CPU).
+    pub fn group_request(&self, members: &[VmRequest]) -> Result<GroupRequest, PlanError> {
         let (first, rest) = members.split_first().ok_or(PlanError::EmptyGroup)?;
         if let Some(other) = rest.iter().find(|m| m.source_node != first.source_node) {
             return Err(PlanError::GroupSplit(
@@ -372,7 +382,8 @@ impl Planner {
             combined.requests = combined.requests + m.requests;
             combined.memory_bytes += m.memory_bytes;
         }
-        combined.summary = (summaries.len() == members.len()).then(|| VmRegionSummary {
+        let complete = summaries.len() == members.len();
+        combined.summary = complete.then(|| VmRegionSummary {
             vm: first.vm.clone(),
             memory_bytes: summaries.iter().map(|s| s.memory_bytes).sum(),
             regions: summaries.iter().map(|s| s.regions).sum(),
@@ -382,27 +393,47 @@ impl Planner {
             working_set_bytes: summaries.iter().map(|s| s.working_set_bytes).sum(),
             load: summaries.iter().map(|s| s.load).sum(),
         });
-        // Each member's own constraints (selectors, affinity, taints, CPU) must hold too.
+        let allowed = self
+            .snapshot
+            .nodes
+            .iter()
+            .map(|n| {
+                rest.iter().all(|m| {
+                    let mut alone = m.clone();
+                    alone.requests = Default::default();
+                    check_node(&alone, n).is_none()
+                })
+            })
+            .collect();
+        Ok(GroupRequest {
+            request: combined,
+            allowed,
+            every_summary: complete,
+        })
+    }
+
+    /// Plans a memory group as one unit (`Together`): the target must fit every member at
+    /// once and satisfy each member's constraints, and candidates are ranked by the union of
+    /// the members' regions. The plan names the first member.
+    pub fn plan_group(&self, members: &[VmRequest], opts: &PlanOptions) -> Result<Plan, PlanError> {
+        let group = self.group_request(members)?;
         let allowed: Vec<String> = self
             .snapshot
             .nodes
             .iter()
-            .filter(|n| {
-                opts.only_nodes
+            .zip(&group.allowed)
+            .filter(|(n, ok)| {
+                **ok && opts
+                    .only_nodes
                     .as_ref()
                     .is_none_or(|only| only.contains(&n.name))
-                    && rest.iter().all(|m| {
-                        let mut alone = m.clone();
-                        alone.requests = Default::default();
-                        check_node(&alone, n).is_none()
-                    })
             })
-            .map(|n| n.name.clone())
+            .map(|(n, _)| n.name.clone())
             .collect();
         let mut opts = opts.clone();
         opts.only_nodes = Some(allowed);
-        let mut plan = self.plan(&combined, &opts)?;
-        if summaries.len() != members.len() {
+        let mut plan = self.plan(&group.request, &opts)?;
+        if !group.every_summary {
             plan.notes
                 .push("not every member has a memory summary yet: ranked by load".into());
         }
@@ -412,12 +443,12 @@ impl Planner {
     /// Ranks the `considered` node positions (every node when `None`) for `req`: steps 1-3
     /// of the module doc on positions only, so that 5,000 candidates cost no strings. `plan`
     /// explains the result; the extender answers straight from it.
-    pub fn rank_nodes<'p>(
-        &'p self,
-        req: &'p VmRequest,
+    pub fn rank_nodes(
+        &self,
+        req: &VmRequest,
         opts: &PlanOptions,
         considered: Option<&[usize]>,
-    ) -> Result<Ranking<'p>, PlanError> {
+    ) -> Result<Ranking, PlanError> {
         let source = *self
             .node_pos
             .get(&req.source_node)
@@ -584,7 +615,7 @@ impl Planner {
         Ok(Ranking {
             source,
             source_group,
-            summary,
+            has_summary: summary.is_some(),
             ranked,
             filtered,
             common,
@@ -612,7 +643,7 @@ impl Planner {
         let ranking = self.rank_nodes(req, opts, only.as_deref())?;
         let nodes = &self.snapshot.nodes;
         let region_bytes = self.snapshot.geometry.region_bytes();
-        let summary = ranking.summary;
+        let summary = req.summary.as_ref().or_else(|| self.vm_summary(&req.vm));
         let winner = ranking.ranked.first().map(|r| self.scored(&ranking, r));
         let chosen_group = ranking.work_groups.first().map(|w| w.work_group.as_str());
         let explain = opts.explain_top.unwrap_or(DEFAULT_EXPLAINED);
