@@ -9,9 +9,10 @@ use crate::plan::region::{RegionGeometry, PAGE_SIZE};
 use crate::plan::VmKey;
 
 use super::dirty_sampler::{DirtySampler, DEFAULT_PROBES};
+use super::discover;
 use super::load::{self, LoadRates, ProcessCounters};
 use super::memory_reader::ProcessMemory;
-use super::proc_maps::{self, Mapping, MemorySelection};
+use super::proc_maps::{self, GuestRamRule, Mapping};
 use super::scan::MemoryScan;
 use super::{soft_dirty, AgentError};
 
@@ -80,6 +81,8 @@ pub struct TrackedVm {
     pub pid: i32,
     pub scan: MemoryScan,
     pub maps: Vec<Mapping>,
+    /// Sizes of the guest RAM blocks from the QEMU command line (`None`: unknown).
+    ram_blocks: Option<Vec<u64>>,
     ranges: Vec<(u64, u64)>,
     mem: ProcessMemory,
     sampler: DirtySampler,
@@ -97,11 +100,28 @@ pub struct TrackedVm {
     pub load: LoadRates,
 }
 
-fn guest_ranges(maps: &[Mapping]) -> Vec<(u64, u64)> {
-    proc_maps::select(maps, MemorySelection::GuestRam)
-        .iter()
-        .map(|m| (m.start, m.len()))
-        .collect()
+fn guest_ranges(maps: &[Mapping], ram_blocks: Option<&[u64]>) -> (Vec<(u64, u64)>, GuestRamRule) {
+    let (chosen, rule) = proc_maps::select_guest_ram(maps, ram_blocks);
+    (chosen.iter().map(|m| (m.start, m.len())).collect(), rule)
+}
+
+fn log_guest_ranges(
+    vm: &VmKey,
+    pid: i32,
+    ram_blocks: Option<&[u64]>,
+    ranges: &[(u64, u64)],
+    rule: GuestRamRule,
+) {
+    tracing::debug!(
+        namespace = %vm.namespace,
+        name = %vm.name,
+        pid,
+        ram_blocks = ?ram_blocks,
+        mappings = ranges.len(),
+        bytes = ranges.iter().map(|r| r.1).sum::<u64>(),
+        rule = rule.as_str(),
+        "guest RAM selected"
+    );
 }
 
 impl TrackedVm {
@@ -114,8 +134,11 @@ impl TrackedVm {
         policy: &RescanPolicy,
     ) -> Result<Self, AgentError> {
         let mem = ProcessMemory::open(pid)?;
+        let argv = discover::read_argv(pid).map_err(|e| AgentError::io(pid, "cmdline", e))?;
+        let ram_blocks = discover::guest_ram_blocks(&argv);
         let maps = proc_maps::read_maps(pid)?;
-        let ranges = guest_ranges(&maps);
+        let (ranges, rule) = guest_ranges(&maps, ram_blocks.as_deref());
+        log_guest_ranges(&vm, pid, ram_blocks.as_deref(), &ranges, rule);
         if mode == RescanMode::SoftDirty {
             soft_dirty::clear(pid)?;
         }
@@ -130,6 +153,7 @@ impl TrackedVm {
             pid,
             scan,
             maps,
+            ram_blocks,
             ranges,
             mem,
             sampler,
@@ -190,9 +214,16 @@ impl TrackedVm {
             }
             Err(e) => return Err(e),
         };
-        let ranges = guest_ranges(&maps);
+        let (ranges, rule) = guest_ranges(&maps, self.ram_blocks.as_deref());
         self.maps = maps;
         if ranges != self.ranges {
+            log_guest_ranges(
+                &self.vm,
+                self.pid,
+                self.ram_blocks.as_deref(),
+                &ranges,
+                rule,
+            );
             // Memory was hot-plugged or remapped: start over.
             self.ranges = ranges;
             self.full_rescan(mode)?;

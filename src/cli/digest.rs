@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::agent::discover::{is_qemu, read_argv};
+use crate::agent::discover::{guest_ram_blocks, is_qemu, read_argv};
 use crate::agent::memory_reader::ProcessMemory;
 use crate::agent::proc_maps::{self, MemorySelection};
 use crate::agent::scan::MemoryScan;
@@ -90,12 +90,12 @@ pub fn scan_pid(pid: i32, geometry: RegionGeometry) -> Result<MemoryScan, AgentE
     let mem = ProcessMemory::open(pid)?;
     let argv = read_argv(pid).map_err(|e| AgentError::io(pid, "cmdline", e))?;
     let selection = if is_qemu(&argv) {
-        MemorySelection::GuestRam
+        MemorySelection::GuestRam(guest_ram_blocks(&argv))
     } else {
         MemorySelection::PrivateWritable
     };
     let maps = proc_maps::read_maps(pid)?;
-    let ranges: Vec<(u64, u64)> = proc_maps::select(&maps, selection)
+    let ranges: Vec<(u64, u64)> = proc_maps::select(&maps, &selection)
         .iter()
         .map(|m| (m.start, m.len()))
         .collect();
