@@ -397,3 +397,38 @@ async fn target_chosen_by_a_virtual_machine_migration_wins_over_memory() -> anyh
     assert_eq!(target, s.poor, "{}", s.ns.dump().await);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_group_member_follows_its_group_rather_than_the_memory() -> anyhow::Result<()> {
+    use commonground::api::migration::MEMORY_GROUP_LABEL;
+    let s = setup("ext-group").await?;
+    // vm shares memory with "mate", which already runs on the poor node: the drain must not
+    // split the group, although the rich node holds more of vm's memory.
+    let vmis: Api<VirtualMachineInstance> = s.ns.api();
+    vmis.patch(
+        "vm",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {MEMORY_GROUP_LABEL: "g"}}})),
+    )
+    .await?;
+    let mut mate = s.ns.vmi("mate", "1Gi", "1");
+    mate.metadata.labels = Some([(MEMORY_GROUP_LABEL.to_string(), "g".to_string())].into());
+    mate.spec
+        .node_selector
+        .get_or_insert_with(Default::default)
+        .insert("kubernetes.io/hostname".into(), s.poor.clone());
+    s.ns.create_vmi(mate).await?;
+    wait_for_object(&vmis, "mate", T, "mate Running on the poor node", |v| {
+        v.node_name() == Some(s.poor.as_str())
+            && v.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Running")
+    })
+    .await?;
+    let poor = s.poor.clone();
+    until_extender_sees(&s, "filter", "the extender to pin vm to its group", |v| {
+        v["NodeNames"] == json!([poor.as_str()])
+    })
+    .await?;
+    let target = drain_and_target_node(&s).await?;
+    assert_eq!(target, s.poor, "{}", s.ns.dump().await);
+    Ok(())
+}
