@@ -69,6 +69,11 @@ pub enum AgentError {
         what: String,
         source: Box<kube::Error>,
     },
+    #[error(
+        "the NodeRegionDigest CRD (noderegiondigests.commonground.dev) is not installed ({0}); \
+         install it with `kubectl apply -f deploy/crds.yaml` or the Helm chart (charts/commonground)"
+    )]
+    CrdMissing(String),
     #[error("health server on {addr}: {source}")]
     Health {
         addr: SocketAddr,
@@ -160,6 +165,18 @@ fn kube_err(what: String) -> impl FnOnce(kube::Error) -> AgentError {
     }
 }
 
+/// Checks once at start that the API server serves NodeRegionDigests: without the CRD every
+/// publish would fail, interval after interval, with a bare "404 page not found".
+async fn check_crd(digests: &Api<NodeRegionDigest>) -> Result<(), AgentError> {
+    match digests.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            Err(AgentError::CrdMissing(status.message))
+        }
+        Err(e) => Err(kube_err("list NodeRegionDigests".into())(e)),
+    }
+}
+
 async fn vms_on_node(
     api: &Api<VirtualMachineInstance>,
     node: &str,
@@ -237,6 +254,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let client = kube::Client::try_default()
         .await
         .map_err(kube_err("connect to the Kubernetes API".into()))?;
+    let digests: Api<NodeRegionDigest> = Api::all(client.clone());
+    check_crd(&digests).await?;
     let ready = Readiness::default();
     let registry = prometheus::Registry::new();
     let publishes = prometheus::IntCounterVec::new(
@@ -272,7 +291,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let node = args.node_name.clone();
     let wg = work_group(&client, &node, &args.work_group_label, false).await;
     let vmis: Api<VirtualMachineInstance> = Api::all(client.clone());
-    let digests: Api<NodeRegionDigest> = Api::all(client.clone());
     let mut scanner = Some(NodeScanner::new(
         node.clone(),
         wg,
@@ -381,4 +399,60 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     health.abort();
     tracing::info!("agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{Request, Response, StatusCode};
+    use kube::client::Body;
+
+    /// A client whose API server answers every request with `status` and `body`.
+    fn answering(status: StatusCode, body: &'static str) -> kube::Client {
+        let service = tower::service_fn(move |_req: Request<Body>| async move {
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(body.as_bytes().to_vec()))
+        });
+        kube::Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn missing_crd_is_a_clear_error_with_the_install_hint() {
+        let client = answering(
+            StatusCode::NOT_FOUND,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#,
+        );
+        let err = check_crd(&Api::all(client)).await.unwrap_err();
+        assert!(matches!(err, AgentError::CrdMissing(_)), "{err:?}");
+        let text = err.to_string();
+        for needed in [
+            "noderegiondigests.commonground.dev",
+            "kubectl apply -f deploy/crds.yaml",
+            "Helm chart",
+            "could not find the requested resource",
+        ] {
+            assert!(text.contains(needed), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_failures_are_not_taken_for_a_missing_crd() {
+        let client = answering(
+            StatusCode::FORBIDDEN,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"noderegiondigests.commonground.dev is forbidden","reason":"Forbidden","code":403}"#,
+        );
+        let err = check_crd(&Api::all(client)).await.unwrap_err();
+        assert!(matches!(err, AgentError::Kube { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn installed_crd_passes() {
+        let client = answering(
+            StatusCode::OK,
+            r#"{"apiVersion":"commonground.dev/v1alpha1","kind":"NodeRegionDigestList","metadata":{"resourceVersion":"7"},"items":[]}"#,
+        );
+        check_crd(&Api::all(client)).await.unwrap();
+    }
 }
