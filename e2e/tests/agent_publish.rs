@@ -1,7 +1,7 @@
 //! The node agent against the real control plane: one `commonground agent` child process per
 //! fake node scans the stand-in's guest-memory processes (real memory from known "OS images")
-//! through /proc and publishes each node's NodeRegionDigest by server-side apply; the
-//! controller then plans a VirtualMachineMigration from those digests alone.
+//! through /proc and publishes each node's NodeRegionDigest by server-side apply, owned by its
+//! Node; the controller then plans a VirtualMachineMigration from those digests alone.
 
 mod common;
 
@@ -15,6 +15,7 @@ use commonground::api::{NodeRegionDigest, VirtualMachineMigration};
 use commonground::plan::region::RegionGeometry;
 use commonground::plan::NodeRegionSummary;
 use commonground_e2e::{wait_for, wait_for_object, FakeNode, TestCluster, TestNamespace};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
@@ -43,7 +44,7 @@ fn vmi(ns: &TestNamespace, name: &str, image: &str) -> VirtualMachineInstance {
 }
 
 async fn cordon(ns: &TestNamespace, node: &str, unschedulable: bool) -> anyhow::Result<()> {
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ns.client.clone());
+    let nodes: Api<Node> = Api::all(ns.client.clone());
     nodes
         .patch(
             node,
@@ -126,6 +127,7 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
     }
     let vms_up = started.elapsed();
 
+    let nodes_api: Api<Node> = Api::all(ns.client.clone());
     let agents: Vec<Component> = nodes.iter().map(|n| start_agent(n)).collect();
     let mut summaries: Vec<NodeRegionSummary> = Vec::new();
     let geometry = RegionGeometry::default();
@@ -134,6 +136,21 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
         let d = digest_with(&digests, &nodes[i], &[name], &agents).await?;
         let size = serde_json::to_vec(&d)?.len();
         assert!(size < 256 * 1024, "digest of {} is {size} bytes", nodes[i]);
+        // Owned by its Node, so that deleting the Node deletes the digest.
+        let node_uid = nodes_api.get(&nodes[i]).await?.metadata.uid;
+        let owners = d.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(
+            owners.len(),
+            1,
+            "owner references of {}: {owners:?}",
+            nodes[i]
+        );
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].name.as_str()),
+            ("Node", nodes[i].as_str())
+        );
+        assert_eq!(Some(&owners[0].uid), node_uid.as_ref());
+        assert_eq!(owners[0].block_owner_deletion, Some(false));
         let st = d.status.as_ref().unwrap();
         assert_eq!(st.work_group, "wg-1");
         assert_eq!(st.vm_count, 1);
@@ -273,6 +290,17 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
     );
 
     drop(agents);
+    // With its agent stopped, deleting node 3 deletes its digest: the garbage collector follows
+    // the owner reference.
+    nodes_api
+        .delete(&nodes[2], &DeleteParams::default())
+        .await?;
+    wait_for(
+        &format!("the digest of deleted node {} garbage-collected", nodes[2]),
+        T,
+        || async { Ok(digests.get_opt(&nodes[2]).await?.is_none().then_some(())) },
+    )
+    .await?;
     for n in &nodes {
         let _ = digests.delete(n, &DeleteParams::default()).await;
     }

@@ -198,34 +198,46 @@ async fn vms_on_node(
         .collect())
 }
 
-/// The node's work group label ("" when the node or the label is missing; `quiet` logs that at
-/// debug level only, for the retries on each interval).
-async fn work_group(client: &kube::Client, node: &str, label: &str, quiet: bool) -> String {
+/// What the agent needs of its Node object.
+#[derive(Debug, Default)]
+struct NodeFacts {
+    /// The work group label's value, "" when the label is missing.
+    work_group: String,
+    /// For the digest's owner reference.
+    uid: Option<String>,
+}
+
+/// Reads the node's work group and uid (empty when the node is missing or cannot be read;
+/// `quiet` logs that at debug level only, for the retries on each interval).
+async fn read_node(client: &kube::Client, node: &str, label: &str, quiet: bool) -> NodeFacts {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     match nodes.get_opt(node).await {
-        Ok(Some(n)) => n
-            .metadata
-            .labels
-            .and_then(|l| l.get(label).cloned())
-            .unwrap_or_default(),
+        Ok(Some(n)) => NodeFacts {
+            work_group: n
+                .metadata
+                .labels
+                .and_then(|l| l.get(label).cloned())
+                .unwrap_or_default(),
+            uid: n.metadata.uid,
+        },
         Ok(None) if quiet => {
             tracing::debug!(node, "node object still not found");
-            String::new()
+            NodeFacts::default()
         }
         Ok(None) => {
             tracing::warn!(
                 node,
-                "node object not found; work group left empty until it appears"
+                "node object not found; work group left empty and the digest unowned until it appears"
             );
-            String::new()
+            NodeFacts::default()
         }
         Err(e) if quiet => {
             tracing::debug!(node, error = %e, "cannot read node");
-            String::new()
+            NodeFacts::default()
         }
         Err(e) => {
             tracing::warn!(node, error = %e, "cannot read node; work group left empty for now");
-            String::new()
+            NodeFacts::default()
         }
     }
 }
@@ -289,7 +301,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
 
     let node = args.node_name.clone();
-    let wg = work_group(&client, &node, &args.work_group_label, false).await;
+    let facts = read_node(&client, &node, &args.work_group_label, false).await;
+    let wg = facts.work_group;
+    let mut node_uid = facts.uid;
     let vmis: Api<VirtualMachineInstance> = Api::all(client.clone());
     let mut scanner = Some(NodeScanner::new(
         node.clone(),
@@ -305,17 +319,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let node_arg = args.process_node_arg.clone();
     // Publish at once next time, whatever the gate says (the work group appeared).
     let mut force: Option<&'static str> = None;
+    let mut published_once = false;
     loop {
         let started = Instant::now();
-        if scanner.as_ref().is_some_and(|s| s.work_group.is_empty()) {
+        if node_uid.is_none() || scanner.as_ref().is_some_and(|s| s.work_group.is_empty()) {
             // The Node may have been created (or labelled) after the agent started.
-            let wg = work_group(&client, &node, &args.work_group_label, true).await;
+            let facts = read_node(&client, &node, &args.work_group_label, true).await;
+            if node_uid.is_none() && facts.uid.is_some() {
+                tracing::info!(node, "node found: the digest is owned by it from now on");
+                force = Some("node found");
+            }
+            node_uid = facts.uid;
             if let Some(s) = scanner.as_mut() {
-                if !wg.is_empty() {
-                    tracing::info!(node, work_group = %wg, "work group found");
+                if !facts.work_group.is_empty() && s.work_group.is_empty() {
+                    tracing::info!(node, work_group = %facts.work_group, "work group found");
                     force = Some("work group found");
                 }
-                s.work_group = wg;
+                s.work_group = facts.work_group;
             }
         }
         match vms_on_node(&vmis, &node).await {
@@ -336,6 +356,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let inputs = s_back.inputs();
                 scanner = Some(s_back);
                 let refresh = match digests.get_opt(&node).await {
+                    Ok(None) if published_once => {
+                        // Deleted: by the garbage collector if the Node was, which may be back
+                        // with a new uid. Read it again and publish at once.
+                        node_uid = read_node(&client, &node, &args.work_group_label, true)
+                            .await
+                            .uid;
+                        force = Some("digest deleted");
+                        None
+                    }
                     Ok(d) => {
                         d.and_then(|d| d.metadata.annotations?.get(REFRESH_ANNOTATION).cloned())
                     }
@@ -363,8 +392,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     PublishDecision::Skip => None,
                 };
                 if let Some(reason) = reason {
-                    match publish::apply(&digests, &node, &status).await {
+                    match publish::apply(&digests, &node, node_uid.as_deref(), &status).await {
                         Ok(()) => {
+                            published_once = true;
                             tracing::info!(
                                 node,
                                 reason,

@@ -278,20 +278,42 @@ impl PublishGate {
     }
 }
 
-/// Creates the digest object if needed and writes its status, both by server-side apply.
+/// The digest object as the agent applies it to the main resource: its spec, and an owner
+/// reference to its Node when the Node's uid is known, so that deleting the Node deletes the
+/// digest too (the garbage collector). Not a controller reference, and it does not block the
+/// Node's deletion.
+pub fn digest_object(node: &str, node_uid: Option<&str>) -> serde_json::Value {
+    let mut metadata = serde_json::json!({ "name": node });
+    if let Some(uid) = node_uid {
+        metadata["ownerReferences"] = serde_json::json!([{
+            "apiVersion": "v1",
+            "kind": "Node",
+            "name": node,
+            "uid": uid,
+            "blockOwnerDeletion": false,
+        }]);
+    }
+    serde_json::json!({
+        "apiVersion": "commonground.dev/v1alpha1",
+        "kind": "NodeRegionDigest",
+        "metadata": metadata,
+        "spec": { "nodeName": node },
+    })
+}
+
+/// Creates the digest object if needed and writes its status, both by server-side apply with
+/// one field manager: metadata and spec on the main resource ([`digest_object`]), status on the
+/// status subresource, which ignores everything but the status. An apply without `node_uid`
+/// drops an owner reference this manager set before; the agent passes the uid whenever it
+/// has read it.
 pub async fn apply(
     api: &Api<NodeRegionDigest>,
     node: &str,
+    node_uid: Option<&str>,
     status: &NodeRegionDigestStatus,
 ) -> Result<(), AgentError> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let object = serde_json::json!({
-        "apiVersion": "commonground.dev/v1alpha1",
-        "kind": "NodeRegionDigest",
-        "metadata": { "name": node },
-        "spec": { "nodeName": node },
-    });
-    api.patch(node, &params, &Patch::Apply(&object))
+    api.patch(node, &params, &Patch::Apply(&digest_object(node, node_uid)))
         .await
         .map_err(|e| AgentError::Kube {
             what: format!("apply NodeRegionDigest {node}"),
@@ -493,5 +515,33 @@ mod tests {
             gate.decide(&i.summary, 0.1, &[], None, soon),
             PublishDecision::Immediate("memory groups changed")
         );
+    }
+
+    #[test]
+    fn digest_object_is_owned_by_its_node_once_the_uid_is_known() {
+        let owned = digest_object("n1", Some("6a1c-uid"));
+        let refs = owned["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(
+            refs[0],
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": "n1",
+                "uid": "6a1c-uid",
+                "blockOwnerDeletion": false,
+            })
+        );
+        assert!(refs[0].get("controller").is_none());
+        assert_eq!(owned["spec"]["nodeName"], "n1");
+        // It deserializes as the API type, owner reference included.
+        let typed: NodeRegionDigest = serde_json::from_value(owned).unwrap();
+        let typed_refs = typed.metadata.owner_references.unwrap();
+        assert_eq!(typed_refs[0].uid, "6a1c-uid");
+        assert_eq!(typed_refs[0].block_owner_deletion, Some(false));
+
+        let unowned = digest_object("n1", None);
+        assert!(unowned["metadata"].get("ownerReferences").is_none());
+        assert_eq!(unowned["metadata"]["name"], "n1");
     }
 }
