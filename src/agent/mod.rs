@@ -100,6 +100,8 @@ impl AgentError {
     }
 }
 
+/// Every setting can also come from a `COMMONGROUND_*` environment variable, except the node
+/// name: `NODE_NAME` is what a DaemonSet's downward API sets by convention.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// The node this agent runs on (from the downward API).
@@ -108,24 +110,24 @@ pub struct AgentArgs {
     /// Node label whose value is the node's work group.
     #[arg(
         long,
-        env = "WORK_GROUP_LABEL",
+        env = "COMMONGROUND_WORK_GROUP_LABEL",
         default_value = "topology.kubernetes.io/zone"
     )]
     pub work_group_label: String,
     /// Region size in base pages; must equal the cluster's.
-    #[arg(long, env = "REGION_PAGES", default_value_t = DEFAULT_REGION_PAGES)]
+    #[arg(long, env = "COMMONGROUND_REGION_PAGES", default_value_t = DEFAULT_REGION_PAGES)]
     pub region_pages: u32,
     /// File holding the cluster key (32 hex characters), mounted from a Secret. Without it a
     /// development key is used and digests are only comparable with other development agents.
-    #[arg(long, env = "CLUSTER_KEY_FILE")]
+    #[arg(long, env = "COMMONGROUND_CLUSTER_KEY_FILE")]
     pub key_file: Option<PathBuf>,
     /// Seconds between scans.
-    #[arg(long, env = "SCAN_INTERVAL", default_value_t = 10)]
+    #[arg(long, env = "COMMONGROUND_SCAN_INTERVAL", default_value_t = 10)]
     pub interval: u64,
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8081")]
+    #[arg(long, env = "COMMONGROUND_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
     pub health_addr: SocketAddr,
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    #[arg(long, env = "COMMONGROUND_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Only processes whose command line has this argument followed by the node name. For
     /// several fake nodes on one host (the e2e suite and the local demo pass `--e2e-node`, which
