@@ -155,7 +155,9 @@ pub struct MemoryGroupStatus {
     /// Members as namespace/name.
     pub members: Vec<String>,
     pub shared_bytes: u64,
-    /// Members that touched the shared range since the last scan.
+    /// Members still on the node that touched the group's shared memory within the last 60 s
+    /// (namespace/name). Watched only once a member has left the node: until then it stays
+    /// empty, as every member touches it as a matter of course.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recently_accessed_by: Vec<String>,
 }
