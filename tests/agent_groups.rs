@@ -6,26 +6,16 @@
 mod helpers;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use commonground::agent::discover;
 use commonground::agent::node_scanner::NodeScanner;
 use commonground::agent::publish::build_bounded_status;
-use commonground::agent::vm_tracker::{RescanMode, RescanPolicy};
+use commonground::agent::vm_tracker::RescanMode;
 use commonground::plan::region::{ClusterKey, RegionGeometry};
 use commonground::plan::VmKey;
-use helpers::{Holder, HolderSpec, MIB};
+use helpers::{quiet_policy, Holder, HolderSpec, MIB};
 
 const SHARED_MIB: u64 = 4;
-
-fn quiet_policy() -> RescanPolicy {
-    RescanPolicy {
-        full_every: Duration::from_secs(3600),
-        changed_fraction: 2.0,
-        min_full_gap: Duration::from_secs(3600),
-        probes: 4096,
-    }
-}
 
 /// "VMs" whose whole guest memory is one shared /dev/shm file.
 struct SharedVms {

@@ -12,19 +12,10 @@ use commonground::agent::memory_reader::ProcessMemory;
 use commonground::agent::node_scanner::NodeScanner;
 use commonground::agent::scan::MemoryScan;
 use commonground::agent::soft_dirty;
-use commonground::agent::vm_tracker::{RescanMode, RescanPolicy, TrackedVm};
+use commonground::agent::vm_tracker::{RescanMode, TrackedVm};
 use commonground::plan::region::{ClusterKey, RegionGeometry};
 use commonground::plan::VmKey;
-use helpers::{Holder, HolderSpec, MIB, REGION};
-
-fn quiet_policy() -> RescanPolicy {
-    RescanPolicy {
-        full_every: Duration::from_secs(3600),
-        changed_fraction: 2.0,
-        min_full_gap: Duration::from_secs(3600),
-        probes: 4096,
-    }
-}
+use helpers::{quiet_policy, Holder, HolderSpec, MIB, REGION};
 
 #[test]
 fn a_process_exiting_mid_scan_keeps_what_was_read() {

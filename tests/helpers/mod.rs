@@ -132,4 +132,15 @@ impl Drop for Holder {
 }
 
 pub const MIB: u64 = 1 << 20;
+
+/// A rescan policy that never forces a full rescan during a test: what a test sees comes from
+/// what its holders did, not from the agent's timers.
+pub fn quiet_policy() -> commonground::agent::vm_tracker::RescanPolicy {
+    commonground::agent::vm_tracker::RescanPolicy {
+        full_every: std::time::Duration::from_secs(3600),
+        changed_fraction: 2.0,
+        min_full_gap: std::time::Duration::from_secs(3600),
+        probes: 4096,
+    }
+}
 pub const REGION: u64 = 65536;
