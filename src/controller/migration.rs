@@ -44,8 +44,9 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     pub transfer: TransferModel,
     /// Serialises "check the parallel limits, then create" so concurrent reconciles cannot
-    /// exceed KubeVirt's limits between a create and the watch reporting it.
-    pub admission: Mutex<Vec<String>>,
+    /// exceed KubeVirt's limits between a create and the watch reporting it: the KubeVirt
+    /// migrations created (name, source node) that the watch has not reported yet.
+    pub admission: Mutex<Vec<(String, String)>>,
 }
 
 /// Deterministic name of the KubeVirt migration for a request: a re-created request (new
@@ -516,24 +517,16 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     }
     let mut admitted = ctx.admission.lock().await;
     let limits = ctx.view.migration_limits();
-    let (mut running, per_node) = ctx.view.running_migrations();
+    let (running, per_node) = ctx.view.running_migrations();
     // Migrations created by us that the watch has not reported yet.
-    admitted.retain(|n| {
+    admitted.retain(|(n, _)| {
         !ctx.view
             .vmims
             .state()
             .iter()
             .any(|m| m.metadata.name.as_deref() == Some(n.as_str()))
     });
-    running += admitted.len() as u32;
-    let outbound = per_node.get(&plan.source_node).copied().unwrap_or(0);
-    let waiting = if running >= limits.per_cluster {
-        Some(format!("waiting: {running} migrations running, KubeVirt allows parallelMigrationsPerCluster={}", limits.per_cluster))
-    } else if outbound >= limits.outbound_per_node {
-        Some(format!("waiting: {outbound} migrations leaving {}, KubeVirt allows parallelOutboundMigrationsPerNode={}", plan.source_node, limits.outbound_per_node))
-    } else {
-        None
-    };
+    let waiting = must_wait(limits, running, &per_node, &admitted, &plan.source_node);
     if let Some(reason) = waiting {
         drop(admitted);
         status.phase = MigrationPhase::Pending;
@@ -555,7 +548,7 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     vmim.metadata.owner_references = Some(vec![owner]);
     vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
     match vmims.create(&PostParams::default(), &vmim).await {
-        Ok(_) => admitted.push(name.clone()),
+        Ok(_) => admitted.push((name.clone(), plan.source_node.clone())),
         Err(kube::Error::Api(e)) if e.code == 409 => {} // created before a restart
         Err(e) => return Err(e.into()),
     }
@@ -588,6 +581,28 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Why a new KubeVirt migration leaving `source` must wait for KubeVirt's parallel limits, if
+/// it must. `running`/`per_node` are what the watch shows; `admitted` (name, source) are the
+/// migrations created since that the watch has not shown yet, counted against both limits.
+pub fn must_wait(
+    limits: crate::view::MigrationLimits,
+    running: u32,
+    per_node: &std::collections::HashMap<String, u32>,
+    admitted: &[(String, String)],
+    source: &str,
+) -> Option<String> {
+    let running = running + admitted.len() as u32;
+    let outbound = per_node.get(source).copied().unwrap_or(0)
+        + admitted.iter().filter(|(_, s)| s == source).count() as u32;
+    if running >= limits.per_cluster {
+        Some(format!("waiting: {running} migrations running, KubeVirt allows parallelMigrationsPerCluster={}", limits.per_cluster))
+    } else if outbound >= limits.outbound_per_node {
+        Some(format!("waiting: {outbound} migrations leaving {source}, KubeVirt allows parallelOutboundMigrationsPerNode={}", limits.outbound_per_node))
+    } else {
+        None
+    }
 }
 
 /// Mirrors the KubeVirt migration's progress into our status.
@@ -801,6 +816,35 @@ async fn cleanup(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Act
 mod tests {
     use super::*;
     use crate::api::migration::VirtualMachineMigrationSpec;
+
+    #[test]
+    fn migrations_created_but_not_yet_watched_count_against_both_limits() {
+        let limits = crate::view::MigrationLimits {
+            per_cluster: 5,
+            outbound_per_node: 2,
+        };
+        let none = std::collections::HashMap::new();
+        let created = |sources: &[&str]| -> Vec<(String, String)> {
+            sources
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("m{i}"), s.to_string()))
+                .collect()
+        };
+        // Two just created from src, the watch shows neither: a third from src waits.
+        let why = must_wait(limits, 0, &none, &created(&["src", "src"]), "src").unwrap();
+        assert!(why.contains("2 migrations leaving src"), "{why}");
+        // Another source is not held by src's migrations.
+        assert_eq!(
+            must_wait(limits, 0, &none, &created(&["src", "src"]), "other"),
+            None
+        );
+        // Watched and unwatched add up, per node and in the cluster.
+        let watched = std::collections::HashMap::from([("src".to_string(), 1)]);
+        assert!(must_wait(limits, 1, &watched, &created(&["src"]), "src").is_some());
+        let why = must_wait(limits, 3, &none, &created(&["a", "b"]), "c").unwrap();
+        assert!(why.contains("5 migrations running"), "{why}");
+    }
 
     fn vmm(name: &str, uid: &str) -> VirtualMachineMigration {
         let mut v = VirtualMachineMigration::new(
