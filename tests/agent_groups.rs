@@ -10,10 +10,8 @@ use std::collections::BTreeSet;
 use commonground::agent::discover;
 use commonground::agent::node_scanner::NodeScanner;
 use commonground::agent::publish::build_bounded_status;
-use commonground::agent::vm_tracker::RescanMode;
-use commonground::plan::region::{ClusterKey, RegionGeometry};
 use commonground::plan::VmKey;
-use helpers::{quiet_policy, Holder, HolderSpec, MIB};
+use helpers::{Holder, HolderSpec, MIB};
 
 const SHARED_MIB: u64 = 4;
 
@@ -60,14 +58,7 @@ impl Drop for SharedVms {
 }
 
 fn scanner() -> NodeScanner {
-    NodeScanner::new(
-        "node-1".into(),
-        "zone-a".into(),
-        RegionGeometry::default(),
-        ClusterKey::development(),
-        RescanMode::detect(),
-        quiet_policy(),
-    )
+    helpers::test_scanner()
 }
 
 /// One agent interval over the VMs of `on_node` that still have a process.

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use commonground::agent::discover;
 use commonground::agent::memory_reader::ProcessMemory;
-use commonground::agent::node_scanner::NodeScanner;
 use commonground::agent::scan::MemoryScan;
 use commonground::agent::soft_dirty;
 use commonground::agent::vm_tracker::{RescanMode, TrackedVm};
-use commonground::plan::region::{ClusterKey, RegionGeometry};
+use commonground::plan::region::RegionGeometry;
 use commonground::plan::VmKey;
 use helpers::{quiet_policy, Holder, HolderSpec, MIB, REGION};
 
@@ -173,14 +172,7 @@ fn node_scanner_reports_only_its_nodes_vms_and_their_memory_groups() {
             "{k} not discovered"
         );
     }
-    let mut scanner = NodeScanner::new(
-        "node-1".into(),
-        "zone-a".into(),
-        RegionGeometry::default(),
-        ClusterKey::development(),
-        RescanMode::detect(),
-        quiet_policy(),
-    );
+    let mut scanner = helpers::test_scanner();
     // Only a and c run on this node; b's process is seen but belongs to another node.
     let on_node: BTreeSet<VmKey> = [ka.clone(), kc.clone()].into();
     scanner.tick(&procs, &on_node);

@@ -9,14 +9,11 @@
 
 use std::sync::Arc;
 
-use kube::api::PostParams;
-use kube::{Api, Resource, ResourceExt};
+use kube::ResourceExt;
 
-use super::error::{ControllerError, Result};
-use super::migration::{vmim_name, Context, OWNER_LABEL};
-use crate::api::kubevirt::{
-    VirtualMachineInstance, VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL,
-};
+use super::error::Result;
+use super::migration::{create_kubevirt_migration, vmim_name, Context};
+use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::migration::MemberStatus;
 use crate::api::VirtualMachineMigration;
 
@@ -81,27 +78,8 @@ pub async fn start_member(
     member: &str,
     target: &str,
 ) -> Result<String> {
-    let ns = vmm.namespace().unwrap_or_default();
     let name = member_vmim_name(vmm, member);
-    let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    let owner = vmm
-        .controller_owner_ref(&())
-        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
-    let mut vmim = VirtualMachineInstanceMigration::new(
-        &name,
-        VmimSpec {
-            vmi_name: member.to_string(),
-            added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target.to_string())].into()),
-        },
-    );
-    vmim.metadata.namespace = Some(ns);
-    vmim.metadata.owner_references = Some(vec![owner]);
-    vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
-    match api.create(&PostParams::default(), &vmim).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
+    create_kubevirt_migration(ctx, vmm, &name, member, target).await?;
     Ok(name)
 }
 

@@ -534,23 +534,8 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         write_status(ctx, &vmm, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let owner = vmm
-        .controller_owner_ref(&())
-        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
-    let mut vmim = VirtualMachineInstanceMigration::new(
-        &name,
-        VmimSpec {
-            vmi_name: vmm.spec.vmi_name.clone(),
-            added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target_node.clone())].into()),
-        },
-    );
-    vmim.metadata.namespace = Some(ns.clone());
-    vmim.metadata.owner_references = Some(vec![owner]);
-    vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
-    match vmims.create(&PostParams::default(), &vmim).await {
-        Ok(_) => admitted.push((name.clone(), plan.source_node.clone())),
-        Err(kube::Error::Api(e)) if e.code == 409 => {} // created before a restart
-        Err(e) => return Err(e.into()),
+    if create_kubevirt_migration(ctx, &vmm, &name, &vmm.spec.vmi_name, &target_node).await? {
+        admitted.push((name.clone(), plan.source_node.clone()));
     }
     drop(admitted);
     if group_mode == GroupMode::Together {
@@ -581,6 +566,39 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Creates the KubeVirt migration `name` of `vmi` to `target`, owned and labelled by `vmm`.
+/// Returns false when it already existed (made before a restart): creating is idempotent.
+pub async fn create_kubevirt_migration(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    name: &str,
+    vmi: &str,
+    target: &str,
+) -> Result<bool> {
+    let ns = vmm
+        .namespace()
+        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
+    let owner = vmm
+        .controller_owner_ref(&())
+        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
+    let mut vmim = VirtualMachineInstanceMigration::new(
+        name,
+        VmimSpec {
+            vmi_name: vmi.to_string(),
+            added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target.to_string())].into()),
+        },
+    );
+    vmim.metadata.namespace = Some(ns.clone());
+    vmim.metadata.owner_references = Some(vec![owner]);
+    vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
+    let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.create(&PostParams::default(), &vmim).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Why a new KubeVirt migration leaving `source` must wait for KubeVirt's parallel limits, if

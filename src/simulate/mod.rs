@@ -124,15 +124,8 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
     if args.rebalance {
         let cfg = rebalance::RebalanceConfig {
             cluster: SyntheticConfig {
-                nodes: args.nodes,
-                vms: args.vms,
-                images: args.images,
-                work_groups: args.work_groups,
-                seed: args.seed,
-                region_pages: args.region_size,
-                mix: args.mix,
                 exact: false,
-                ..Default::default()
+                ..synthetic_config(args)
             },
             rounds: args.rounds,
             threshold_factor: args.threshold_factor,
@@ -175,17 +168,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
         });
     }
 
-    let cfg = SyntheticConfig {
-        nodes: args.nodes,
-        vms: args.vms,
-        images: args.images,
-        work_groups: args.work_groups,
-        seed: args.seed,
-        region_pages: args.region_size,
-        mix: args.mix,
-        ..Default::default()
-    };
-    let cluster = synthetic::generate(&cfg)?;
+    let cluster = synthetic::generate(&synthetic_config(args))?;
     if let Some(path) = &args.write_snapshot {
         let file = snapshot::record(&cluster)?;
         let text = serde_json::to_string(&file).expect("plain data");
@@ -226,6 +209,20 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
             report::table(&summary)
         )
     })
+}
+
+/// The synthetic cluster the flags describe.
+fn synthetic_config(args: &SimulateArgs) -> SyntheticConfig {
+    SyntheticConfig {
+        nodes: args.nodes,
+        vms: args.vms,
+        images: args.images,
+        work_groups: args.work_groups,
+        seed: args.seed,
+        region_pages: args.region_size,
+        mix: args.mix,
+        ..Default::default()
+    }
 }
 
 /// Replays `args.migrations` requests against every policy and summarises them; the same for

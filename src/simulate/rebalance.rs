@@ -328,14 +328,19 @@ fn run_mode(start: &State, mode: Mode, cfg: &RebalanceConfig) -> RunReport {
                 report.rejected += 1;
             }
         }
-        report.migrations += made;
-        report.rounds.push(RoundStat {
-            cv: s.cv(),
-            migrations: made,
-        });
+        record_round(&mut report, &s, made);
     }
     report.final_cv = s.cv();
     report
+}
+
+/// Adds one round's migrations and the load spread after it to the report.
+fn record_round(report: &mut RunReport, s: &State, made: usize) {
+    report.migrations += made;
+    report.rounds.push(RoundStat {
+        cv: s.cv(),
+        migrations: made,
+    });
 }
 
 /// kube-scheduler's LeastAllocated score from requests (higher is better).
@@ -406,11 +411,7 @@ fn run_baseline(start: &State, cfg: &RebalanceConfig) -> RunReport {
                 made += 1;
             }
         }
-        report.migrations += made;
-        report.rounds.push(RoundStat {
-            cv: s.cv(),
-            migrations: made,
-        });
+        record_round(&mut report, &s, made);
     }
     report.final_cv = s.cv();
     report

@@ -133,6 +133,18 @@ impl Drop for Holder {
 
 pub const MIB: u64 = 1 << 20;
 
+/// A node scanner for "node-1" in "zone-a" with the development key and a quiet policy.
+pub fn test_scanner() -> commonground::agent::node_scanner::NodeScanner {
+    commonground::agent::node_scanner::NodeScanner::new(
+        "node-1".into(),
+        "zone-a".into(),
+        commonground::plan::region::RegionGeometry::default(),
+        commonground::plan::region::ClusterKey::development(),
+        commonground::agent::vm_tracker::RescanMode::detect(),
+        quiet_policy(),
+    )
+}
+
 /// A rescan policy that never forces a full rescan during a test: what a test sees comes from
 /// what its holders did, not from the agent's timers.
 pub fn quiet_policy() -> commonground::agent::vm_tracker::RescanPolicy {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
-use commonground::api::digest::{summary_into_status, NodeRegionDigestSpec};
+use commonground::api::digest::{
+    summary_into_status, NodeRegionDigestSpec, NodeRegionDigestStatus,
+};
 use commonground::api::NodeRegionDigest;
 use commonground::plan::region::RegionGeometry;
 use commonground::plan::sketch::{RegionSketch, KEY_SPACE};
@@ -187,11 +189,20 @@ pub async fn publish_digest(
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    let mut status = Default::default();
+    let mut status = NodeRegionDigestStatus::default();
     summary_into_status(&summary, &mut status);
     status.page_size = 4096;
     status.scan_time = chrono::Utc::now().to_rfc3339();
     status.scan_mode = "Full".into();
+    apply_digest_status(&api, node, &status).await
+}
+
+/// Writes a digest's status as the agent would (server-side apply, the e2e agent's manager).
+async fn apply_digest_status(
+    api: &Api<NodeRegionDigest>,
+    node: &str,
+    status: &NodeRegionDigestStatus,
+) -> anyhow::Result<()> {
     let patch = serde_json::json!({
         "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
     });
@@ -202,13 +213,6 @@ pub async fn publish_digest(
     )
     .await?;
     Ok(())
-}
-
-impl Component {
-    /// Same as [`Component::start`] (the binary is built once per process either way).
-    pub fn start_built_once(args: &[&str], log_name: &str) -> Component {
-        Component::start(args, log_name)
-    }
 }
 
 /// Arguments of a node agent for fake node `node`: scans every second, reads only the memory
@@ -234,7 +238,7 @@ pub fn agent_args(node: &str) -> Vec<String> {
 pub fn start_agent(node: &str) -> Component {
     let args = agent_args(node);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Component::start_built_once(&args, &format!("agent-{node}"))
+    Component::start(&args, &format!("agent-{node}"))
 }
 
 /// Sets the measured load of VMs in a node's published digest (`status.vms[].load`), as the
@@ -253,16 +257,7 @@ pub async fn set_vm_loads(
             v.load.memory_bytes = mem;
         }
     }
-    let patch = serde_json::json!({
-        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
-    });
-    api.patch_status(
-        node,
-        &PatchParams::apply("e2e-agent").force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    apply_digest_status(&api, node, &status).await
 }
 
 /// [`ensure_controller`] from a thread that lives as long as the test process.
