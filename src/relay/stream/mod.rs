@@ -10,6 +10,7 @@
 //! whole matched regions replaced by references.
 
 pub mod cursor;
+pub mod fixtures;
 pub mod main_channel;
 pub mod multifd;
 pub mod region_run;

@@ -1,0 +1,210 @@
+//! Shared by the relay tests: certificates from a throwaway CA, the relay pair as processes,
+//! and waiting for what they write.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// A CA and a server and a client certificate it signs, written under `dir/name`.
+pub fn certs(dir: &Path, name: &str) -> Certs {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |file: &str| {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["commonground-relay".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let (c, k) = (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let (server_cert, server_key) = leaf("server");
+    let (client_cert, client_key) = leaf("client");
+    let ca_path = dir.join("ca.crt");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    Certs {
+        ca: ca_path,
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
+}
+
+pub fn free_addr(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+/// Waits until the relay logged that it listens (connecting to find out would start a
+/// migration).
+pub fn wait_ready(log: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("ready") {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("relay exited before it was ready ({status}):\n{text}");
+        }
+        assert!(Instant::now() < deadline, "relay not ready:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A relay process, killed on drop.
+pub struct Relay {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stats: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Relay {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The statistics lines written so far.
+    pub fn stats_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stats)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits for the `n`th statistics line.
+    pub fn wait_stats(&self, n: usize) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let lines = self.stats_lines();
+            if lines.len() >= n {
+                return lines[n - 1].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no statistics line {n}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Prefix for running a command inside a network namespace (empty: this one).
+pub fn in_ns(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+pub fn target_relay(
+    dir: &Path,
+    ns: Option<&str>,
+    ip: &str,
+    certs: &Certs,
+    store_pids: &[u32],
+    extra: &[&str],
+) -> Relay {
+    let addr = free_addr(if ns.is_some() { "127.0.0.1" } else { ip });
+    let addr: SocketAddr = format!("{ip}:{}", addr.port()).parse().unwrap();
+    let stats = dir.join(format!("target-{}.jsonl", addr.port()));
+    let log = dir.join(format!("target-{}.log", addr.port()));
+    let mut cmd = in_ns(ns, Path::new(env!("CARGO_BIN_EXE_commonground")));
+    cmd.args(["relay", "target", "--listen", &addr.to_string()])
+        .arg("--tls-cert")
+        .arg(&certs.server_cert)
+        .arg("--tls-key")
+        .arg(&certs.server_key)
+        .arg("--tls-ca")
+        .arg(&certs.ca)
+        .arg("--stats-json")
+        .arg(&stats)
+        .args(extra);
+    for pid in store_pids {
+        cmd.args(["--store-pid", &pid.to_string()]);
+    }
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_ready(&log, &mut child);
+    Relay {
+        child,
+        addr,
+        stats,
+        log,
+    }
+}
+
+pub fn source_relay(
+    dir: &Path,
+    ns: Option<&str>,
+    certs: &Certs,
+    target: SocketAddr,
+    deliver_to: &str,
+    extra: &[&str],
+) -> Relay {
+    let addr = free_addr("127.0.0.1");
+    let stats = dir.join(format!("source-{}.jsonl", addr.port()));
+    let log = dir.join(format!("source-{}.log", addr.port()));
+    let mut cmd = in_ns(ns, Path::new(env!("CARGO_BIN_EXE_commonground")));
+    cmd.args(["relay", "source", "--listen", &addr.to_string()])
+        .args(["--target-relay", &target.to_string()])
+        .args(["--deliver-to", deliver_to])
+        .arg("--tls-cert")
+        .arg(&certs.client_cert)
+        .arg("--tls-key")
+        .arg(&certs.client_key)
+        .arg("--tls-ca")
+        .arg(&certs.ca)
+        .arg("--stats-json")
+        .arg(&stats)
+        .args(extra);
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_ready(&log, &mut child);
+    Relay {
+        child,
+        addr,
+        stats,
+        log,
+    }
+}

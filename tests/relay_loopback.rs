@@ -1,0 +1,328 @@
+//! The relay pair as processes on loopback, with this test process as the target node's
+//! memory and plain sockets playing the two QEMUs: exact delivery, references for held
+//! regions, resends when the memory changed, connection order, pass-through, refusal of a
+//! foreign certificate, and a relay that dies.
+
+#[path = "relay/common.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{certs, source_relay, target_relay};
+use commonground::plan::region::PAGE_SIZE;
+use commonground::relay::stream::fixtures::{multifd_stream, page, region_content, MainWriter};
+
+const REGION: usize = 16 * PAGE_SIZE;
+
+/// Memory of this process holding some regions' content at 64 KiB-aligned addresses, as
+/// QEMU's guest RAM is.
+struct Memory {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Memory {
+    fn new(regions: &[Vec<u8>]) -> Self {
+        let mut buf = vec![0u8; (regions.len() + 1) * REGION + (4 << 20)];
+        let at = (buf.as_ptr() as usize).next_multiple_of(REGION) - buf.as_ptr() as usize;
+        for (i, r) in regions.iter().enumerate() {
+            buf[at + i * REGION..at + (i + 1) * REGION].copy_from_slice(r);
+        }
+        Self { buf, at }
+    }
+
+    fn region_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.buf[self.at + i * REGION..self.at + (i + 1) * REGION]
+    }
+}
+
+/// A guest of `regions` full regions; returns the stream and each region's content.
+fn guest(regions: u64, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut w = MainWriter::new();
+    w.ram_start(&[("pc.ram", regions * REGION as u64)]);
+    w.ram_part();
+    let mut contents = Vec::new();
+    for r in 0..regions {
+        let pages: Vec<_> = (0..16)
+            .map(|i| (i, page(seed + r * 16 + i as u64)))
+            .collect();
+        for (i, p) in &pages {
+            w.page("pc.ram", (r * 16 + *i as u64) * PAGE_SIZE as u64, p);
+        }
+        contents.push(region_content(&pages));
+    }
+    w.eos();
+    w.ram_end();
+    w.eos();
+    w.devices_and_eof();
+    (w.bytes, contents)
+}
+
+/// The target QEMU of consecutive migrations: accepts connections one after the other and
+/// passes on what each delivered.
+fn fake_target(connections: usize) -> (String, mpsc::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let _ = tx.send(got);
+        }
+    });
+    (addr, rx)
+}
+
+/// The source QEMU: sends a stream, closes its side, waits for the other side to close.
+fn send(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
+fn finish(mut s: TcpStream) {
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+#[test]
+fn held_regions_cross_as_references_and_the_target_receives_the_exact_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (stream, contents) = guest(64, 1);
+    let held: Vec<_> = contents.iter().step_by(2).cloned().collect();
+    let _memory = Memory::new(&held);
+    let target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let (deliver, delivered) = fake_target(1);
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+
+    finish(send(source.addr, &stream));
+    let got = delivered.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(got.len(), stream.len());
+    assert!(got == stream, "delivered bytes differ from the stream");
+
+    let s = source.wait_stats(1);
+    let t = target.wait_stats(1);
+    assert_eq!(num(&s, "regions_referenced"), 32, "{s}");
+    assert_eq!(num(&t, "regions_referenced"), 32, "{t}");
+    assert_eq!(num(&t, "regions_resent"), 0, "{t}");
+    assert_eq!(num(&s, "bytes_from_qemu"), stream.len() as u64);
+    assert_eq!(num(&t, "bytes_from_qemu"), stream.len() as u64);
+    // Half the pages stay home; the wire carries the other half, the filter and TLS.
+    let wire = num(&s, "bytes_on_wire");
+    println!(
+        "stream {} B, on the wire {} B ({:.1}%)",
+        stream.len(),
+        wire,
+        100.0 * wire as f64 / stream.len() as f64
+    );
+    assert!(wire < stream.len() as u64 * 55 / 100, "{s}");
+    assert!(wire > stream.len() as u64 * 45 / 100, "{s}");
+}
+
+#[test]
+fn memory_changed_since_the_index_is_resent_and_delivery_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (stream, contents) = guest(16, 1000);
+    let mut memory = Memory::new(&contents);
+    // The index lives for the whole test: the second migration uses the first one's.
+    let target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &["--store-max-age", "3600"],
+    );
+    let (deliver, delivered) = fake_target(2);
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+    finish(send(source.addr, &stream));
+    assert!(delivered.recv_timeout(Duration::from_secs(60)).unwrap() == stream);
+    assert_eq!(num(&target.wait_stats(1), "regions_resent"), 0);
+
+    // Rewrite a quarter of the regions after they were indexed.
+    for i in (0..16).step_by(4) {
+        memory.region_mut(i)[123] ^= 0x5a;
+    }
+    finish(send(source.addr, &stream));
+    let got = delivered
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "nothing delivered; source log:\n{}\ntarget log:\n{}",
+                source.log_text(),
+                target.log_text()
+            )
+        });
+    assert!(got == stream);
+    let t = target.wait_stats(2);
+    assert_eq!(num(&t, "regions_referenced"), 16, "{t}");
+    assert_eq!(num(&t, "regions_resent"), 4, "{t}");
+    assert_eq!(num(&source.wait_stats(2), "regions_resent"), 4);
+}
+
+#[test]
+fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (main, contents) = guest(8, 50_000);
+    let _memory = Memory::new(&contents);
+    let target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let deliver = listener.local_addr().unwrap().to_string();
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+
+    let channels = [
+        main,
+        multifd_stream(&[(0, 128)], 0),
+        multifd_stream(&[(128, 64)], 0),
+    ];
+    let mut open = Vec::new();
+    for ch in &channels {
+        open.push(send(source.addr, &ch[..64]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Accepted in the order opened, and each carries its own stream.
+    let mut accepted = Vec::new();
+    for _ in 0..channels.len() {
+        accepted.push(listener.accept().unwrap().0);
+    }
+    for (s, ch) in open.iter_mut().zip(&channels) {
+        s.write_all(&ch[64..]).unwrap();
+    }
+    for s in open {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    for (mut a, ch) in accepted.into_iter().zip(&channels) {
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).unwrap();
+        assert!(
+            got == *ch,
+            "a channel was delivered on another connection or altered"
+        );
+    }
+    let s = source.wait_stats(1);
+    assert_eq!(num(&s, "connections"), 3, "{s}");
+    assert!(num(&s, "regions_referenced") > 0, "{s}");
+}
+
+#[test]
+fn a_stream_that_is_not_qemus_passes_through_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let (deliver, delivered) = fake_target(1);
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+    let junk: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    finish(send(source.addr, &junk));
+    assert!(delivered.recv_timeout(Duration::from_secs(60)).unwrap() == junk);
+    let s = source.wait_stats(1);
+    let reasons = s["passthrough"].as_array().unwrap();
+    assert!(
+        reasons[0]
+            .as_str()
+            .unwrap()
+            .contains("not a QEMU migration stream"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_and_the_source_connection_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let other = certs(dir.path(), "other");
+    let target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let deliver = listener.local_addr().unwrap().to_string();
+    let source = source_relay(dir.path(), None, &other, target.addr, &deliver, &[]);
+    let (stream, _) = guest(4, 7);
+    let mut s = TcpStream::connect(source.addr).unwrap();
+    let _ = s.write_all(&stream);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    // The source relay closes QEMU's connection: QEMU would fail the migration.
+    let closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+    assert!(closed);
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the target QEMU"
+    );
+    let st = source.wait_stats(1);
+    assert!(st["errors"][0].as_str().unwrap().contains("TLS"), "{st}");
+}
+
+#[test]
+fn a_target_relay_that_dies_mid_stream_closes_the_source_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let mut target = target_relay(
+        dir.path(),
+        None,
+        "127.0.0.1",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let (deliver, delivered) = fake_target(1);
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+    let (stream, _) = guest(64, 9);
+    let mut s = send(source.addr, &stream[..stream.len() / 2]);
+    std::thread::sleep(Duration::from_millis(300));
+    target.child.kill().unwrap();
+    target.child.wait().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // Writing more and reading: the connection is closed under QEMU's feet, not left hanging.
+    let _ = s.write_all(&stream[stream.len() / 2..]);
+    let mut buf = [0u8; 16];
+    assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+    // The target QEMU got a cut stream, never a complete one.
+    let got = delivered.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(got.len() < stream.len());
+    assert!(stream.starts_with(&got));
+}
