@@ -494,15 +494,19 @@ fn commands_reference() -> String {
         "controller",
         "extender",
         "agent",
+        "relay source",
+        "relay target",
         "crd",
         "digest",
         "simulate",
         "estimate",
     ] {
+        let mut args: Vec<&str> = sub.split(' ').collect();
+        args.push("--help");
         let _ = write!(
             out,
             "\n## `commonground {sub}`\n\n```text\n{}```\n",
-            help(&[sub, "--help"])
+            help(&args)
         );
     }
     out

@@ -134,6 +134,18 @@ pub struct AgentArgs {
     /// the stand-in's memory helpers carry); a real node has its own /proc and needs none.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub process_node_arg: Option<String>,
+    /// Run this node's end of the migration relay, listening here (chart `relay.enabled`).
+    #[arg(long, env = "COMMONGROUND_RELAY_LISTEN", requires_all = ["relay_advertise", "relay_tls_cert", "relay_tls_key", "relay_tls_ca"])]
+    pub relay_listen: Option<String>,
+    /// `HOST:PORT` other nodes' relays reach this relay at (the pod IP and the relay port).
+    #[arg(long, env = "COMMONGROUND_RELAY_ADVERTISE")]
+    pub relay_advertise: Option<String>,
+    #[arg(long, env = "COMMONGROUND_RELAY_TLS_CERT")]
+    pub relay_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "COMMONGROUND_RELAY_TLS_KEY")]
+    pub relay_tls_key: Option<PathBuf>,
+    #[arg(long, env = "COMMONGROUND_RELAY_TLS_CA")]
+    pub relay_tls_ca: Option<PathBuf>,
 }
 
 /// The cluster key from `path`, or the development key with a loud warning.
@@ -303,6 +315,31 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
 
     let node = args.node_name.clone();
+    let relay = match (&args.relay_listen, &args.relay_advertise) {
+        (Some(listen), Some(advertise)) => {
+            let tls = crate::relay::tls::TlsArgs {
+                tls_cert: args.relay_tls_cert.clone().unwrap_or_default(),
+                tls_key: args.relay_tls_key.clone().unwrap_or_default(),
+                tls_ca: args.relay_tls_ca.clone().unwrap_or_default(),
+            };
+            let endpoint = crate::relay::start_node_target(
+                crate::relay::NodeRelay {
+                    listen: listen.clone(),
+                    advertise: advertise.clone(),
+                    tls,
+                    region_pages: args.region_pages,
+                    node: node.clone(),
+                    process_node_arg: args.process_node_arg.clone(),
+                },
+                key.clone(),
+                &registry,
+            )
+            .await
+            .map_err(|e| AgentError::Argument(format!("relay: {e}")))?;
+            Some(endpoint)
+        }
+        _ => None,
+    };
     let facts = read_node(&client, &node, &args.work_group_label, false).await;
     let wg = facts.work_group;
     let mut node_uid = facts.uid;
@@ -375,7 +412,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                         None
                     }
                 };
-                let status = publish::build_bounded_status(&inputs);
+                let mut status = publish::build_bounded_status(&inputs);
+                status.relay = relay.clone();
                 let now = Instant::now();
                 let decision = match force {
                     Some(why) => PublishDecision::Immediate(why),

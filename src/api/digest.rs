@@ -67,11 +67,33 @@ pub struct NodeRegionDigestStatus {
     /// VMs on this node that share a memory space (seed 001).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub memory_groups: Vec<MemoryGroupStatus>,
+    /// The node's end of the migration relay, when the agent runs it (chart `relay.enabled`).
+    /// A migration between two nodes that both advertise it, with the same key, can send
+    /// references for the regions the target holds instead of their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayEndpoint>,
     /// RFC 3339 time of the scan.
     pub scan_time: String,
     /// `SoftDirty` (incremental rescans), `Sampled` (dirty rate from re-hashed samples) or
     /// `Full` (every scan reads everything).
     pub scan_mode: String,
+}
+
+/// Where other nodes' relays reach this node's target relay.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayEndpoint {
+    /// `HOST:PORT` of the target relay (mutual TLS).
+    pub address: String,
+    /// Relay protocol version spoken.
+    pub protocol_version: u32,
+    /// Region size in pages the relay names regions with.
+    pub region_pages: u32,
+    /// KubeVirt's migration connections leaving this node are carried through the relay. Until
+    /// they are, the relay only serves migrations driven through it directly
+    /// (`commonground relay source`), and estimates stay with stock transport.
+    #[serde(default)]
+    pub in_migration_path: bool,
 }
 
 /// Form of the per-VM sketches in a digest.

@@ -281,6 +281,14 @@ pub struct EstimateStatus {
     /// Network paths the estimate counts on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// The transport the duration is estimated for: `SkipCommon` (the migration relay sends
+    /// references for regions the target holds: `toMoveBytes` cross the wire) or `Stock`
+    /// (every non-zero page: `stockBytes`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transport: String,
+    /// Why that transport.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transport_reason: String,
 }
 
 #[cfg(test)]

@@ -368,12 +368,23 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     status.candidates = status::candidates(&plan, TOP_CANDIDATES);
     status.work_groups = status::work_groups(&plan, planner.snapshot().geometry.region_bytes());
     status.notes = plan.notes.clone();
-    let base = status::estimate_input(
+    let mut base = status::estimate_input(
         &plan,
         summary.as_ref().map_or(0.0, |s| s.dirty_rate),
         summary.as_ref().map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
     );
+    let (transport, transport_reason) = match plan.target_node.as_deref() {
+        Some(target) => status::transport(
+            (
+                &plan.source_node,
+                ctx.view.digest_status(&plan.source_node).as_ref(),
+            ),
+            (target, ctx.view.digest_status(target).as_ref()),
+        ),
+        None => (base.transport, "no target yet".to_string()),
+    };
+    base.transport = transport;
     // Seed 004: add paths while the estimate exceeds the time budget.
     let decision = match paths::decide(ctx, &vmm, &plan, &base, ctx.transfer.cores_per_gbps) {
         None => None,
@@ -427,14 +438,16 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
             &now_rfc3339(),
         );
     }
-    status.estimate = Some(status::estimate_status(
+    let mut estimate = status::estimate_status(
         &plan,
         &with_paths,
         decision
             .as_ref()
             .map(|d| d.added.clone())
             .unwrap_or_default(),
-    ));
+    );
+    estimate.transport_reason = transport_reason;
+    status.estimate = Some(estimate);
     let Some(target_node) = plan.target_node.clone() else {
         status.phase = MigrationPhase::Pending;
         status.reason = Some("no node passes the minimum hardware configuration; retrying".into());

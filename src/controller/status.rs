@@ -1,5 +1,6 @@
 //! From a plan to the `VirtualMachineMigration` status a person reads.
 
+use crate::api::digest::{NodeRegionDigestStatus, RelayEndpoint};
 use crate::api::migration::{CandidateStatus, EstimateStatus, WorkGroupStatus};
 use crate::plan::estimate::{estimate, EstimateInput, Transport};
 use crate::plan::hardware::human_bytes;
@@ -98,6 +99,63 @@ pub fn estimate_input(
     input
 }
 
+/// The transport a migration from `source` to `target` gets, and why: the skipping transport
+/// only when both nodes run the migration relay in KubeVirt's migration path, with the same
+/// cluster key and region size; otherwise stock (every non-zero page is sent).
+pub fn transport(
+    source: (&str, Option<&NodeRegionDigestStatus>),
+    target: (&str, Option<&NodeRegionDigestStatus>),
+) -> (Transport, String) {
+    fn relay_of<'a>(
+        (name, d): (&str, Option<&'a NodeRegionDigestStatus>),
+    ) -> Result<(&'a NodeRegionDigestStatus, &'a RelayEndpoint), String> {
+        match d {
+            None => Err(format!("node {name} publishes no digest")),
+            Some(d) => match &d.relay {
+                None => Err(format!("node {name} does not run the migration relay")),
+                Some(r) if !r.in_migration_path => Err(format!(
+                    "the relay on node {name} is not in KubeVirt's migration path"
+                )),
+                Some(r) => Ok((d, r)),
+            },
+        }
+    }
+    let (s, t) = match (relay_of(source), relay_of(target)) {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(why), _) | (_, Err(why)) => {
+            return (
+                Transport::Stock,
+                format!("{why}: every non-zero page is sent"),
+            )
+        }
+    };
+    if s.0.key_id != t.0.key_id {
+        return (
+            Transport::Stock,
+            format!(
+                "nodes {} and {} use different cluster keys: every non-zero page is sent",
+                source.0, target.0
+            ),
+        );
+    }
+    if s.1.region_pages != t.1.region_pages || s.1.protocol_version != t.1.protocol_version {
+        return (
+            Transport::Stock,
+            format!(
+                "the relays on {} and {} differ in region size or protocol: every non-zero page is sent",
+                source.0, target.0
+            ),
+        );
+    }
+    (
+        Transport::SkipCommon,
+        format!(
+            "both nodes relay migrations: regions {} holds are sent as references",
+            target.0
+        ),
+    )
+}
+
 /// The estimate in status: both byte figures, and the time for the transport in use.
 pub fn estimate_status(plan: &Plan, input: &EstimateInput, paths: Vec<String>) -> EstimateStatus {
     let b = plan.bytes;
@@ -114,5 +172,64 @@ pub fn estimate_status(plan: &Plan, input: &EstimateInput, paths: Vec<String>) -
         duration_human: time.as_ref().map(|t| format!("{:.0}s", t.seconds.ceil())),
         converges: time.as_ref().map(|t| t.converges),
         paths,
+        transport: format!("{:?}", input.transport),
+        transport_reason: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    fn node(relay: Option<(bool, u32)>, key: &str) -> NodeRegionDigestStatus {
+        NodeRegionDigestStatus {
+            key_id: key.into(),
+            relay: relay.map(|(in_path, pages)| RelayEndpoint {
+                address: "10.0.0.1:4443".into(),
+                protocol_version: 1,
+                region_pages: pages,
+                in_migration_path: in_path,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn skipping_transport_only_when_both_relays_carry_kubevirt_migrations() {
+        let both = node(Some((true, 16)), "k");
+        let (t, why) = transport(("a", Some(&both)), ("b", Some(&both)));
+        assert_eq!(t, Transport::SkipCommon, "{why}");
+
+        let off_path = node(Some((false, 16)), "k");
+        let (t, why) = transport(("a", Some(&both)), ("b", Some(&off_path)));
+        assert_eq!(t, Transport::Stock);
+        assert!(why.contains("not in KubeVirt's migration path"), "{why}");
+
+        let none = node(None, "k");
+        let (t, why) = transport(("a", Some(&none)), ("b", Some(&both)));
+        assert_eq!(t, Transport::Stock);
+        assert!(
+            why.contains("node a does not run the migration relay"),
+            "{why}"
+        );
+
+        let (t, why) = transport(("a", Some(&both)), ("b", None));
+        assert_eq!(t, Transport::Stock);
+        assert!(why.contains("node b publishes no digest"), "{why}");
+    }
+
+    #[test]
+    fn different_keys_or_geometry_mean_stock_transport() {
+        let (t, why) = transport(
+            ("a", Some(&node(Some((true, 16)), "k1"))),
+            ("b", Some(&node(Some((true, 16)), "k2"))),
+        );
+        assert_eq!(t, Transport::Stock);
+        assert!(why.contains("different cluster keys"), "{why}");
+        let (t, _) = transport(
+            ("a", Some(&node(Some((true, 16)), "k"))),
+            ("b", Some(&node(Some((true, 32)), "k"))),
+        );
+        assert_eq!(t, Transport::Stock);
     }
 }

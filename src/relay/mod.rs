@@ -247,6 +247,58 @@ async fn start(common: &CommonArgs) -> Result<Started, RelayError> {
     })
 }
 
+/// The agent's relay role: a target relay over this node's VMs, serving in the background.
+/// Returns what the node advertises in its digest.
+pub struct NodeRelay {
+    pub listen: String,
+    pub advertise: String,
+    pub tls: tls::TlsArgs,
+    pub region_pages: u32,
+    pub node: String,
+    pub process_node_arg: Option<String>,
+}
+
+pub async fn start_node_target(
+    relay: NodeRelay,
+    key: crate::plan::region::ClusterKey,
+    registry: &prometheus::Registry,
+) -> Result<crate::api::digest::RelayEndpoint, RelayError> {
+    let NodeRelay {
+        listen,
+        advertise,
+        tls,
+        region_pages,
+        node,
+        process_node_arg,
+    } = relay;
+    let endpoint = net::Endpoint::parse(&listen)?;
+    net::Endpoint::parse(&advertise)?;
+    let config = Arc::new(target::TargetConfig {
+        acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(&tls)?),
+        namer: Arc::new(stream::RegionNamer::new(key, region_pages)),
+        store_source: target::StoreSource::Node {
+            node,
+            process_node_arg,
+        },
+        store_max_age: Duration::from_secs(10),
+        stats_json: None,
+        metrics: stats::RelayMetrics::new(registry),
+    });
+    let listener = net::Listener::bind(&endpoint).await?;
+    tracing::info!(listen = %listener.local_addr(), advertise = %advertise, "relay target ready");
+    tokio::spawn(async move {
+        if let Err(e) = target::serve(listener, config).await {
+            tracing::error!(error = %e, "relay target stopped");
+        }
+    });
+    Ok(crate::api::digest::RelayEndpoint {
+        address: advertise,
+        protocol_version: protocol::PROTOCOL_VERSION as u32,
+        region_pages,
+        in_migration_path: false,
+    })
+}
+
 pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     match args.side {
         Side::Source(a) => {
@@ -275,7 +327,10 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
             let started = start(&a.common).await?;
             let store_source = match (&a.store_node, a.store_pids.is_empty()) {
                 (_, false) => target::StoreSource::Pids(a.store_pids.clone()),
-                (Some(node), true) => target::StoreSource::Node(node.clone()),
+                (Some(node), true) => target::StoreSource::Node {
+                    node: node.clone(),
+                    process_node_arg: None,
+                },
                 (None, true) => {
                     return Err(RelayError::Argument(
                         "give --store-pid PID... or --store-node NODE".into(),

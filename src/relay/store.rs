@@ -98,9 +98,10 @@ impl ContentStore {
         store
     }
 
-    /// The KubeVirt QEMU processes of this host (the agent's discovery).
-    pub fn node_pids() -> Vec<i32> {
-        discover::find_qemu_processes_with(None)
+    /// The KubeVirt QEMU processes of this host (the agent's discovery), optionally only those
+    /// whose command line has the argument followed by the node name.
+    pub fn node_pids(node_arg: Option<(&str, &str)>) -> Vec<i32> {
+        discover::find_qemu_processes_with(node_arg)
             .map(|ps| ps.into_iter().map(|p| p.pid).collect())
             .unwrap_or_default()
     }

@@ -34,8 +34,13 @@ const LINGER: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub enum StoreSource {
     Pids(Vec<i32>),
-    /// Every KubeVirt QEMU process on this host.
-    Node(String),
+    /// Every KubeVirt QEMU process of this node: on this host, or (several fake nodes on one
+    /// host, as in the e2e suite) those whose command line has `process_node_arg` followed by
+    /// the node name.
+    Node {
+        node: String,
+        process_node_arg: Option<String>,
+    },
 }
 
 pub struct TargetConfig {
@@ -222,7 +227,10 @@ async fn current_store(shared: &Shared, config: &TargetConfig) -> Arc<ContentSto
     let built = tokio::task::spawn_blocking(move || {
         let pids = match &source {
             StoreSource::Pids(p) => p.clone(),
-            StoreSource::Node(_) => ContentStore::node_pids(),
+            StoreSource::Node {
+                node,
+                process_node_arg,
+            } => ContentStore::node_pids(process_node_arg.as_deref().map(|a| (a, node.as_str()))),
         };
         ContentStore::build(namer.clone(), &pids)
     })

@@ -216,6 +216,13 @@ impl ClusterView {
         planner
     }
 
+    /// The status a node's agent last published, if any.
+    pub fn digest_status(&self, node: &str) -> Option<crate::api::digest::NodeRegionDigestStatus> {
+        self.digests
+            .get(&reflector::ObjectRef::new(node))
+            .and_then(|d| d.status.clone())
+    }
+
     pub fn vmi(&self, namespace: &str, name: &str) -> Option<Arc<VirtualMachineInstance>> {
         self.vmis
             .get(&reflector::ObjectRef::new(name).within(namespace))
