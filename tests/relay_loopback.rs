@@ -17,25 +17,53 @@ use commonground::relay::stream::fixtures::{multifd_stream, page, region_content
 
 const REGION: usize = 16 * PAGE_SIZE;
 
-/// Memory of this process holding some regions' content at 64 KiB-aligned addresses, as
-/// QEMU's guest RAM is.
+/// Memory of this process holding some regions' content, in a memfd mapping of its own as
+/// QEMU's guest RAM can be (a memory object the store's fallback rule takes for guest RAM;
+/// regions are cut from the mapping's start).
 struct Memory {
-    buf: Vec<u8>,
-    at: usize,
+    ptr: *mut u8,
+    len: usize,
 }
 
 impl Memory {
     fn new(regions: &[Vec<u8>]) -> Self {
-        let mut buf = vec![0u8; (regions.len() + 1) * REGION + (4 << 20)];
-        let at = (buf.as_ptr() as usize).next_multiple_of(REGION) - buf.as_ptr() as usize;
+        let len = (regions.len().max(16)) * REGION;
+        // SAFETY: a fresh memfd of `len` bytes mapped shared and writable; the pointer is only
+        // used within the mapping's bounds and unmapped on drop.
+        let ptr = unsafe {
+            let fd = libc::memfd_create(c"cg-relay-test-ram".as_ptr(), 0);
+            assert!(fd >= 0, "memfd_create");
+            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            libc::close(fd);
+            assert_ne!(p, libc::MAP_FAILED);
+            p as *mut u8
+        };
+        let mut m = Self { ptr, len };
         for (i, r) in regions.iter().enumerate() {
-            buf[at + i * REGION..at + (i + 1) * REGION].copy_from_slice(r);
+            m.region_mut(i).copy_from_slice(r);
         }
-        Self { buf, at }
+        m
     }
 
     fn region_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.buf[self.at + i * REGION..self.at + (i + 1) * REGION]
+        assert!((i + 1) * REGION <= self.len);
+        // SAFETY: within the mapping, exclusively borrowed through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * REGION), REGION) }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -122,14 +122,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Writes encoded frames in order; flushes when no more are queued; closes the writing side
-/// when every sender is gone.
+/// One frame for the writer: encoded bytes, then (for data) the bytes themselves, so a large
+/// payload is never copied into its frame.
+pub type Outgoing = (Vec<u8>, Vec<u8>);
+
+/// Writes frames in order; flushes when no more are queued; closes the writing side when
+/// every sender is gone.
 pub async fn write_frames(
-    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut rx: tokio::sync::mpsc::Receiver<Outgoing>,
     mut w: impl AsyncWrite + Unpin,
 ) -> Result<(), RelayError> {
-    while let Some(frame) = rx.recv().await {
-        w.write_all(&frame).await.map_err(RelayError::peer_io)?;
+    while let Some((head, body)) = rx.recv().await {
+        w.write_all(&head).await.map_err(RelayError::peer_io)?;
+        if !body.is_empty() {
+            w.write_all(&body).await.map_err(RelayError::peer_io)?;
+        }
         if rx.is_empty() {
             w.flush().await.map_err(RelayError::peer_io)?;
         }

@@ -151,6 +151,15 @@ impl Frame {
         out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
     }
 
+    /// The type and length in front of a `Data` frame of `len` bytes, so the bytes themselves
+    /// can be written after it without being copied into the frame.
+    pub fn data_header(len: usize) -> Vec<u8> {
+        let mut h = Vec::with_capacity(5);
+        h.push(T_DATA);
+        h.extend_from_slice(&(len as u32).to_be_bytes());
+        h
+    }
+
     /// Decodes one frame from the front of `buf`: `Ok(None)` until a whole frame is there,
     /// else the frame and the bytes it took.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
@@ -326,6 +335,15 @@ mod tests {
         round_trip(Frame::Resend { seq: 11 });
         round_trip(Frame::Reverse(vec![0; 3]));
         round_trip(Frame::Refused("no".into()));
+    }
+
+    #[test]
+    fn a_data_header_and_its_bytes_are_a_data_frame() {
+        let mut buf = Frame::data_header(3);
+        buf.extend_from_slice(&[7, 8, 9]);
+        let (f, used) = Frame::decode(&buf).unwrap().unwrap();
+        assert_eq!(f, Frame::Data(vec![7, 8, 9]));
+        assert_eq!(used, 8);
     }
 
     #[test]

@@ -240,7 +240,7 @@ async fn relay_inner(
     };
 
     let (qemu_r, qemu_w) = tokio::io::split(qemu);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let (tx, rx) = mpsc::channel::<super::Outgoing>(64);
     let writer = tokio::spawn(write_frames(rx, tls_w));
     let window = Arc::new(Semaphore::new(config.window_bytes >> 10));
     let retained: Retained = Arc::default();
@@ -280,7 +280,7 @@ async fn relay_inner(
 /// Reads QEMU until it closes its side, sending what the stream parser makes of it.
 async fn forward_qemu(
     mut qemu_r: impl AsyncRead + Unpin,
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<super::Outgoing>,
     filter: &Arc<FilterSet>,
     config: &SourceConfig,
     session: &Session,
@@ -301,8 +301,12 @@ async fn forward_qemu(
         };
         for piece in pieces {
             let mut frame = Vec::new();
+            let mut body = Vec::new();
             match piece {
-                Piece::Literal(bytes) => Frame::Data(bytes).encode(&mut frame),
+                Piece::Literal(bytes) => {
+                    frame = Frame::data_header(bytes.len());
+                    body = bytes;
+                }
                 Piece::Ref(r) => {
                     let kib = (r.pages.len() >> 10).max(1) as u32;
                     let permit = window
@@ -318,7 +322,7 @@ async fn forward_qemu(
                     seq += 1;
                 }
             }
-            if tx.send(frame).await.is_err() {
+            if tx.send((frame, body)).await.is_err() {
                 return Err(RelayError::Peer(
                     "the connection to the target relay broke".into(),
                 ));
@@ -327,7 +331,7 @@ async fn forward_qemu(
         if n == 0 {
             let mut end = Vec::new();
             Frame::End.encode(&mut end);
-            let _ = tx.send(end).await;
+            let _ = tx.send((end, Vec::new())).await;
             break from_qemu;
         }
     };
@@ -361,7 +365,7 @@ async fn forward_qemu(
 async fn read_target<R: AsyncRead + Unpin>(
     mut frames: FrameReader<R>,
     mut qemu_w: impl AsyncWrite + Unpin,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<super::Outgoing>,
     retained: Retained,
     session: Arc<Session>,
 ) -> Result<(), RelayError> {
@@ -387,7 +391,7 @@ async fn read_target<R: AsyncRead + Unpin>(
                 session.stats.lock().expect("stats lock").regions_resent += 1;
                 let mut frame = Vec::new();
                 Frame::Resent { seq, pages }.encode(&mut frame);
-                if tx.send(frame).await.is_err() {
+                if tx.send((frame, Vec::new())).await.is_err() {
                     return Err(RelayError::Peer(
                         "the connection to the target relay broke".into(),
                     ));

@@ -9,9 +9,10 @@
 //! read against the source's verifier, so a region that changed since it was indexed, or a
 //! process that exited, only costs a resend.
 //!
-//! Regions are cut at addresses that are multiples of the region size. QEMU maps guest RAM at
-//! 2 MiB-aligned addresses, so these are the same regions as a RAM block's offsets in the
-//! migration stream.
+//! Regions are cut from the start of each guest RAM mapping, as the agent cuts them: a RAM
+//! block starts where its mapping starts, so these are the regions of the block's offsets in
+//! the migration stream. (QEMU maps anonymous RAM 2 MiB-aligned but a file or memfd backend
+//! only page-aligned, so absolute alignment would not do.)
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -128,9 +129,8 @@ impl ContentStore {
         let ranges: Vec<(u64, u64)> = proc_maps::select(&maps, &MemorySelection::GuestRam(blocks))
             .iter()
             .filter_map(|m| {
-                let start = m.start.div_ceil(rb) * rb;
-                let end = m.end / rb * rb;
-                (end > start).then_some((start, end - start))
+                let len = m.len() / rb * rb;
+                (len > 0).then_some((m.start, len))
             })
             .collect();
         let geometry = RegionGeometry::new(self.namer.pages_per_region() as u32)

@@ -303,7 +303,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
     };
 
     let (qemu_r, mut qemu_w) = tokio::io::split(qemu);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let (tx, rx) = mpsc::channel::<super::Outgoing>(64);
     let writer = tokio::spawn(write_frames(rx, tls_w));
     let back = tokio::spawn(return_path(qemu_r, tx.clone()));
 
@@ -317,7 +317,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
         if to_ack > acked && !frames.has_frame() {
             let mut f = Vec::new();
             Frame::Ack { upto: to_ack }.encode(&mut f);
-            if tx.send(f).await.is_err() {
+            if tx.send((f, Vec::new())).await.is_err() {
                 break Err(RelayError::Peer(
                     "the connection to the source relay broke".into(),
                 ));
@@ -348,7 +348,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
                 Action::Resend(seq) => {
                     let mut f = Vec::new();
                     Frame::Resend { seq }.encode(&mut f);
-                    let _ = tx.send(f).await;
+                    let _ = tx.send((f, Vec::new())).await;
                 }
                 Action::Ack(upto) => to_ack = upto,
                 Action::Close => {
@@ -397,7 +397,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
     if to_ack > acked {
         let mut f = Vec::new();
         Frame::Ack { upto: to_ack }.encode(&mut f);
-        let _ = tx.send(f).await;
+        let _ = tx.send((f, Vec::new())).await;
     }
     drop(tx);
     let _ = tokio::time::timeout(LINGER, back).await;
@@ -406,7 +406,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
 }
 
 /// What the target QEMU sends back on the connection, until it closes its side.
-async fn return_path(mut qemu_r: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
+async fn return_path(mut qemu_r: impl AsyncRead + Unpin, tx: mpsc::Sender<super::Outgoing>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match qemu_r.read(&mut buf).await {
@@ -414,7 +414,7 @@ async fn return_path(mut qemu_r: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8
             Ok(n) => {
                 let mut f = Vec::new();
                 Frame::Reverse(buf[..n].to_vec()).encode(&mut f);
-                if tx.send(f).await.is_err() {
+                if tx.send((f, Vec::new())).await.is_err() {
                     return;
                 }
             }
@@ -422,5 +422,5 @@ async fn return_path(mut qemu_r: impl AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8
     }
     let mut f = Vec::new();
     Frame::End.encode(&mut f);
-    let _ = tx.send(f).await;
+    let _ = tx.send((f, Vec::new())).await;
 }

@@ -196,3 +196,19 @@ pub fn multifd_stream(packets: &[(u64, usize)], zero_pages: u32) -> Vec<u8> {
     }
     out
 }
+
+/// A multifd packet without pages (a sync) whose header says `pages_alloc` and
+/// `next_packet_size` as given: QEMU 10.0 sends 0 and 0, QEMU 7.2 the allocation and a stale
+/// size.
+pub fn multifd_empty_packet(pages_alloc: u32, next_packet_size: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(&pages_alloc.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&next_packet_size.to_be_bytes());
+    out.extend_from_slice(&[0u8; 8 + 4 + 28 + 256]);
+    out.extend_from_slice(&[0u8; 8 * 128]);
+    out
+}

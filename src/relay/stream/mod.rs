@@ -43,15 +43,26 @@ pub struct RegionNamer {
     key: ClusterKey,
     verifier_key: [u8; 32],
     pages_per_region: usize,
+    zero_region: crate::plan::region::ContentDigest,
 }
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 impl RegionNamer {
     pub fn new(key: ClusterKey, pages_per_region: u32) -> Self {
         let verifier_key = key.derive_key("commonground relay region verifier v1");
+        let zero_region =
+            crate::plan::region::ContentDigest(xxhash_rust::xxh3::xxh3_128(&vec![
+                0u8;
+                pages_per_region
+                    as usize
+                    * PAGE_SIZE
+            ]));
         Self {
             key,
             verifier_key,
             pages_per_region: pages_per_region as usize,
+            zero_region,
         }
     }
 
@@ -82,6 +93,31 @@ impl RegionNamer {
     pub fn verifier(&self, content: &[u8]) -> [u8; 16] {
         let h = blake3::keyed_hash(&self.verifier_key, content);
         h.as_bytes()[..16].try_into().expect("16 of 32 bytes")
+    }
+
+    /// [`RegionNamer::identify`] of a region given page by page (`None` for a zero page),
+    /// without assembling it: the same identity as of the assembled bytes.
+    pub fn identify_pages<'a>(&self, pages: impl Iterator<Item = Option<&'a [u8]>>) -> Option<u64> {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for p in pages {
+            h.update(p.unwrap_or(&ZERO_PAGE));
+        }
+        let d = crate::plan::region::ContentDigest(h.digest128());
+        if d == self.zero_region {
+            return None;
+        }
+        Some(self.key.identify(d).0)
+    }
+
+    /// [`RegionNamer::verifier`] of a region given page by page.
+    pub fn verifier_pages<'a>(&self, pages: impl Iterator<Item = Option<&'a [u8]>>) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.verifier_key);
+        for p in pages {
+            h.update(p.unwrap_or(&ZERO_PAGE));
+        }
+        h.finalize().as_bytes()[..16]
+            .try_into()
+            .expect("16 of 32 bytes")
     }
 }
 
@@ -171,6 +207,20 @@ impl Output {
                 self.cut();
             }
         }
+    }
+
+    /// Like [`Output::literal`], taking the bytes out of `bytes` (which is left empty) without
+    /// copying them when nothing is pending.
+    pub fn literal_from(&mut self, bytes: &mut Vec<u8>) {
+        if self.literal.is_empty() && bytes.len() <= MAX_LITERAL {
+            std::mem::swap(&mut self.literal, bytes);
+            if self.literal.len() == MAX_LITERAL {
+                self.cut();
+            }
+        } else {
+            self.literal(bytes);
+        }
+        bytes.clear();
     }
 
     pub fn reference(&mut self, r: RegionRef) {

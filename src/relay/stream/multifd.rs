@@ -9,8 +9,9 @@
 //! - packet header, 320 bytes: magic, be32 version, be32 flags, be32 pages_alloc, be32
 //!   normal_pages, be32 next_packet_size, be64 packet number, be32 zero_pages (reserved and
 //!   zero before QEMU 9.0, which sent zero pages on the main channel), reserved bytes, the
-//!   block name in 256 bytes; then pages_alloc be64 offsets (normal pages first, then zero
-//!   pages); then normal_pages × 4 KiB.
+//!   block name in 256 bytes; then room for 128 be64 offsets (normal pages first, then zero
+//!   pages), whatever `pages_alloc` says; then normal_pages × 4 KiB. A packet without pages
+//!   (a sync) may carry a stale next_packet_size.
 
 use super::cursor::Cursor;
 use super::region_run::RegionRun;
@@ -23,8 +24,10 @@ const INIT_LEN: usize = 64;
 const HEADER_LEN: usize = 320;
 const FLAG_SYNC: u32 = 1;
 const FLAG_COMPRESSION_MASK: u32 = 7 << 1;
-/// Far above any packet size QEMU uses (128 pages): a larger count is garbage.
-const MAX_PAGES_ALLOC: u32 = 1 << 16;
+/// Offsets every packet header carries room for, whatever its own `pages_alloc` says: QEMU
+/// sizes packets by its fixed 512 KiB packet (128 pages of 4 KiB), and sends sync packets
+/// with `pages_alloc` 0 (10.0) but the same header.
+const PACKET_PAGES: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -119,16 +122,17 @@ impl MultifdChannel {
         if flags & !FLAG_SYNC != 0 {
             return Err(format!("multifd packet flags {flags:#x}"));
         }
-        if alloc > MAX_PAGES_ALLOC
-            || normal as u64 + zero as u64 > alloc as u64
-            || next as u64 != normal as u64 * PAGE_SIZE as u64
+        // A packet without pages may carry a stale next_packet_size (7.2): its data is empty.
+        if alloc as usize > PACKET_PAGES
+            || normal as u64 + zero as u64 > PACKET_PAGES as u64
+            || (normal > 0 && next as u64 != normal as u64 * PAGE_SIZE as u64)
         {
             return Err(format!(
                 "multifd packet of {alloc} pages, {normal} normal, {zero} zero, {next} bytes"
             ));
         }
-        let header_len = HEADER_LEN + 8 * alloc as usize;
-        let total = header_len + next as usize;
+        let header_len = HEADER_LEN + 8 * PACKET_PAGES;
+        let total = header_len + normal as usize * PAGE_SIZE;
         if rest.len() < total {
             return Ok(None);
         }

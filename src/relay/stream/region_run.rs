@@ -101,7 +101,7 @@ impl RegionRun {
     /// Ends the run with its bytes as they are.
     pub fn flush_as_is(&mut self, out: &mut Output) {
         if self.active {
-            out.literal(&self.raw);
+            out.literal_from(&mut self.raw);
         }
         self.active = false;
         self.last_page = None;
@@ -110,20 +110,30 @@ impl RegionRun {
         self.fills.clear();
     }
 
+    /// Page `i` of the region as the run has it: its bytes, `None` for zero (absent, or a
+    /// zero-page record), or the fill of an old QEMU's non-zero fill record.
+    fn page_bytes(&self, i: usize) -> Option<&[u8]> {
+        if let Some(&(_, at)) = self.pages.iter().find(|(p, _)| *p == i) {
+            return Some(&self.raw[at..at + PAGE_SIZE]);
+        }
+        if self.fills.iter().any(|(p, _)| *p == i) {
+            return Some(&self.content[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+        None
+    }
+
     fn reference(&mut self, ctx: &Ctx, report: &mut StreamReport) -> Option<RegionRef> {
         if self.pages.is_empty() {
             return None;
         }
-        self.content.fill(0);
-        for &(page, at) in &self.pages {
-            self.content[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
-                .copy_from_slice(&self.raw[at..at + PAGE_SIZE]);
-        }
         for &(page, fill) in &self.fills {
             self.content[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(fill);
         }
+        let n = ctx.namer.pages_per_region();
         report.regions_considered += 1;
-        let id = ctx.namer.identify(&self.content)?;
+        let id = ctx
+            .namer
+            .identify_pages((0..n).map(|i| self.page_bytes(i)))?;
         if !ctx.holds.holds(id) {
             return None;
         }
@@ -147,7 +157,7 @@ impl RegionRun {
         }
         Some(RegionRef {
             id,
-            verifier: ctx.namer.verifier(&self.content),
+            verifier: ctx.namer.verifier_pages((0..n).map(|i| self.page_bytes(i))),
             parts,
             pages,
         })

@@ -230,6 +230,24 @@ fn multifd_packets_reference_held_regions_and_keep_headers() {
 }
 
 #[test]
+fn multifd_sync_packets_of_either_version_keep_the_fixed_header() {
+    // As captured: 10.0 says 0 pages allocated, 7.2 leaves a stale packet size.
+    let mut stream = multifd_stream(&[(0, 16)], 0);
+    stream.extend(multifd_empty_packet(0, 0));
+    stream.extend(multifd_empty_packet(128, 524_288));
+    stream.extend(&multifd_stream(&[(16, 16)], 0)[64..]);
+    let n = namer();
+    let held = |r: u64| {
+        let pages: Vec<_> = (0..16).map(|i| (i, page(r * 16 + i as u64))).collect();
+        n.identify(&region_content(&pages)).unwrap()
+    };
+    let (pieces, report) = transform(&stream, &HoldsSet([held(0), held(1)].into()), &[777]);
+    assert_eq!(expand(&pieces).unwrap(), stream);
+    assert_eq!(report.passthrough, None);
+    assert_eq!(refs(&pieces), 2);
+}
+
+#[test]
 fn multifd_compression_passes_through() {
     let mut stream = multifd_stream(&[(0, 16)], 0);
     stream[64 + 11] = 2; // flags: zlib
