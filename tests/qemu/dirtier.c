@@ -5,6 +5,9 @@
  *   alloc_mib=N    memory to allocate and touch once (every page made non-zero)
  *   wss_mib=N      working set: the first N MiB of the allocation are rewritten, cyclically
  *   dirty_mib_s=N  pages of the working set dirtied per second, in MiB/s (0: idle)
+ *   seed=N         what the allocation is filled with (default 0); guests given different
+ *                  seeds hold no page of it in common, guests given the same seed the same
+ *                  pages (wherever the guest kernel places them)
  *
  * Dirtying walks the working set page by page, so in t seconds it dirties
  * min(rate * t, wss) distinct pages: exactly the bound the estimate model assumes.
@@ -86,6 +89,7 @@ int main(void)
 	long alloc_mib = param(cmdline, "alloc_mib", 64);
 	long wss_mib = param(cmdline, "wss_mib", alloc_mib);
 	long rate_mib = param(cmdline, "dirty_mib_s", 0);
+	uint64_t seed = (uint64_t)param(cmdline, "seed", 0);
 	if (wss_mib > alloc_mib)
 		wss_mib = alloc_mib;
 
@@ -100,11 +104,11 @@ int main(void)
 	madvise(buf, len, MADV_NOHUGEPAGE);
 	size_t pages = len / PAGE;
 	for (size_t i = 0; i < pages; i++) {
-		uint64_t v = 0x9e3779b97f4a7c15ULL * (i + 1);
+		uint64_t v = 0x9e3779b97f4a7c15ULL * (i + 1 + (seed << 40));
 		memcpy(buf + i * PAGE, &v, sizeof v);
 	}
-	printf("cg-dirtier: ready alloc_mib=%ld wss_mib=%ld dirty_mib_s=%ld\n",
-	       alloc_mib, wss_mib, rate_mib);
+	printf("cg-dirtier: ready alloc_mib=%ld wss_mib=%ld dirty_mib_s=%ld seed=%lu\n",
+	       alloc_mib, wss_mib, rate_mib, (unsigned long)seed);
 	if (rate_mib <= 0 || wss_mib <= 0)
 		idle_forever();
 
