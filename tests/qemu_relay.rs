@@ -45,8 +45,12 @@ const PAGE: usize = 4096;
 const REGION: usize = 64 << 10;
 const GUEST_MIB: u64 = 256;
 /// Memory only the source guest has (`seed=1`), and the store guest's own (`seed=2`).
-const SRC_ALLOC_MIB: u64 = 16;
-const STORE_ALLOC_MIB: u64 = 16;
+const SRC_ALLOC_MIB: u64 = 8;
+const STORE_ALLOC_MIB: u64 = 1;
+/// Memory whose content is a function of the guest-physical frame (dirtier's `shared_mib`):
+/// the store's covers more frames than the source's, so most of the source's is held.
+const SRC_SHARED_MIB: u64 = 64;
+const STORE_SHARED_MIB: u64 = 176;
 
 /// The source relay listens on loopback in `a` (QEMU migrates to it there).
 const SRC_RELAY_PORT: u16 = 7000;
@@ -478,7 +482,7 @@ impl World {
             .unwrap();
         let pki = Pki::new();
         let src_args = format!(
-            "alloc_mib={SRC_ALLOC_MIB} seed=1 dirty_mib_s={} wss_mib={}",
+            "alloc_mib={SRC_ALLOC_MIB} seed=1 shared_mib={SRC_SHARED_MIB} dirty_mib_s={} wss_mib={}",
             s.dirty_mib_s, s.wss_mib
         );
         let mut src = Guest::start(env, &guest_config(s, &nodes.a, src_args, false));
@@ -487,7 +491,7 @@ impl World {
         let mut store_cfg = guest_config(
             s,
             &nodes.b,
-            format!("alloc_mib={STORE_ALLOC_MIB} seed=2 dirty_mib_s=0"),
+            format!("alloc_mib={STORE_ALLOC_MIB} seed=2 shared_mib={STORE_SHARED_MIB} dirty_mib_s=0"),
             false,
         );
         store_cfg.qemu = None;
@@ -939,7 +943,7 @@ fn not_qemu_passes_through() {
     let mut store_cfg = guest_config(
         &s,
         &nodes.b,
-        format!("alloc_mib={STORE_ALLOC_MIB} seed=2"),
+        format!("alloc_mib={STORE_ALLOC_MIB} seed=2 shared_mib={STORE_SHARED_MIB}"),
         false,
     );
     store_cfg.qemu = None;

@@ -8,6 +8,11 @@
  *   seed=N         what the allocation is filled with (default 0); guests given different
  *                  seeds hold no page of it in common, guests given the same seed the same
  *                  pages (wherever the guest kernel places them)
+ *   shared_mib=N   also (first) N MiB whose pages hold a function of their guest-physical
+ *                  frame number only (read from /proc/self/pagemap): two guests that both
+ *                  have frame p in it hold the same page at p, so their aligned 64 KiB
+ *                  regions match wherever both have all 16 frames; this is memory a
+ *                  migration target can already hold (default 0)
  *
  * Dirtying walks the working set page by page, so in t seconds it dirties
  * min(rate * t, wss) distinct pages: exactly the bound the estimate model assumes.
@@ -64,6 +69,38 @@ static void console(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 }
 
+/* Allocates and touches mib MiB, then writes into each page a value of its frame number. */
+static void shared(long mib)
+{
+	size_t len = (size_t)mib << 20, pages = len / PAGE;
+	unsigned char *buf = mmap(NULL, len, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED) {
+		printf("cg-dirtier: mmap shared %ld MiB failed: %s\n", mib, strerror(errno));
+		return;
+	}
+	madvise(buf, len, MADV_NOHUGEPAGE);
+	for (size_t i = 0; i < pages; i++)
+		buf[i * PAGE] = 1;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	size_t missing = 0;
+	for (size_t i = 0; i < pages; i++) {
+		uint64_t e = 0;
+		off_t at = (off_t)((uintptr_t)(buf + i * PAGE) / PAGE) * 8;
+		if (fd < 0 || pread(fd, &e, 8, at) != 8 || !(e >> 63) ||
+		    (e & ((1ULL << 55) - 1)) == 0) {
+			missing++;
+			continue;
+		}
+		uint64_t pfn = e & ((1ULL << 55) - 1);
+		uint64_t v[4] = {0xc6a4a7935bd1e995ULL * (pfn + 1), pfn, ~pfn, 0x5eed5eed5eedULL};
+		memcpy(buf + i * PAGE, v, sizeof v);
+	}
+	if (fd >= 0)
+		close(fd);
+	printf("cg-dirtier: shared_mib=%ld (%zu pages without a frame number)\n", mib, missing);
+}
+
 static void idle_forever(void)
 {
 	for (;;)
@@ -92,6 +129,9 @@ int main(void)
 	uint64_t seed = (uint64_t)param(cmdline, "seed", 0);
 	if (wss_mib > alloc_mib)
 		wss_mib = alloc_mib;
+	long shared_mib = param(cmdline, "shared_mib", 0);
+	if (shared_mib > 0)
+		shared(shared_mib);
 
 	size_t len = (size_t)alloc_mib << 20;
 	unsigned char *buf = mmap(NULL, len, PROT_READ | PROT_WRITE,
