@@ -174,7 +174,10 @@ impl Pki {
                 KeyUsagePurpose::DigitalSignature,
             ];
             let key = KeyPair::generate().unwrap();
-            write(&format!("{ca_name}.pem"), &p.self_signed(&key).unwrap().pem());
+            write(
+                &format!("{ca_name}.pem"),
+                &p.self_signed(&key).unwrap().pem(),
+            );
             let issuer = Issuer::new(p, key);
             for leaf in leaves {
                 let mut lp = CertificateParams::new(vec![SERVER_NAME.to_string()]).unwrap();
@@ -491,7 +494,9 @@ impl World {
         let mut store_cfg = guest_config(
             s,
             &nodes.b,
-            format!("alloc_mib={STORE_ALLOC_MIB} seed=2 shared_mib={STORE_SHARED_MIB} dirty_mib_s=0"),
+            format!(
+                "alloc_mib={STORE_ALLOC_MIB} seed=2 shared_mib={STORE_SHARED_MIB} dirty_mib_s=0"
+            ),
             false,
         );
         store_cfg.qemu = None;
@@ -1013,7 +1018,10 @@ fn not_qemu_passes_through() {
         mib(veth)
     );
     assert_eq!(got.len(), sent.len(), "delivered length\n{logs}");
-    assert!(got == sent, "delivered bytes differ from the sent ones\n{logs}");
+    assert!(
+        got == sent,
+        "delivered bytes differ from the sent ones\n{logs}"
+    );
     assert!(
         veth >= sent.len() as u64,
         "only {veth} bytes on the veth for {} random bytes",
@@ -1138,8 +1146,7 @@ fn wrong_certificate_is_refused() {
         w.relay_logs()
     );
     assert_ne!(
-        d["status"],
-        "completed",
+        d["status"], "completed",
         "{}: the destination completed a migration",
         s.name
     );
