@@ -377,6 +377,7 @@ fn compare_ram(a: &Path, b: &Path) -> Result<u64, String> {
     let mut ba = vec![0u8; 4 << 20];
     let mut bb = vec![0u8; 4 << 20];
     let (mut off, mut differ, mut first) = (0u64, 0u64, None);
+    let mut detail = String::new();
     while off < la {
         let n = ((la - off) as usize).min(ba.len());
         fa.read_exact(&mut ba[..n]).unwrap();
@@ -384,7 +385,18 @@ fn compare_ram(a: &Path, b: &Path) -> Result<u64, String> {
         for (i, (pa, pb)) in ba[..n].chunks(PAGE).zip(bb[..n].chunks(PAGE)).enumerate() {
             if pa != pb {
                 differ += 1;
-                first.get_or_insert(off + (i * PAGE) as u64);
+                let at = off + (i * PAGE) as u64;
+                first.get_or_insert(at);
+                if differ <= 4 {
+                    let bytes: Vec<usize> = (0..PAGE).filter(|&k| pa[k] != pb[k]).collect();
+                    detail += &format!(
+                        "\n  page 0x{at:x}: {} bytes differ, first at +{}: {:02x?} vs {:02x?}",
+                        bytes.len(),
+                        bytes[0],
+                        &pa[bytes[0]..(bytes[0] + 8).min(PAGE)],
+                        &pb[bytes[0]..(bytes[0] + 8).min(PAGE)]
+                    );
+                }
             }
         }
         off += n as u64;
@@ -392,7 +404,7 @@ fn compare_ram(a: &Path, b: &Path) -> Result<u64, String> {
     match first {
         None => Ok(la),
         Some(f) => Err(format!(
-            "{differ} of {} pages differ, the first at guest physical 0x{f:x}",
+            "{differ} of {} pages differ, the first at guest physical 0x{f:x}{detail}",
             la / PAGE as u64
         )),
     }
@@ -413,6 +425,12 @@ struct Scenario {
     max_bandwidth_mib_s: Option<u64>,
     /// The source relay presents the rogue CA's certificate.
     rogue_source_cert: bool,
+    /// With a dirtying guest: `downtime-limit` 1 ms, so QEMU keeps iterating while the guest
+    /// dirties, and QMP `stop` on the source once QEMU synced its dirty bitmap this often
+    /// (1 at setup, 2 after the bulk pass, ...); QEMU then sends what is left and completes.
+    /// So the guest dirties through several passes, deterministically, and the migration
+    /// still ends.
+    stop_after_syncs: Option<u64>,
 }
 
 impl Scenario {
@@ -426,6 +444,7 @@ impl Scenario {
             wss_mib: 0,
             max_bandwidth_mib_s: None,
             rogue_source_cert: false,
+            stop_after_syncs: None,
         }
     }
 }
@@ -590,6 +609,13 @@ impl World {
         } else {
             incoming
         };
+        if self.s.stop_after_syncs.is_some() {
+            self.src
+                .qmp()
+                .cmd("migrate-set-parameters", json!({ "downtime-limit": 1 }))
+                .unwrap();
+        }
+        let mut stopped = false;
         let before = self.nodes.veth_bytes();
         let started = Instant::now();
         self.src
@@ -604,6 +630,11 @@ impl World {
                 break info;
             }
             hook(self, &info);
+            let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+            if !stopped && self.s.stop_after_syncs.is_some_and(|n| syncs >= n) {
+                self.src.qmp().cmd("stop", json!({})).unwrap();
+                stopped = true;
+            }
             if started.elapsed() > limit {
                 let _ = self.src.qmp().cmd("migrate_cancel", json!({}));
                 panic!(
@@ -808,6 +839,14 @@ fn relayed(env: &Env, s: Scenario) {
     );
     println!("    source relay stats: {src_stats}");
     println!("    target relay stats: {dst_stats}");
+    if s.dirty_mib_s > 0 {
+        assert!(
+            resent >= MIB,
+            "{}: QEMU sent only {resent} bytes again: the guest dirtied nothing during the \
+             migration",
+            s.name
+        );
+    }
     let channels = if s.multifd { 9 } else { 1 };
     for (side, st) in [("source", &src_stats), ("target", &dst_stats)] {
         assert_eq!(
@@ -920,15 +959,33 @@ fn relayed_multifd_10_0() {
     relayed(&env, s);
 }
 
+/// A guest dirtying memory during the migration. On QEMU 10.0 where prepare.sh provides it:
+/// QEMU 7.2 under TCG loses some of a dirtying guest's kernel writes even in a direct
+/// migration (10-20 of 65536 pages differ afterwards; 10.0 gives identical RAM; see
+/// README), so there it runs only under KVM.
 #[test]
-fn relayed_guest_dirtying_7_2() {
-    let Some(env) = prepare_relay("qemu_relay relayed dirtying") else {
+fn relayed_guest_dirtying() {
+    let test = "qemu_relay relayed dirtying";
+    let Some(env) = prepare_relay(test) else {
         return;
     };
+    let q = match (&env.qemu10, env.accel.as_str()) {
+        (Some(_), _) => qemu_10(&env, test).unwrap(),
+        (None, "kvm") => qemu_7(&env),
+        (None, _) => {
+            println!(
+                "SKIP {test}: no QEMU 10.0, and QEMU 7.2 under TCG does not migrate a dirtying \
+                 guest's RAM exactly even without relays"
+            );
+            return;
+        }
+    };
     let _one = serial();
-    let mut s = Scenario::new("relayed, guest dirtying 4 MiB/s of 8 MiB", qemu_7(&env));
+    let mut s = Scenario::new("relayed, guest dirtying 4 MiB/s of 8 MiB", q);
     s.dirty_mib_s = 4;
     s.wss_mib = 8;
+    // two passes after the bulk pass with the guest dirtying, then stopped
+    s.stop_after_syncs = Some(4);
     relayed(&env, s);
 }
 
@@ -1051,7 +1108,7 @@ fn relay_killed(env: &Env, which: &'static str) {
     s.wss_mib = 4;
     let mut w = World::new(env, &s);
     let mut killed_at = None;
-    let m = w.migrate(Duration::from_secs(120), |w, info| {
+    let m = w.migrate(Duration::from_secs(60), |w, info| {
         let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
         if killed_at.is_none() && sent >= 8 * MIB {
             let r = if which == "target" {
@@ -1127,7 +1184,7 @@ fn wrong_certificate_is_refused() {
     let mut s = Scenario::new("client certificate from another CA", qemu_7(&env));
     s.rogue_source_cert = true;
     let mut w = World::new(&env, &s);
-    let m = w.migrate(Duration::from_secs(60), |_, _| {});
+    let m = w.migrate(Duration::from_secs(30), |_, _| {});
     let d = w.dst.qmp().cmd("query-migrate", json!({})).unwrap();
     println!(
         "{}: QEMU: {} ({}); destination: {}; veth {:.2} MiB",
