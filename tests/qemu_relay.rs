@@ -469,6 +469,10 @@ struct Migration {
     info: Value,
     status: String,
     veth_bytes: u64,
+    /// nftables' count of the bytes to and from the target relay's port and the
+    /// destination QEMU's port on the veth (`None` without nft).
+    relay_port_bytes: Option<u64>,
+    qemu_port_bytes: Option<u64>,
 }
 
 fn guest_config(s: &Scenario, ns: &str, append: String, incoming: bool) -> GuestConfig {
@@ -616,6 +620,7 @@ impl World {
                 .unwrap();
         }
         let mut stopped = false;
+        let counting = self.nodes.count_ports(&[DST_RELAY_PORT, QEMU_PORT]);
         let before = self.nodes.veth_bytes();
         let started = Instant::now();
         self.src
@@ -669,11 +674,43 @@ impl World {
             }
         }
         let veth_bytes = self.nodes.veth_bytes() - before;
-        Migration {
+        let port = |p| counting.then(|| self.nodes.port_bytes(p)).flatten();
+        let m = Migration {
             info,
             status,
             veth_bytes,
+            relay_port_bytes: port(DST_RELAY_PORT),
+            qemu_port_bytes: port(QEMU_PORT),
+        };
+        // What crossed is the migration's: through the relays' connection, or QEMU's own.
+        if let (Some(relay), Some(qemu)) = (m.relay_port_bytes, m.qemu_port_bytes) {
+            let (ours, other) = if self.s.relayed {
+                (relay, qemu)
+            } else {
+                (qemu, relay)
+            };
+            assert_eq!(
+                other,
+                0,
+                "{}: {other} bytes crossed the veth on the {} port",
+                self.s.name,
+                if self.s.relayed {
+                    "destination QEMU's"
+                } else {
+                    "target relay's"
+                }
+            );
+            if m.status == "completed" {
+                assert!(
+                    ours as f64 >= 0.9 * m.veth_bytes as f64,
+                    "{}: only {ours} of the {} bytes on the veth were the migration's \
+                     connections",
+                    self.s.name,
+                    m.veth_bytes
+                );
+            }
         }
+        m
     }
 
     fn relay_logs(&self) -> String {
@@ -782,10 +819,11 @@ fn baseline(env: &Env, q: &Qemu) -> Baseline {
         transferred: m.info["ram"]["transferred"].as_u64().unwrap_or(0),
     };
     println!(
-        "{}: veth {:.1} MiB, QEMU ram.transferred {:.1} MiB; source RAM non-zero {:.1} MiB, \
-         of which the store holds {:.1} MiB, lacks {:.1} MiB",
+        "{}: veth {:.1} MiB (nft: {:.1} MiB on QEMU's port), QEMU ram.transferred {:.1} MiB; \
+         source RAM non-zero {:.1} MiB, of which the store holds {:.1} MiB, lacks {:.1} MiB",
         s.name,
         mib(b.veth_bytes),
+        mib(m.qemu_port_bytes.unwrap_or(0)),
         mib(b.transferred),
         mib(c.nonzero),
         mib(c.held),

@@ -446,6 +446,73 @@ impl Nodes {
             .sum()
     }
 
+    /// Counts, with nftables in `a`, the bytes of TCP segments crossing the veth to or from
+    /// each of `ports` (IP packet bytes, both directions), in named counters `p<port>`.
+    /// `false` when `nft` is not there (then [`Nodes::port_bytes`] gives `None`).
+    pub fn count_ports(&self, ports: &[u16]) -> bool {
+        let mut rules = String::from("table inet cgtest {\n");
+        for p in ports {
+            rules += &format!("  counter p{p} {{}}\n");
+        }
+        rules += "  chain out {\n    type filter hook output priority 0; policy accept;\n";
+        for p in ports {
+            rules += &format!(
+                "    oifname \"{}\" tcp dport {p} counter name p{p}\n    oifname \"{}\" tcp sport {p} counter name p{p}\n",
+                self.veth_a, self.veth_a
+            );
+        }
+        rules += "  }\n  chain in {\n    type filter hook input priority 0; policy accept;\n";
+        for p in ports {
+            rules += &format!(
+                "    iifname \"{}\" tcp dport {p} counter name p{p}\n    iifname \"{}\" tcp sport {p} counter name p{p}\n",
+                self.veth_a, self.veth_a
+            );
+        }
+        rules += "  }\n}\n";
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.a, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            return false;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("No such file") || err.contains("not found"),
+                "nft rejected the counting rules: {err}\n{rules}"
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The bytes counted for `port` since [`Nodes::count_ports`].
+    pub fn port_bytes(&self, port: u16) -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "nft", "-j", "list", "counter"])
+            .args(["inet", "cgtest", &format!("p{port}")])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["nftables"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o["counter"]["bytes"].as_u64())
+    }
+
     /// Runs `f` on a thread that has joined network namespace `ns` (`setns` moves only the
     /// calling thread): sockets it opens are that node's.
     pub fn in_ns<T: Send + 'static>(
