@@ -49,7 +49,7 @@ const SRC_ALLOC_MIB: u64 = 8;
 const STORE_ALLOC_MIB: u64 = 1;
 /// Memory whose content is a function of the guest-physical frame (dirtier's `shared_mib`):
 /// the store's covers more frames than the source's, so most of the source's is held.
-const SRC_SHARED_MIB: u64 = 64;
+const SRC_SHARED_MIB: u64 = 96;
 const STORE_SHARED_MIB: u64 = 176;
 
 /// The source relay listens on loopback in `a` (QEMU migrates to it there).
@@ -1127,11 +1127,20 @@ fn not_qemu_passes_through() {
             .stats(Duration::from_secs(20))
             .unwrap_or_else(|| panic!("{side} relay wrote no stats\n{logs}"));
         println!("    {side} relay stats: {st}");
-        assert!(
-            st["passthrough"].as_array().is_some_and(|a| !a.is_empty()),
-            "{side} relay records no pass-through reason for a stream that is not QEMU's: {st}"
-        );
+        // the source parses, so the source says why it passed the stream through
+        if side == "source" {
+            assert!(
+                st["passthrough"].as_array().is_some_and(|a| !a.is_empty()),
+                "the source relay records no pass-through reason for a stream that is not \
+                 QEMU's: {st}"
+            );
+        }
         assert_eq!(stat(&st, "regions_referenced"), 0, "{side}: {st}");
+        assert_eq!(
+            stat(&st, "bytes_from_qemu"),
+            sent.len() as u64,
+            "{side} relay: bytes_from_qemu"
+        );
     }
 }
 
