@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod extender;
 pub mod plan;
+pub mod relay;
 pub mod simulate;
 pub mod telemetry;
 pub mod view;

@@ -27,6 +27,8 @@ enum Command {
     Extender(commonground::extender::ExtenderArgs),
     /// Estimate a live migration's time, bytes and downtime (the controller's model).
     Estimate(commonground::cli::estimate::EstimateArgs),
+    /// Migration relay: send references for memory the target node already holds.
+    Relay(commonground::relay::RelayArgs),
     /// Run the planner and the baselines over a synthetic or recorded cluster.
     Simulate(commonground::simulate::SimulateArgs),
 }
@@ -46,6 +48,9 @@ fn main() -> std::process::ExitCode {
             .block_on(commonground::extender::run(args))
             .map_err(Into::into),
         Command::Estimate(args) => commonground::cli::estimate::run(args).map_err(Into::into),
+        Command::Relay(args) => runtime()
+            .block_on(commonground::relay::run(args))
+            .map_err(Into::into),
         Command::Simulate(args) => commonground::simulate::run(args).map_err(Into::into),
     };
     match result {

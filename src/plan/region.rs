@@ -115,6 +115,12 @@ impl ClusterKey {
         Self::new(*b"commonground-dev")
     }
 
+    /// A 32-byte key for another purpose, derived from the cluster key and a context string
+    /// (BLAKE3's key derivation), so no two uses ever share key material.
+    pub fn derive_key(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.key)
+    }
+
     pub fn identify(&self, digest: ContentDigest) -> RegionId {
         let mut h = SipHasher24::new_with_key(&self.key);
         h.write_u128(digest.0);

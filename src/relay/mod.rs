@@ -1,0 +1,303 @@
+//! The migration relay: a pair of relays between the source and the target of a QEMU live
+//! migration that sends references instead of bytes for the memory regions the target node
+//! already holds, and rebuilds on the target exactly the stream QEMU would have received.
+//!
+//! - [`stream`]: QEMU's migration stream (main channel, multifd channels), parsed and
+//!   re-emitted byte for byte; where a region becomes a reference.
+//! - [`protocol`]: the frames between the relays.
+//! - [`rebuild`]: where the target rebuilds a region, verified, or asks for its bytes.
+//! - [`store`]: the target node's index of region identities to process memory.
+//! - [`source`], [`target`]: the two ends; [`tls`]: mutual TLS; [`net`]: sockets.
+//!
+//! Everything but `source`, `target` and `net` is plain Rust without I/O. The relay knows no
+//! Kubernetes types.
+
+pub mod net;
+pub mod protocol;
+pub mod rebuild;
+pub mod source;
+pub mod stats;
+pub mod store;
+pub mod stream;
+pub mod target;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::telemetry::{self, LogFormat, Readiness};
+use protocol::{Frame, ProtocolError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("bad argument: {0}")]
+    Argument(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("accept: {0}")]
+    Accept(std::io::Error),
+    #[error("peer relay: {0}")]
+    Peer(String),
+    #[error("relay protocol: {0}")]
+    Protocol(String),
+    #[error("QEMU connection: {0}")]
+    Qemu(std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+}
+
+impl RelayError {
+    pub fn peer_io(e: std::io::Error) -> Self {
+        RelayError::Peer(e.to_string())
+    }
+}
+
+impl From<ProtocolError> for RelayError {
+    fn from(e: ProtocolError) -> Self {
+        RelayError::Protocol(e.to_string())
+    }
+}
+
+/// Reads frames from a byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::with_capacity(1 << 20),
+            start: 0,
+        }
+    }
+
+    /// Whether a whole frame is already buffered (so reading it will not wait).
+    pub fn has_frame(&self) -> bool {
+        matches!(Frame::decode(&self.buf[self.start..]), Ok(Some(_)))
+    }
+
+    /// The next frame, or `None` at a clean end of the stream.
+    pub async fn next(&mut self) -> Result<Option<Frame>, RelayError> {
+        loop {
+            if let Some((frame, used)) = Frame::decode(&self.buf[self.start..])? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(Some(frame));
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let mut chunk = [0u8; 64 << 10];
+            let n = self
+                .inner
+                .read(&mut chunk)
+                .await
+                .map_err(RelayError::peer_io)?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(RelayError::Peer(
+                    "the connection ended inside a frame".into(),
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Writes encoded frames in order; flushes when no more are queued; closes the writing side
+/// when every sender is gone.
+pub async fn write_frames(
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut w: impl AsyncWrite + Unpin,
+) -> Result<(), RelayError> {
+    while let Some(frame) = rx.recv().await {
+        w.write_all(&frame).await.map_err(RelayError::peer_io)?;
+        if rx.is_empty() {
+            w.flush().await.map_err(RelayError::peer_io)?;
+        }
+    }
+    w.flush().await.map_err(RelayError::peer_io)?;
+    let _ = w.shutdown().await;
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    #[command(subcommand)]
+    pub side: Side,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Side {
+    /// The source node's end: accepts QEMU's outgoing migration connections.
+    Source(SourceArgs),
+    /// The target node's end: rebuilds the stream and delivers it to the target QEMU.
+    Target(TargetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
+    /// Append one JSON object per migration to this file.
+    #[arg(long, env = "COMMONGROUND_RELAY_STATS_JSON")]
+    pub stats_json: Option<PathBuf>,
+    /// The cluster key (32 hex characters) that keys region identities; both relays need the
+    /// same. Without it the development key is used.
+    #[arg(long, env = "COMMONGROUND_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Region size in 4 KiB pages (the cluster's geometry; both relays need the same).
+    #[arg(long, env = "COMMONGROUND_REGION_PAGES", default_value_t = crate::plan::region::DEFAULT_REGION_PAGES)]
+    pub region_pages: u32,
+    /// Serve /healthz, /readyz and /metrics here.
+    #[arg(long, env = "COMMONGROUND_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+    #[arg(long, env = "COMMONGROUND_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// Where QEMU's migration connections arrive (HOST:PORT or unix:PATH).
+    #[arg(long)]
+    pub listen: String,
+    /// The target relay (HOST:PORT).
+    #[arg(long)]
+    pub target_relay: String,
+    /// The target QEMU's incoming address, which the target relay connects to.
+    #[arg(long)]
+    pub deliver_to: String,
+    /// The name the target relay's certificate must carry.
+    #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
+    pub tls_server_name: String,
+    /// MiB of referenced pages kept for resends before reading from QEMU pauses.
+    #[arg(long, default_value_t = 64)]
+    pub window_mib: usize,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    /// Where source relays connect (HOST:PORT).
+    #[arg(long)]
+    pub listen: String,
+    /// QEMU processes whose guest memory is the store.
+    #[arg(long = "store-pid", num_args = 1.., conflicts_with = "store_node")]
+    pub store_pids: Vec<i32>,
+    /// Index every KubeVirt QEMU process of this host (the node named here).
+    #[arg(long, env = "NODE_NAME")]
+    pub store_node: Option<String>,
+    /// Re-index the store for a migration if the last index is older than this (seconds).
+    #[arg(long, default_value_t = 10)]
+    pub store_max_age: u64,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+struct Started {
+    namer: Arc<stream::RegionNamer>,
+    metrics: stats::RelayMetrics,
+    ready: Readiness,
+}
+
+async fn start(common: &CommonArgs) -> Result<Started, RelayError> {
+    telemetry::init_logging(common.log_format);
+    crate::plan::region::RegionGeometry::new(common.region_pages)
+        .map_err(|e| RelayError::Argument(e.to_string()))?;
+    let key = crate::agent::load_key(common.cluster_key_file.as_deref())?;
+    let registry = prometheus::Registry::new();
+    let metrics = stats::RelayMetrics::new(&registry);
+    let ready = Readiness::default();
+    if let Some(addr) = common.health_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| RelayError::Listen {
+                    addr: addr.to_string(),
+                    source: e,
+                })?;
+        let app = telemetry::health_routes(registry, ready.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+    }
+    Ok(Started {
+        namer: Arc::new(stream::RegionNamer::new(key, common.region_pages)),
+        metrics,
+        ready,
+    })
+}
+
+pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
+    match args.side {
+        Side::Source(a) => {
+            let started = start(&a.common).await?;
+            let endpoint = net::Endpoint::parse(&a.listen)?;
+            let deliver_to = net::Endpoint::parse(&a.deliver_to)?;
+            let config = Arc::new(source::SourceConfig {
+                target_relay: a.target_relay.clone(),
+                deliver_to,
+                server_name: tls::server_name(&a.tls_server_name)?,
+                connector: tokio_rustls::TlsConnector::from(tls::client_config(&a.common.tls)?),
+                namer: started.namer,
+                window_bytes: a.window_mib.max(1) << 20,
+                stats_json: a.common.stats_json.clone(),
+                metrics: started.metrics,
+            });
+            let listener = net::Listener::bind(&endpoint).await?;
+            tracing::info!(listen = %listener.local_addr(), target_relay = %a.target_relay, deliver_to = %a.deliver_to, "relay source ready");
+            started.ready.set(true);
+            tokio::select! {
+                r = source::serve(listener, config) => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        Side::Target(a) => {
+            let started = start(&a.common).await?;
+            let store_source = match (&a.store_node, a.store_pids.is_empty()) {
+                (_, false) => target::StoreSource::Pids(a.store_pids.clone()),
+                (Some(node), true) => target::StoreSource::Node(node.clone()),
+                (None, true) => {
+                    return Err(RelayError::Argument(
+                        "give --store-pid PID... or --store-node NODE".into(),
+                    ))
+                }
+            };
+            let endpoint = net::Endpoint::parse(&a.listen)?;
+            let config = Arc::new(target::TargetConfig {
+                acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(&a.common.tls)?),
+                namer: started.namer,
+                store_source,
+                store_max_age: Duration::from_secs(a.store_max_age),
+                stats_json: a.common.stats_json.clone(),
+                metrics: started.metrics,
+            });
+            let listener = net::Listener::bind(&endpoint).await?;
+            tracing::info!(listen = %listener.local_addr(), "relay target ready");
+            started.ready.set(true);
+            tokio::select! {
+                r = target::serve(listener, config) => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+    }
+}

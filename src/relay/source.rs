@@ -1,0 +1,430 @@
+//! The source relay: accepts QEMU's outgoing migration connections, and carries each over its
+//! own mutual-TLS connection to the target relay, with the regions the target holds sent as
+//! references. The connections accepted while one is open belong to one migration; their
+//! order is the order QEMU opened them, and the target opens its connections to QEMU in the
+//! same order.
+//!
+//! Fail-safe: if the target relay cannot be reached, refuses us, or goes away, the QEMU
+//! connection is closed, so QEMU reports a failed migration and the guest keeps running on
+//! the source. Nothing is ever dropped silently: an unacknowledged reference is kept until the
+//! target confirms it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+
+use super::net::{ByteCounter, Conn, Counted, Endpoint, Listener};
+use super::protocol::{Frame, PROTOCOL_VERSION};
+use super::stats::{reason_kind, MigrationStats, RelayMetrics};
+use super::store::IdSet;
+use super::stream::{Holds, Piece, RegionNamer, SourceStream};
+use super::{write_frames, FrameReader, RelayError};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a later channel waits for the first channel's filter before it sends everything.
+const FILTER_WAIT: Duration = Duration::from_secs(30);
+const READ_CHUNK: usize = 256 << 10;
+
+pub struct SourceConfig {
+    pub target_relay: String,
+    pub deliver_to: Endpoint,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    pub connector: TlsConnector,
+    pub namer: Arc<RegionNamer>,
+    /// Bytes of referenced pages kept for resends before reading from QEMU pauses.
+    pub window_bytes: usize,
+    pub stats_json: Option<std::path::PathBuf>,
+    pub metrics: RelayMetrics,
+}
+
+struct FilterSet(IdSet);
+
+impl Holds for FilterSet {
+    fn holds(&self, id: u64) -> bool {
+        self.0.contains(&id)
+    }
+}
+
+/// One migration: the connections accepted while another of it was open.
+struct Session {
+    id: u64,
+    started: Instant,
+    next_index: AtomicU32,
+    active: AtomicUsize,
+    filter: watch::Sender<Option<Arc<FilterSet>>>,
+    stats: Mutex<MigrationStats>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    current: Mutex<Option<Arc<Session>>>,
+}
+
+impl Sessions {
+    fn join(&self) -> (Arc<Session>, u32) {
+        let mut current = self.current.lock().expect("sessions lock");
+        let session = match current.as_ref() {
+            Some(s) if s.active.load(Ordering::SeqCst) > 0 => s.clone(),
+            _ => {
+                let s = Arc::new(Session {
+                    id: rand::random(),
+                    started: Instant::now(),
+                    next_index: AtomicU32::new(0),
+                    active: AtomicUsize::new(0),
+                    filter: watch::channel(None).0,
+                    stats: Mutex::new(MigrationStats {
+                        side: "source",
+                        ..Default::default()
+                    }),
+                });
+                *current = Some(s.clone());
+                s
+            }
+        };
+        session.active.fetch_add(1, Ordering::SeqCst);
+        let index = session.next_index.fetch_add(1, Ordering::SeqCst);
+        (session, index)
+    }
+}
+
+pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), RelayError> {
+    let sessions = Arc::new(Sessions::default());
+    loop {
+        let conn = listener.accept().await.map_err(RelayError::Accept)?;
+        let (session, index) = sessions.join();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let outcome = relay_connection(conn, &session, index, &config).await;
+            let label = if outcome.is_ok() { "ok" } else { "failed" };
+            config
+                .metrics
+                .connections
+                .with_label_values(&["source", label])
+                .inc();
+            {
+                let mut stats = session.stats.lock().expect("stats lock");
+                stats.connections += 1;
+                if let Err(e) = &outcome {
+                    tracing::warn!(session = %format!("{:016x}", session.id), index, error = %e, "relayed connection failed");
+                    stats.errors.push(format!("connection {index}: {e}"));
+                }
+            }
+            if session.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                finish_session(&session, &config);
+            }
+        });
+    }
+}
+
+fn finish_session(session: &Session, config: &SourceConfig) {
+    let mut stats = session.stats.lock().expect("stats lock").clone();
+    stats.session = format!("{:016x}", session.id);
+    stats.seconds = session.started.elapsed().as_secs_f64();
+    tracing::info!(
+        session = %stats.session,
+        connections = stats.connections,
+        bytes_from_qemu = stats.bytes_from_qemu,
+        bytes_on_wire = stats.bytes_on_wire,
+        regions_referenced = stats.regions_referenced,
+        regions_resent = stats.regions_resent,
+        "migration relayed (source)"
+    );
+    if let Some(path) = &config.stats_json {
+        if let Err(e) = stats.append_to(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot append relay statistics");
+        }
+    }
+}
+
+/// Pages of references not yet acknowledged, by sequence number.
+type Retained = Arc<Mutex<BTreeMap<u64, (Vec<u8>, OwnedSemaphorePermit)>>>;
+
+async fn relay_connection(
+    qemu: Box<dyn Conn>,
+    session: &Arc<Session>,
+    index: u32,
+    config: &SourceConfig,
+) -> Result<(), RelayError> {
+    let counter = ByteCounter::default();
+    let result = relay_inner(qemu, session, index, config, &counter).await;
+    let wire = counter.total();
+    config
+        .metrics
+        .bytes_on_wire
+        .with_label_values(&["source"])
+        .inc_by(wire);
+    session.stats.lock().expect("stats lock").bytes_on_wire += wire;
+    result
+}
+
+async fn relay_inner(
+    qemu: Box<dyn Conn>,
+    session: &Arc<Session>,
+    index: u32,
+    config: &SourceConfig,
+    counter: &ByteCounter,
+) -> Result<(), RelayError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&config.target_relay))
+        .await
+        .map_err(|_| RelayError::Peer(format!("connecting to {} timed out", config.target_relay)))?
+        .map_err(|e| RelayError::Peer(format!("connecting to {}: {e}", config.target_relay)))?;
+    tcp.set_nodelay(true).ok();
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        config.connector.connect(
+            config.server_name.clone(),
+            Counted::new(tcp, counter.clone()),
+        ),
+    )
+    .await
+    .map_err(|_| RelayError::Peer("TLS handshake timed out".into()))?
+    .map_err(|e| RelayError::Peer(format!("TLS handshake with {}: {e}", config.target_relay)))?;
+    let (tls_r, mut tls_w) = tokio::io::split(tls);
+    let mut frames = FrameReader::new(tls_r);
+
+    let mut hello = Vec::new();
+    Frame::Hello {
+        version: PROTOCOL_VERSION,
+        session: session.id,
+        index,
+        deliver_to: config.deliver_to.to_string(),
+    }
+    .encode(&mut hello);
+    tls_w.write_all(&hello).await.map_err(RelayError::peer_io)?;
+    tls_w.flush().await.map_err(RelayError::peer_io)?;
+
+    let filter = if index == 0 {
+        let mut ids = IdSet::default();
+        loop {
+            match frames.next().await? {
+                Some(Frame::Filter { ids: chunk, last }) => {
+                    ids.extend(chunk);
+                    if last {
+                        break;
+                    }
+                }
+                Some(Frame::Refused(why)) => {
+                    session
+                        .filter
+                        .send_replace(Some(Arc::new(FilterSet(IdSet::default()))));
+                    return Err(RelayError::Peer(format!("target relay refused: {why}")));
+                }
+                other => {
+                    session
+                        .filter
+                        .send_replace(Some(Arc::new(FilterSet(IdSet::default()))));
+                    return Err(RelayError::Peer(format!(
+                        "expected the target's filter, got {}",
+                        frame_name(other.as_ref())
+                    )));
+                }
+            }
+        }
+        tracing::info!(session = %format!("{:016x}", session.id), regions = ids.len(), "target relay holds regions");
+        let f = Arc::new(FilterSet(ids));
+        session.filter.send_replace(Some(f.clone()));
+        f
+    } else {
+        let mut rx = session.filter.subscribe();
+        let got = match tokio::time::timeout(FILTER_WAIT, rx.wait_for(|f| f.is_some())).await {
+            Ok(Ok(f)) => f.clone(),
+            _ => None,
+        };
+        got.unwrap_or_else(|| Arc::new(FilterSet(IdSet::default())))
+    };
+
+    let (qemu_r, qemu_w) = tokio::io::split(qemu);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(write_frames(rx, tls_w));
+    let window = Arc::new(Semaphore::new(config.window_bytes >> 10));
+    let retained: Retained = Arc::default();
+    let mut back = tokio::spawn(read_target(
+        frames,
+        qemu_w,
+        tx.clone(),
+        retained.clone(),
+        session.clone(),
+    ));
+
+    let mut forward = Box::pin(forward_qemu(
+        qemu_r, &tx, &filter, config, session, &window, &retained,
+    ));
+    let outcome = tokio::select! {
+        r = &mut forward => r,
+        r = &mut back => Err(match r {
+            Ok(Ok(())) => RelayError::Peer("the target relay closed the connection mid-stream".into()),
+            Ok(Err(e)) => e,
+            Err(e) => RelayError::Peer(format!("target reader: {e}")),
+        }),
+    };
+    drop(forward);
+    if let Err(e) = outcome {
+        back.abort();
+        writer.abort();
+        return Err(e);
+    }
+    drop(tx);
+    let back_result = back
+        .await
+        .map_err(|e| RelayError::Peer(format!("target reader: {e}")))?;
+    let _ = writer.await;
+    back_result
+}
+
+/// Reads QEMU until it closes its side, sending what the stream parser makes of it.
+async fn forward_qemu(
+    mut qemu_r: impl AsyncRead + Unpin,
+    tx: &mpsc::Sender<Vec<u8>>,
+    filter: &Arc<FilterSet>,
+    config: &SourceConfig,
+    session: &Session,
+    window: &Arc<Semaphore>,
+    retained: &Retained,
+) -> Result<(), RelayError> {
+    let mut stream = SourceStream::new(config.namer.clone());
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut seq = 0u64;
+    let mut from_qemu = 0u64;
+    let sent = loop {
+        let n = qemu_r.read(&mut buf).await.map_err(RelayError::Qemu)?;
+        let pieces = if n == 0 {
+            stream.finish()
+        } else {
+            from_qemu += n as u64;
+            stream.push(&buf[..n], filter.as_ref())
+        };
+        for piece in pieces {
+            let mut frame = Vec::new();
+            match piece {
+                Piece::Literal(bytes) => Frame::Data(bytes).encode(&mut frame),
+                Piece::Ref(r) => {
+                    let kib = (r.pages.len() >> 10).max(1) as u32;
+                    let permit = window
+                        .clone()
+                        .acquire_many_owned(kib)
+                        .await
+                        .expect("window semaphore is never closed");
+                    Frame::from_ref(&r).encode(&mut frame);
+                    retained
+                        .lock()
+                        .expect("retained lock")
+                        .insert(seq, (r.pages, permit));
+                    seq += 1;
+                }
+            }
+            if tx.send(frame).await.is_err() {
+                return Err(RelayError::Peer(
+                    "the connection to the target relay broke".into(),
+                ));
+            }
+        }
+        if n == 0 {
+            let mut end = Vec::new();
+            Frame::End.encode(&mut end);
+            let _ = tx.send(end).await;
+            break from_qemu;
+        }
+    };
+    config
+        .metrics
+        .bytes_from_qemu
+        .with_label_values(&["source"])
+        .inc_by(sent);
+    let report = stream.report();
+    config
+        .metrics
+        .regions
+        .with_label_values(&["source", "referenced"])
+        .inc_by(report.regions_referenced);
+    let mut stats = session.stats.lock().expect("stats lock");
+    stats.bytes_from_qemu += sent;
+    stats.regions_referenced += report.regions_referenced;
+    if let Some(reason) = &report.passthrough {
+        config
+            .metrics
+            .passthrough
+            .with_label_values(&[reason_kind(reason)])
+            .inc();
+        stats.passthrough.push(reason.clone());
+    }
+    Ok(())
+}
+
+/// Frames from the target: acknowledgements free kept pages, resends are answered, the
+/// return path goes to QEMU. Ends when the target closes.
+async fn read_target<R: AsyncRead + Unpin>(
+    mut frames: FrameReader<R>,
+    mut qemu_w: impl AsyncWrite + Unpin,
+    tx: mpsc::Sender<Vec<u8>>,
+    retained: Retained,
+    session: Arc<Session>,
+) -> Result<(), RelayError> {
+    loop {
+        let Some(frame) = frames.next().await? else {
+            return Ok(());
+        };
+        match frame {
+            Frame::Ack { upto } => {
+                let mut kept = retained.lock().expect("retained lock");
+                let rest = kept.split_off(&upto);
+                *kept = rest;
+            }
+            Frame::Resend { seq } => {
+                let pages = retained
+                    .lock()
+                    .expect("retained lock")
+                    .get(&seq)
+                    .map(|(p, _)| p.clone())
+                    .ok_or_else(|| {
+                        RelayError::Peer(format!("the target asked again for reference {seq}"))
+                    })?;
+                session.stats.lock().expect("stats lock").regions_resent += 1;
+                let mut frame = Vec::new();
+                Frame::Resent { seq, pages }.encode(&mut frame);
+                if tx.send(frame).await.is_err() {
+                    return Err(RelayError::Peer(
+                        "the connection to the target relay broke".into(),
+                    ));
+                }
+            }
+            Frame::Reverse(bytes) => {
+                // QEMU may already have closed: its return path is then of no use.
+                let _ = qemu_w.write_all(&bytes).await;
+            }
+            Frame::End => {
+                let _ = qemu_w.shutdown().await;
+            }
+            Frame::Refused(why) => {
+                return Err(RelayError::Peer(format!("target relay: {why}")));
+            }
+            other => {
+                return Err(RelayError::Peer(format!(
+                    "unexpected {} from the target relay",
+                    frame_name(Some(&other))
+                )))
+            }
+        }
+    }
+}
+
+pub fn frame_name(f: Option<&Frame>) -> &'static str {
+    match f {
+        None => "the end of the connection",
+        Some(Frame::Hello { .. }) => "hello",
+        Some(Frame::Data(_)) => "data",
+        Some(Frame::Ref { .. }) => "a reference",
+        Some(Frame::Resent { .. }) => "resent pages",
+        Some(Frame::End) => "end",
+        Some(Frame::Filter { .. }) => "a filter",
+        Some(Frame::Ack { .. }) => "an acknowledgement",
+        Some(Frame::Resend { .. }) => "a resend request",
+        Some(Frame::Reverse(_)) => "return-path data",
+        Some(Frame::Refused(_)) => "a refusal",
+    }
+}

@@ -1,0 +1,113 @@
+//! What one migration through a relay did: appended as one JSON line per migration to
+//! `--stats-json`, and counted in Prometheus metrics.
+
+use std::io::Write;
+use std::path::Path;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use serde::Serialize;
+
+/// One migration (every connection of it) on one side.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct MigrationStats {
+    pub side: &'static str,
+    pub session: String,
+    pub connections: u64,
+    /// Source: bytes read from QEMU. Target: bytes delivered to QEMU (what it would have
+    /// received directly).
+    pub bytes_from_qemu: u64,
+    /// Bytes of the relay-to-relay TCP connections, both directions, TLS included.
+    pub bytes_on_wire: u64,
+    pub regions_referenced: u64,
+    pub regions_resent: u64,
+    /// Why connections (or their tails) went byte for byte, one entry per connection that did.
+    pub passthrough: Vec<String>,
+    /// Connections that failed, and why.
+    pub errors: Vec<String>,
+    /// Target: what its content store indexed for this migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<super::store::StoreCounts>,
+    pub seconds: f64,
+}
+
+impl MigrationStats {
+    pub fn append_to(&self, path: &Path) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(&line)
+    }
+}
+
+/// A short, bounded label for a pass-through reason.
+pub fn reason_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("not a qemu") {
+        "not-qemu"
+    } else if r.contains("version") {
+        "version"
+    } else if r.contains("compress") {
+        "compression"
+    } else if r.contains("xbzrle") {
+        "xbzrle"
+    } else if r.contains("rdma") {
+        "rdma"
+    } else if r.contains("configuration") {
+        "configuration"
+    } else if r.contains("multifd") {
+        "multifd"
+    } else {
+        "other"
+    }
+}
+
+#[derive(Clone)]
+pub struct RelayMetrics {
+    pub bytes_from_qemu: IntCounterVec,
+    pub bytes_on_wire: IntCounterVec,
+    pub regions: IntCounterVec,
+    pub passthrough: IntCounterVec,
+    pub connections: IntCounterVec,
+}
+
+impl RelayMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("register metric");
+            c
+        };
+        Self {
+            bytes_from_qemu: vec(
+                "commonground_relay_qemu_bytes_total",
+                "Bytes of QEMU's migration stream: read from QEMU (source), delivered to QEMU (target)",
+                &["side"],
+            ),
+            bytes_on_wire: vec(
+                "commonground_relay_wire_bytes_total",
+                "Bytes on the relay-to-relay connections, TLS included",
+                &["side"],
+            ),
+            regions: vec(
+                "commonground_relay_regions_total",
+                "Regions sent as references, by outcome (referenced, rebuilt, resent)",
+                &["side", "outcome"],
+            ),
+            passthrough: vec(
+                "commonground_relay_passthrough_total",
+                "Connections (or their tails) forwarded byte for byte, by reason",
+                &["reason"],
+            ),
+            connections: vec(
+                "commonground_relay_connections_total",
+                "Relayed connections, by side and outcome",
+                &["side", "outcome"],
+            ),
+        }
+    }
+}
