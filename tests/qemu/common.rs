@@ -150,7 +150,10 @@ pub struct GuestConfig {
     /// gives it; `None` for no `-name`.
     pub name: Option<String>,
     /// Guest RAM in a file in tmpfs (see [`Guest::ram_path`]) instead of anonymous memory.
+    /// QEMU maps it at a 4 KiB-aligned address (as memfd-backed RAM), unless `ram_align`.
     pub ram_file: bool,
+    /// The file backend's `align=` (e.g. `2M`, where QEMU puts anonymous RAM).
+    pub ram_align: Option<String>,
     /// Wait for an incoming migration (`-incoming defer`).
     pub incoming: bool,
     /// Another QEMU binary than [`Env::qemu`] (e.g. [`Env::qemu10`]).
@@ -210,9 +213,14 @@ impl Guest {
             cmd.args(["-machine", "pc,memory-backend=ram0"])
                 .arg("-object")
                 .arg(format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on{}",
                     config.mem_mib,
-                    d.join("ram").display()
+                    d.join("ram").display(),
+                    config
+                        .ram_align
+                        .as_ref()
+                        .map(|a| format!(",align={a}"))
+                        .unwrap_or_default()
                 ));
         } else {
             cmd.args(["-machine", "pc"]);
