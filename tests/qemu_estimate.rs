@@ -43,6 +43,7 @@ fn start_vm(env: &Env, s: &Scenario, incoming: bool) -> Guest {
             // so the test can count the non-zero pages of guest RAM
             ram_file: true,
             incoming,
+            ..Default::default()
         },
     )
 }

@@ -83,6 +83,7 @@ fn agent_finds_qemu_guests_and_estimates_their_overlap() {
                     // anonymous guest RAM, as libvirt gives it by default
                     ram_file: false,
                     incoming: false,
+                    ..Default::default()
                 },
             );
             Named {

@@ -1,10 +1,12 @@
 //! What the QEMU tests share: running `prepare.sh`, starting a guest from its kernel and
-//! initramfs (killed when dropped), and a minimal QMP client. Included with
+//! initramfs (killed when dropped), a minimal QMP client, and two network namespaces joined
+//! by a veth pair that act as two nodes ([`Nodes`]). Included with
 //! `#[path = "qemu/common.rs"] mod qemu;` by each test that boots QEMU.
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ pub struct Env {
     pub initrd: PathBuf,
     /// `kvm` or `tcg`.
     pub accel: String,
+    /// QEMU 10.0 from bookworm-backports beside the system's QEMU (`QEMU10=`), when
+    /// prepare.sh could provide it.
+    pub qemu10: Option<PathBuf>,
 }
 
 impl Env {
@@ -65,6 +70,10 @@ pub fn prepare(test: &str) -> Option<Env> {
         kernel: get("KERNEL").into(),
         initrd: get("INITRD").into(),
         accel: get("ACCEL"),
+        qemu10: text
+            .lines()
+            .find_map(|l| l.strip_prefix("QEMU10="))
+            .map(PathBuf::from),
     })
 }
 
@@ -132,6 +141,7 @@ impl Qmp {
 }
 
 /// How to start one guest.
+#[derive(Default)]
 pub struct GuestConfig {
     pub mem_mib: u64,
     /// The kernel command line.
@@ -140,9 +150,20 @@ pub struct GuestConfig {
     /// gives it; `None` for no `-name`.
     pub name: Option<String>,
     /// Guest RAM in a file in tmpfs (see [`Guest::ram_path`]) instead of anonymous memory.
+    /// QEMU maps it at a 4 KiB-aligned address (as memfd-backed RAM), unless `ram_align`.
     pub ram_file: bool,
+    /// The file backend's `align=` (e.g. `2M`, where QEMU puts anonymous RAM).
+    pub ram_align: Option<String>,
     /// Wait for an incoming migration (`-incoming defer`).
     pub incoming: bool,
+    /// Another QEMU binary than [`Env::qemu`] (e.g. [`Env::qemu10`]).
+    pub qemu: Option<PathBuf>,
+    /// Run QEMU in this network namespace (`ip netns exec NS`, which execs QEMU: the child's
+    /// pid is QEMU's).
+    pub netns: Option<String>,
+    /// Appended to QEMU's command line (e.g. `-S`: an incoming guest stays paused after the
+    /// migration, so its RAM can be compared with the source's).
+    pub extra_args: Vec<String>,
 }
 
 /// One QEMU process and its files (serial console, stderr, QMP socket); killed and its files
@@ -175,7 +196,15 @@ impl Guest {
             .tempdir_in(base)
             .unwrap();
         let d = dir.path();
-        let mut cmd = Command::new(&env.qemu);
+        let qemu = config.qemu.as_ref().unwrap_or(&env.qemu);
+        let mut cmd = match &config.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(qemu);
+                c
+            }
+            None => Command::new(qemu),
+        };
         if let Some(name) = &config.name {
             cmd.args(["-name", name]);
         }
@@ -184,9 +213,14 @@ impl Guest {
             cmd.args(["-machine", "pc,memory-backend=ram0"])
                 .arg("-object")
                 .arg(format!(
-                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                    "memory-backend-file,id=ram0,size={}M,mem-path={},share=on{}",
                     config.mem_mib,
-                    d.join("ram").display()
+                    d.join("ram").display(),
+                    config
+                        .ram_align
+                        .as_ref()
+                        .map(|a| format!(",align={a}"))
+                        .unwrap_or_default()
                 ));
         } else {
             cmd.args(["-machine", "pc"]);
@@ -208,6 +242,7 @@ impl Guest {
         if config.incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        cmd.args(&config.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(d.join("stderr.log")).unwrap());
@@ -240,6 +275,11 @@ impl Guest {
         self.dir.path().join("ram")
     }
 
+    /// Whether the QEMU process is still there.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn serial(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
     }
@@ -263,4 +303,269 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Two network namespaces joined by a veth pair: two "nodes", `a` at [`Nodes::ADDR_A`] and `b`
+/// at [`Nodes::ADDR_B`] (a /24 only these namespaces have), each with its loopback up. Names
+/// are unique per process and instance; both namespaces (and so the veth pair) are deleted
+/// when dropped, panic or not. Namespaces a killed earlier run left behind (its pid gone)
+/// are deleted on the way.
+pub struct Nodes {
+    pub a: String,
+    pub b: String,
+    /// The veth end in `a`, and in `b`.
+    pub veth_a: String,
+    pub veth_b: String,
+}
+
+static NODES_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether network namespaces can be made here (root, `ip` from iproute2).
+pub fn netns_available() -> Result<(), String> {
+    let n = NODES_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("cgq-{}-{n}-probe", std::process::id());
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+            Ok(())
+        }
+        Ok(o) => Err(format!(
+            "ip netns add failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run ip: {e}")),
+    }
+}
+
+impl Nodes {
+    pub const ADDR_A: &'static str = "10.231.0.1";
+    pub const ADDR_B: &'static str = "10.231.0.2";
+
+    pub fn new() -> Nodes {
+        Self::remove_stale();
+        let pid = std::process::id();
+        let n = NODES_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let a = format!("cgq-{pid}-{n}-a");
+        let b = format!("cgq-{pid}-{n}-b");
+        // interface names: at most 15 bytes
+        let tag = format!("{:x}", (pid as u64) << 8 | (n as u64 & 0xff));
+        let veth_a = format!("cgva{}", &tag[tag.len().saturating_sub(10)..]);
+        let veth_b = format!("cgvb{}", &tag[tag.len().saturating_sub(10)..]);
+        ip(&["netns", "add", &a]);
+        let nodes = Nodes {
+            a,
+            b: b.clone(),
+            veth_a,
+            veth_b,
+        };
+        ip(&["netns", "add", &b]);
+        ip(&[
+            "-n",
+            &nodes.a,
+            "link",
+            "add",
+            &nodes.veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &nodes.veth_b,
+            "netns",
+            &nodes.b,
+        ]);
+        for (ns, dev, addr) in [
+            (&nodes.a, &nodes.veth_a, Self::ADDR_A),
+            (&nodes.b, &nodes.veth_b, Self::ADDR_B),
+        ] {
+            // no IPv6 chatter (router solicitations, DAD) in the byte counts
+            for key in ["all", "default", dev.as_str()] {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", ns, "sysctl", "-qw"])
+                    .arg(format!("net.ipv6.conf.{key}.disable_ipv6=1"))
+                    .status();
+            }
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        nodes
+    }
+
+    fn remove_stale() {
+        let Ok(dir) = std::fs::read_dir("/run/netns") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(pid) = name
+                .strip_prefix("cgq-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+
+    /// A command run in namespace `ns` (`ip netns exec`, which execs the program: the child's
+    /// pid is the program's); killed should the test process die without unwinding.
+    pub fn command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program);
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Bytes received plus sent on `a`'s end of the veth (read inside `a`, whose /sys
+    /// `ip netns exec` mounts): everything that crossed between the nodes, both directions.
+    pub fn veth_bytes(&self) -> u64 {
+        ["rx_bytes", "tx_bytes"]
+            .iter()
+            .map(|f| {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &self.a, "cat"])
+                    .arg(format!("/sys/class/net/{}/statistics/{f}", self.veth_a))
+                    .output()
+                    .expect("read veth statistics");
+                assert!(out.status.success(), "veth statistics: {out:?}");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .expect("veth byte count")
+            })
+            .sum()
+    }
+
+    /// Counts, with nftables in `a`, the bytes of TCP segments crossing the veth to or from
+    /// each of `ports` (IP packet bytes, both directions), in named counters `p<port>`.
+    /// `false` when `nft` is not there (then [`Nodes::port_bytes`] gives `None`).
+    pub fn count_ports(&self, ports: &[u16]) -> bool {
+        let mut rules = String::from("table inet cgtest {\n");
+        for p in ports {
+            rules += &format!("  counter p{p} {{}}\n");
+        }
+        rules += "  chain out {\n    type filter hook output priority 0; policy accept;\n";
+        for p in ports {
+            rules += &format!(
+                "    oifname \"{}\" tcp dport {p} counter name p{p}\n    oifname \"{}\" tcp sport {p} counter name p{p}\n",
+                self.veth_a, self.veth_a
+            );
+        }
+        rules += "  }\n  chain in {\n    type filter hook input priority 0; policy accept;\n";
+        for p in ports {
+            rules += &format!(
+                "    iifname \"{}\" tcp dport {p} counter name p{p}\n    iifname \"{}\" tcp sport {p} counter name p{p}\n",
+                self.veth_a, self.veth_a
+            );
+        }
+        rules += "  }\n}\n";
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.a, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            return false;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("No such file") || err.contains("not found"),
+                "nft rejected the counting rules: {err}\n{rules}"
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The bytes counted for `port` since [`Nodes::count_ports`].
+    pub fn port_bytes(&self, port: u16) -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "nft", "-j", "list", "counter"])
+            .args(["inet", "cgtest", &format!("p{port}")])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["nftables"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o["counter"]["bytes"].as_u64())
+    }
+
+    /// Runs `f` on a thread that has joined network namespace `ns` (`setns` moves only the
+    /// calling thread): sockets it opens are that node's.
+    pub fn in_ns<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Whether process `pid` has a TCP socket listening on `port` in its network namespace
+/// (`/proc/PID/net/tcp*` show the process's namespace).
+pub fn listening(pid: u32, port: u16) -> bool {
+    ["tcp", "tcp6"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let mut it = l.split_whitespace();
+                let local = it.nth(1).unwrap_or("");
+                let state = it.nth(1).unwrap_or("");
+                state == "0A"
+                    && local
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+    })
 }

@@ -5,6 +5,14 @@
  *   alloc_mib=N    memory to allocate and touch once (every page made non-zero)
  *   wss_mib=N      working set: the first N MiB of the allocation are rewritten, cyclically
  *   dirty_mib_s=N  pages of the working set dirtied per second, in MiB/s (0: idle)
+ *   seed=N         what the allocation is filled with (default 0); guests given different
+ *                  seeds hold no page of it in common, guests given the same seed the same
+ *                  pages (wherever the guest kernel places them)
+ *   shared_mib=N   also (first) N MiB whose pages hold a function of their guest-physical
+ *                  frame number only (read from /proc/self/pagemap): two guests that both
+ *                  have frame p in it hold the same page at p, so their aligned 64 KiB
+ *                  regions match wherever both have all 16 frames; this is memory a
+ *                  migration target can already hold (default 0)
  *
  * Dirtying walks the working set page by page, so in t seconds it dirties
  * min(rate * t, wss) distinct pages: exactly the bound the estimate model assumes.
@@ -61,6 +69,38 @@ static void console(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 }
 
+/* Allocates and touches mib MiB, then writes into each page a value of its frame number. */
+static void shared(long mib)
+{
+	size_t len = (size_t)mib << 20, pages = len / PAGE;
+	unsigned char *buf = mmap(NULL, len, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED) {
+		printf("cg-dirtier: mmap shared %ld MiB failed: %s\n", mib, strerror(errno));
+		return;
+	}
+	madvise(buf, len, MADV_NOHUGEPAGE);
+	for (size_t i = 0; i < pages; i++)
+		buf[i * PAGE] = 1;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	size_t missing = 0;
+	for (size_t i = 0; i < pages; i++) {
+		uint64_t e = 0;
+		off_t at = (off_t)((uintptr_t)(buf + i * PAGE) / PAGE) * 8;
+		if (fd < 0 || pread(fd, &e, 8, at) != 8 || !(e >> 63) ||
+		    (e & ((1ULL << 55) - 1)) == 0) {
+			missing++;
+			continue;
+		}
+		uint64_t pfn = e & ((1ULL << 55) - 1);
+		uint64_t v[4] = {0xc6a4a7935bd1e995ULL * (pfn + 1), pfn, ~pfn, 0x5eed5eed5eedULL};
+		memcpy(buf + i * PAGE, v, sizeof v);
+	}
+	if (fd >= 0)
+		close(fd);
+	printf("cg-dirtier: shared_mib=%ld (%zu pages without a frame number)\n", mib, missing);
+}
+
 static void idle_forever(void)
 {
 	for (;;)
@@ -86,8 +126,12 @@ int main(void)
 	long alloc_mib = param(cmdline, "alloc_mib", 64);
 	long wss_mib = param(cmdline, "wss_mib", alloc_mib);
 	long rate_mib = param(cmdline, "dirty_mib_s", 0);
+	uint64_t seed = (uint64_t)param(cmdline, "seed", 0);
 	if (wss_mib > alloc_mib)
 		wss_mib = alloc_mib;
+	long shared_mib = param(cmdline, "shared_mib", 0);
+	if (shared_mib > 0)
+		shared(shared_mib);
 
 	size_t len = (size_t)alloc_mib << 20;
 	unsigned char *buf = mmap(NULL, len, PROT_READ | PROT_WRITE,
@@ -100,11 +144,11 @@ int main(void)
 	madvise(buf, len, MADV_NOHUGEPAGE);
 	size_t pages = len / PAGE;
 	for (size_t i = 0; i < pages; i++) {
-		uint64_t v = 0x9e3779b97f4a7c15ULL * (i + 1);
+		uint64_t v = 0x9e3779b97f4a7c15ULL * (i + 1 + (seed << 40));
 		memcpy(buf + i * PAGE, &v, sizeof v);
 	}
-	printf("cg-dirtier: ready alloc_mib=%ld wss_mib=%ld dirty_mib_s=%ld\n",
-	       alloc_mib, wss_mib, rate_mib);
+	printf("cg-dirtier: ready alloc_mib=%ld wss_mib=%ld dirty_mib_s=%ld seed=%lu\n",
+	       alloc_mib, wss_mib, rate_mib, (unsigned long)seed);
 	if (rate_mib <= 0 || wss_mib <= 0)
 		idle_forever();
 

@@ -3,7 +3,8 @@
 # qemu-system-x86_64, a Debian kernel, and an initramfs whose /init is dirtier.c.
 # Idempotent; everything is cached under
 #   ${COMMONGROUND_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/commonground}/qemu/
-# On success prints KEY=VALUE lines (QEMU, KERNEL, INITRD, ACCEL) on stdout and exits 0.
+# On success prints KEY=VALUE lines (QEMU, KERNEL, INITRD, ACCEL, and QEMU10 when QEMU 10.0
+# from bookworm-backports could be provided beside the system's 7.2) on stdout and exits 0.
 # Exits 77 when QEMU or the kernel cannot be provided here (no apt-get, no network,
 # not root): the test then skips. Any other non-zero exit is a bug.
 # COMMONGROUND_QEMU_ACCEL=tcg forces TCG even where /dev/kvm works.
@@ -12,6 +13,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${COMMONGROUND_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/commonground}/qemu
 mkdir -p "$cache"
+# Tests run in parallel and each runs this script: one at a time builds and probes.
+exec 9>"$cache/.lock"
+flock 9
 log() { echo "prepare.sh: $*" >&2; }
 skip() { log "cannot provide: $*"; exit 77; }
 
@@ -21,6 +25,9 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+# the relay test's two "nodes" are network namespaces joined by a veth pair
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 updated=no
 apt_update() {
     if [ "$updated" = no ]; then
@@ -110,7 +117,78 @@ if [ "${COMMONGROUND_QEMU_ACCEL:-}" != tcg ] && [ -r /dev/kvm ] && [ -w /dev/kvm
     [ "$accel" = kvm ] || log "/dev/kvm is present but does not boot the guest (nested KVM?): TCG"
 fi
 
+# --- QEMU 10.0 from bookworm-backports, beside the system's QEMU ------------------------
+# The .debs are downloaded (not installed) and extracted into $cache/qemu10/root; a wrapper
+# runs that binary with its own data dir (-L) and module dir, so the system QEMU (7.2 on
+# Debian 12) stays what it is. The outcome is cached: $cache/qemu10/wrapper on success,
+# $cache/qemu10/failed (the reason) otherwise; remove $cache/qemu10 to try again.
+# COMMONGROUND_QEMU10=0 skips this.
+qemu10_try() {
+    local dir=$cache/qemu10 root tmp mirror list pkgs missing_libs
+    root=$dir/root
+    mkdir -p "$dir"
+    command -v apt-get >/dev/null || { echo "no apt-get"; return 1; }
+    [ "$(id -u)" = 0 ] || { echo "not root (cannot add the bookworm-backports source)"; return 1; }
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        # the same Debian mirror host the machine already uses
+        mirror=$(grep -rhsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+            | grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -1 | tr -d ' ')
+        [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+        log "adding deb ${mirror%/} bookworm-backports main"
+        echo "deb ${mirror%/} bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
+    fi
+    list=$(apt-cache madison qemu-system-x86 2>/dev/null | awk -F'|' '/bookworm-backports/ {gsub(/ /, "", $2); print $2; exit}')
+    if [ -z "$list" ]; then
+        apt-get update -qq >&2 || { echo "apt-get update failed"; return 1; }
+        list=$(apt-cache madison qemu-system-x86 2>/dev/null | awk -F'|' '/bookworm-backports/ {gsub(/ /, "", $2); print $2; exit}')
+    fi
+    [ -n "$list" ] || { echo "bookworm-backports has no qemu-system-x86"; return 1; }
+    case "$list" in *:10.0*|10.0*) ;; *) echo "bookworm-backports has qemu-system-x86 $list, not 10.0.x"; return 1 ;; esac
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"
+    pkgs=(qemu-system-x86 qemu-system-common qemu-system-data)
+    log "downloading QEMU $list from bookworm-backports: ${pkgs[*]}"
+    for p in "${pkgs[@]}"; do
+        (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$p/bookworm-backports" >&2) \
+            || { rm -rf "$tmp"; echo "apt-get download $p/bookworm-backports failed"; return 1; }
+    done
+    rm -rf "$root"
+    mkdir -p "$root"
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$root"; done
+    rm -rf "$tmp"
+    [ -x "$root/usr/bin/qemu-system-x86_64" ] || { echo "no qemu-system-x86_64 in the backports .deb"; return 1; }
+    missing_libs=$(ldd "$root/usr/bin/qemu-system-x86_64" 2>&1 | awk '/not found/ {print $1}' | tr '\n' ' ')
+    [ -z "$missing_libs" ] || { echo "shared libraries missing for QEMU 10: $missing_libs"; return 1; }
+    # -L: the backports data dir first (its option ROMs match its machine types), then the
+    # system one (seabios etc. that the data package links to).
+    cat > "$dir/wrapper.tmp" <<WRAP
+#!/bin/sh
+export QEMU_MODULE_DIR=$root/usr/lib/x86_64-linux-gnu/qemu
+exec $root/usr/bin/qemu-system-x86_64 -L $root/usr/share/qemu -L /usr/share/qemu -L /usr/share/seabios "\$@"
+WRAP
+    chmod 755 "$dir/wrapper.tmp"
+    "$dir/wrapper.tmp" --version 2>&1 | grep -q 'version 10\.0' \
+        || { echo "the extracted QEMU does not run: $("$dir/wrapper.tmp" --version 2>&1 | head -3)"; return 1; }
+    mv "$dir/wrapper.tmp" "$dir/wrapper"
+}
+qemu10=""
+if [ "${COMMONGROUND_QEMU10:-1}" != 0 ]; then
+    if [ -x "$cache/qemu10/wrapper" ]; then
+        qemu10=$cache/qemu10/wrapper
+    elif [ -f "$cache/qemu10/failed" ]; then
+        log "no QEMU 10 (cached: $(cat "$cache/qemu10/failed"); remove $cache/qemu10 to retry)"
+    elif why=$(qemu10_try); then
+        qemu10=$cache/qemu10/wrapper
+        log "QEMU 10: $("$qemu10" --version | head -1)"
+    else
+        mkdir -p "$cache/qemu10"
+        echo "$why" > "$cache/qemu10/failed"
+        log "no QEMU 10: $why"
+    fi
+fi
+
 echo "QEMU=$qemu"
 echo "KERNEL=$kernel"
 echo "INITRD=$initrd"
 echo "ACCEL=$accel"
+[ -z "$qemu10" ] || echo "QEMU10=$qemu10"
