@@ -126,20 +126,7 @@ fn finish_session(session: &Session, config: &SourceConfig) {
     let mut stats = session.stats.lock().expect("stats lock").clone();
     stats.session = format!("{:016x}", session.id);
     stats.seconds = session.started.elapsed().as_secs_f64();
-    tracing::info!(
-        session = %stats.session,
-        connections = stats.connections,
-        bytes_from_qemu = stats.bytes_from_qemu,
-        bytes_on_wire = stats.bytes_on_wire,
-        regions_referenced = stats.regions_referenced,
-        regions_resent = stats.regions_resent,
-        "migration relayed (source)"
-    );
-    if let Some(path) = &config.stats_json {
-        if let Err(e) = stats.append_to(path) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot append relay statistics");
-        }
-    }
+    stats.record(config.stats_json.as_deref());
 }
 
 /// Pages of references not yet acknowledged, by sequence number.

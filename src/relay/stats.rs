@@ -31,6 +31,25 @@ pub struct MigrationStats {
 }
 
 impl MigrationStats {
+    /// Logs the migration and appends it to `stats_json`, if given.
+    pub fn record(&self, stats_json: Option<&Path>) {
+        tracing::info!(
+            side = self.side,
+            session = %self.session,
+            connections = self.connections,
+            bytes_from_qemu = self.bytes_from_qemu,
+            bytes_on_wire = self.bytes_on_wire,
+            regions_referenced = self.regions_referenced,
+            regions_resent = self.regions_resent,
+            "migration relayed"
+        );
+        if let Some(path) = stats_json {
+            if let Err(e) = self.append_to(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot append relay statistics");
+            }
+        }
+    }
+
     pub fn append_to(&self, path: &Path) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(self).map_err(std::io::Error::other)?;
         line.push(b'\n');

@@ -173,20 +173,7 @@ fn finish_session(session: &Session, config: &TargetConfig) {
     let mut stats = session.stats.lock().expect("stats lock").clone();
     stats.seconds = session.started.elapsed().as_secs_f64();
     stats.store = session.store.borrow().as_ref().map(|s| s.counts());
-    tracing::info!(
-        session = %stats.session,
-        connections = stats.connections,
-        bytes_delivered = stats.bytes_from_qemu,
-        bytes_on_wire = stats.bytes_on_wire,
-        regions_referenced = stats.regions_referenced,
-        regions_resent = stats.regions_resent,
-        "migration relayed (target)"
-    );
-    if let Some(path) = &config.stats_json {
-        if let Err(e) = stats.append_to(path) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot append relay statistics");
-        }
-    }
+    stats.record(config.stats_json.as_deref());
 }
 
 /// Waits for the connections before this one to reach QEMU, then connects.

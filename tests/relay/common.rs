@@ -129,32 +129,29 @@ pub fn in_ns(ns: Option<&str>, program: &Path) -> Command {
     }
 }
 
-pub fn target_relay(
+/// Starts `commonground relay <side>` with the certificate pair given and the statistics
+/// and log under `dir`, and waits until it is ready.
+fn spawn_relay(
     dir: &Path,
     ns: Option<&str>,
-    ip: &str,
-    certs: &Certs,
-    store_pids: &[u32],
-    extra: &[&str],
+    side: &str,
+    addr: SocketAddr,
+    (cert, key, ca): (&Path, &Path, &Path),
+    args: Vec<String>,
 ) -> Relay {
-    let addr = free_addr(if ns.is_some() { "127.0.0.1" } else { ip });
-    let addr: SocketAddr = format!("{ip}:{}", addr.port()).parse().unwrap();
-    let stats = dir.join(format!("target-{}.jsonl", addr.port()));
-    let log = dir.join(format!("target-{}.log", addr.port()));
+    let stats = dir.join(format!("{side}-{}.jsonl", addr.port()));
+    let log = dir.join(format!("{side}-{}.log", addr.port()));
     let mut cmd = in_ns(ns, Path::new(env!("CARGO_BIN_EXE_commonground")));
-    cmd.args(["relay", "target", "--listen", &addr.to_string()])
+    cmd.args(["relay", side, "--listen", &addr.to_string()])
         .arg("--tls-cert")
-        .arg(&certs.server_cert)
+        .arg(cert)
         .arg("--tls-key")
-        .arg(&certs.server_key)
+        .arg(key)
         .arg("--tls-ca")
-        .arg(&certs.ca)
+        .arg(ca)
         .arg("--stats-json")
         .arg(&stats)
-        .args(extra);
-    for pid in store_pids {
-        cmd.args(["--store-pid", &pid.to_string()]);
-    }
+        .args(args);
     let mut child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -170,6 +167,31 @@ pub fn target_relay(
     }
 }
 
+pub fn target_relay(
+    dir: &Path,
+    ns: Option<&str>,
+    ip: &str,
+    certs: &Certs,
+    store_pids: &[u32],
+    extra: &[&str],
+) -> Relay {
+    let port = free_addr(if ns.is_some() { "127.0.0.1" } else { ip }).port();
+    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for pid in store_pids {
+        args.push("--store-pid".into());
+        args.push(pid.to_string());
+    }
+    spawn_relay(
+        dir,
+        ns,
+        "target",
+        addr,
+        (&certs.server_cert, &certs.server_key, &certs.ca),
+        args,
+    )
+}
+
 pub fn source_relay(
     dir: &Path,
     ns: Option<&str>,
@@ -179,32 +201,19 @@ pub fn source_relay(
     extra: &[&str],
 ) -> Relay {
     let addr = free_addr("127.0.0.1");
-    let stats = dir.join(format!("source-{}.jsonl", addr.port()));
-    let log = dir.join(format!("source-{}.log", addr.port()));
-    let mut cmd = in_ns(ns, Path::new(env!("CARGO_BIN_EXE_commonground")));
-    cmd.args(["relay", "source", "--listen", &addr.to_string()])
-        .args(["--target-relay", &target.to_string()])
-        .args(["--deliver-to", deliver_to])
-        .arg("--tls-cert")
-        .arg(&certs.client_cert)
-        .arg("--tls-key")
-        .arg(&certs.client_key)
-        .arg("--tls-ca")
-        .arg(&certs.ca)
-        .arg("--stats-json")
-        .arg(&stats)
-        .args(extra);
-    let mut child = cmd
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_ready(&log, &mut child);
-    Relay {
-        child,
+    let mut args = vec![
+        "--target-relay".to_string(),
+        target.to_string(),
+        "--deliver-to".to_string(),
+        deliver_to.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_relay(
+        dir,
+        ns,
+        "source",
         addr,
-        stats,
-        log,
-    }
+        (&certs.client_cert, &certs.client_key, &certs.ca),
+        args,
+    )
 }

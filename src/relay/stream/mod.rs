@@ -51,8 +51,7 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 impl RegionNamer {
     pub fn new(key: ClusterKey, pages_per_region: u32) -> Self {
         let verifier_key = key.derive_key("commonground relay region verifier v1");
-        let zero_region =
-            crate::plan::region::ContentDigest(xxhash_rust::xxh3::xxh3_128(&vec![
+        let zero_region = crate::plan::region::ContentDigest(xxhash_rust::xxh3::xxh3_128(&vec![
                 0u8;
                 pages_per_region
                     as usize

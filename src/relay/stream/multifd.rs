@@ -138,18 +138,27 @@ impl MultifdChannel {
         }
         let name_field = &rest[64..HEADER_LEN];
         let block = &name_field[..name_field.iter().position(|b| *b == 0).unwrap_or(256)];
-        out.literal(&rest[..header_len]);
         let offsets = &rest[HEADER_LEN..header_len];
         let run = self
             .run
             .get_or_insert_with(|| RegionRun::new(ctx.namer.region_bytes()));
+        // Packets are cut by page count, not at region boundaries (QEMU 7.2 leaves zero pages
+        // out of them), so a region's pages may continue in the next packet: the run stays
+        // open across the header in between. A sync ends it: QEMU waits for syncs.
+        let sync = flags & FLAG_SYNC != 0;
+        if sync {
+            run.flush(ctx, out, report);
+        }
+        run.add_literal(out, &rest[..header_len]);
         for i in 0..normal as usize {
             let addr = u64::from_be_bytes(offsets[8 * i..8 * i + 8].try_into().expect("8"));
             let at = header_len + i * PAGE_SIZE;
             let page = &rest[at..at + PAGE_SIZE];
             run.add(ctx, out, report, block, addr, page, Some(0), None);
         }
-        run.flush(ctx, out, report);
+        if sync {
+            run.flush(ctx, out, report);
+        }
         Ok(Some(total))
     }
 }

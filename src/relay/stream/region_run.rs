@@ -81,6 +81,20 @@ impl RegionRun {
         }
         self.raw.extend_from_slice(record);
         self.last_page = Some(page);
+        // The region's last page: nothing more can join the run.
+        if page + 1 == ctx.namer.pages_per_region() {
+            self.flush(ctx, out, report);
+        }
+    }
+
+    /// Bytes that are not a page but may sit between two pages of one region (the header of
+    /// the next multifd packet): inside the run if one is open, else straight out.
+    pub fn add_literal(&mut self, out: &mut Output, bytes: &[u8]) {
+        if self.active {
+            self.raw.extend_from_slice(bytes);
+        } else {
+            out.literal(bytes);
+        }
     }
 
     /// Ends the run: a reference if the target holds its content, else its bytes.

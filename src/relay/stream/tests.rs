@@ -248,6 +248,26 @@ fn multifd_sync_packets_of_either_version_keep_the_fixed_header() {
 }
 
 #[test]
+fn a_region_cut_by_a_multifd_packet_boundary_is_still_one_run() {
+    // Pages 0..100, then 100..128: region 6 (pages 96..112) spans both packets.
+    let mut stream = multifd_stream(&[(0, 100)], 0);
+    stream.extend(&multifd_stream(&[(100, 28)], 0)[64..]);
+    stream.extend(multifd_empty_packet(128, 0));
+    let n = namer();
+    let pages: Vec<_> = (0..16).map(|i| (i, page(96 + i as u64))).collect();
+    let id = n.identify(&region_content(&pages)).unwrap();
+    let (pieces, report) = transform(&stream, &HoldsSet([id].into()), &[]);
+    assert_eq!(expand(&pieces).unwrap(), stream);
+    assert_eq!(refs(&pieces), 1);
+    assert_eq!(report.regions_referenced, 1);
+    // The reference carries the second packet's header between its pages.
+    let Some(Piece::Ref(r)) = pieces.iter().find(|p| matches!(p, Piece::Ref(_))) else {
+        unreachable!()
+    };
+    assert!(r.parts.iter().any(|p| p.literal.len() == 1344));
+}
+
+#[test]
 fn multifd_compression_passes_through() {
     let mut stream = multifd_stream(&[(0, 16)], 0);
     stream[64 + 11] = 2; // flags: zlib
