@@ -94,38 +94,62 @@ pub struct RelayMetrics {
 
 impl RelayMetrics {
     pub fn new(registry: &Registry) -> Self {
-        let vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+        let register = |c: IntCounterVec| {
             registry
                 .register(Box::new(c.clone()))
-                .expect("register metric");
+                .expect("unique metric");
             c
         };
         Self {
-            bytes_from_qemu: vec(
-                "commonground_relay_qemu_bytes_total",
-                "Bytes of QEMU's migration stream: read from QEMU (source), delivered to QEMU (target)",
-                &["side"],
+            bytes_from_qemu: register(
+                IntCounterVec::new(
+                    Opts::new(
+                        "commonground_relay_qemu_bytes_total",
+                        "Bytes of QEMU's migration stream: read from QEMU (source), delivered to QEMU (target)",
+                    ),
+                    &["side"],
+                )
+                .expect("valid metric"),
             ),
-            bytes_on_wire: vec(
-                "commonground_relay_wire_bytes_total",
-                "Bytes on the relay-to-relay connections, TLS included",
-                &["side"],
+            bytes_on_wire: register(
+                IntCounterVec::new(
+                    Opts::new(
+                        "commonground_relay_wire_bytes_total",
+                        "Bytes on the relay-to-relay connections, TLS included",
+                    ),
+                    &["side"],
+                )
+                .expect("valid metric"),
             ),
-            regions: vec(
-                "commonground_relay_regions_total",
-                "Regions sent as references, by outcome (referenced, rebuilt, resent)",
-                &["side", "outcome"],
+            regions: register(
+                IntCounterVec::new(
+                    Opts::new(
+                        "commonground_relay_regions_total",
+                        "Regions sent as references, by outcome (referenced, rebuilt, resent)",
+                    ),
+                    &["side", "outcome"],
+                )
+                .expect("valid metric"),
             ),
-            passthrough: vec(
-                "commonground_relay_passthrough_total",
-                "Connections (or their tails) forwarded byte for byte, by reason",
-                &["reason"],
+            passthrough: register(
+                IntCounterVec::new(
+                    Opts::new(
+                        "commonground_relay_passthrough_total",
+                        "Connections (or their tails) forwarded byte for byte, by reason",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
             ),
-            connections: vec(
-                "commonground_relay_connections_total",
-                "Relayed connections, by side and outcome",
-                &["side", "outcome"],
+            connections: register(
+                IntCounterVec::new(
+                    Opts::new(
+                        "commonground_relay_connections_total",
+                        "Relayed connections, by side and outcome",
+                    ),
+                    &["side", "outcome"],
+                )
+                .expect("valid metric"),
             ),
         }
     }
