@@ -305,8 +305,11 @@ for c in s.get("candidates", []):
 e = s.get("estimate") or {}
 if e:
     print(f"   estimate: {h(e['totalBytes'])} of memory ({h(e.get('zeroBytes', 0))} zero),"
-          f" {h(e['commonBytes'])} already on the target, {h(e['toMoveBytes'])} to move,"
-          f" about {e.get('durationHuman') or '?'}")
+          f" {h(e['commonBytes'])} already on the target; the relay would move {h(e['toMoveBytes'])},"
+          f" stock transport sends {h(e.get('stockBytes', 0))};"
+          f" about {e.get('durationHuman') or '?'} with {e.get('transport') or 'Stock'} transport")
+    if e.get("transportReason"):
+        print(f"   transport: {e['transportReason']}")
 for n in s.get("notes", []):
     print(f"   note: {n}")
 PY
