@@ -11,6 +11,7 @@ use commonground::api::kubevirt::VirtualMachineInstance;
 use commonground::api::migration::MigrationPhase;
 use commonground::api::rebalance::RebalancePolicySpec;
 use commonground::api::{RebalancePolicy, VirtualMachineMigration};
+use commonground::controller::labels::{owner_id, owner_selector};
 use commonground_e2e::{wait_for_object, FakeNode, TestCluster, TestNamespace};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -103,7 +104,11 @@ async fn create_policy(ns: &TestNamespace, dry_run: bool) -> anyhow::Result<Poli
 
 async fn owned_migrations(ns: &TestNamespace) -> anyhow::Result<Vec<VirtualMachineMigration>> {
     let api: Api<VirtualMachineMigration> = ns.api();
-    let lp = ListParams::default().labels(&format!("{POLICY_LABEL}={}", ns.name));
+    // The label carries the policy's UID-derived id (names may be longer than label values).
+    let policy = Api::<RebalancePolicy>::all(ns.client.clone())
+        .get(&ns.name)
+        .await?;
+    let lp = ListParams::default().labels(&owner_selector(POLICY_LABEL, &policy.metadata));
     Ok(api.list(&lp).await?.items)
 }
 
@@ -160,7 +165,12 @@ async fn sender_initiated_policy_moves_the_vm_that_evens_the_pair_to_the_cold_no
     })
     .await;
     let done = on_failure(&ns, done).await?;
-    assert_eq!(done.labels().get(POLICY_LABEL), Some(&ns.name));
+    let policy = policies.get(&ns.name).await?;
+    assert_eq!(
+        done.labels().get(POLICY_LABEL),
+        Some(&owner_id(&policy.metadata))
+    );
+    assert_eq!(done.annotations().get(POLICY_LABEL), Some(&ns.name));
     assert_eq!(
         done.owner_references()
             .iter()

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use kube::ResourceExt;
 
 use super::error::Result;
-use super::migration::{create_kubevirt_migration, vmim_name, Context};
+use super::labels;
+use super::migration::{create_kubevirt_migration, vmim_name};
+use super::Context;
 use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::migration::MemberStatus;
 use crate::api::VirtualMachineMigration;
@@ -66,9 +68,7 @@ pub fn members(ctx: &Context, vmi: &VirtualMachineInstance) -> Vec<Arc<VirtualMa
 
 /// Deterministic name of a member's KubeVirt migration.
 pub fn member_vmim_name(vmm: &VirtualMachineMigration, member: &str) -> String {
-    let mut name = format!("{}-m-{member}", vmim_name(vmm));
-    name.truncate(253);
-    name.trim_end_matches('-').to_string()
+    labels::bounded_name(&format!("{}-m-{member}", vmim_name(vmm)))
 }
 
 /// Creates (idempotently) a member's KubeVirt migration to `target`.

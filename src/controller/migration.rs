@@ -8,17 +8,19 @@ use std::time::{Duration, Instant};
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::Mutex;
+use kube::{Api, Resource, ResourceExt};
 
 use super::error::{ControllerError, Result};
 use super::groups;
-use super::metrics::ControllerMetrics;
+use super::guard::Marked;
+use super::labels;
 use super::paths;
 use super::republish::republish_after_migration;
-use super::status::{self, TransferModel};
+use super::status;
+use super::validate;
+use super::Context;
 use crate::api::conditions::{set_condition, Condition};
 use crate::api::kubevirt::{
     VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, LIVE_MIGRATABLE,
@@ -29,7 +31,6 @@ use crate::api::migration::{
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::paths::PathOutcome;
 use crate::plan::{PlanOptions, Scope, VmKey};
-use crate::view::ClusterView;
 
 pub const FINALIZER: &str = "commonground.dev/migration-cleanup";
 /// Label on the KubeVirt migrations we create, naming the request.
@@ -37,26 +38,12 @@ pub const OWNER_LABEL: &str = "commonground.dev/virtual-machine-migration";
 /// Candidates kept in status.
 const TOP_CANDIDATES: usize = 5;
 
-pub struct Context {
-    pub client: Client,
-    pub view: ClusterView,
-    pub recorder: Recorder,
-    pub metrics: ControllerMetrics,
-    pub transfer: TransferModel,
-    /// Serialises "check the parallel limits, then create" so concurrent reconciles cannot
-    /// exceed KubeVirt's limits between a create and the watch reporting it: the KubeVirt
-    /// migrations created (name, source node) that the watch has not reported yet.
-    pub admission: Mutex<Vec<(String, String)>>,
-}
-
 /// Deterministic name of the KubeVirt migration for a request: a re-created request (new
 /// UID) gets a new one, a restarted controller finds the old one.
 pub fn vmim_name(vmm: &VirtualMachineMigration) -> String {
     let uid = vmm.metadata.uid.as_deref().unwrap_or("0");
     let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
-    let mut base = vmm.name_any();
-    base.truncate(253 - 12);
-    format!("cg-{base}-{short}")
+    labels::bounded_name(&format!("cg-{}-{short}", vmm.name_any()))
 }
 
 fn now_rfc3339() -> String {
@@ -82,6 +69,31 @@ pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> 
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ControllerError::Finalizer(other.to_string()),
     })
+}
+
+/// A request failed for its spec, and the spec was edited since.
+fn rejected_spec_changed(
+    vmm: &VirtualMachineMigration,
+    status: &VirtualMachineMigrationStatus,
+) -> bool {
+    status.phase == MigrationPhase::Failed
+        && status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "Failed" && c.reason == validate::INVALID_SPEC)
+        && status.observed_generation != vmm.metadata.generation
+}
+
+impl Marked for VirtualMachineMigration {
+    async fn mark(ctx: &Context, vmm: &Self, reason: &str, message: &str) -> Result<()> {
+        let mut status = vmm.status.clone().unwrap_or_default();
+        set_condition(
+            &mut status.conditions,
+            condition("ReconcileError", true, reason, message),
+            &now_rfc3339(),
+        );
+        write_status(ctx, vmm, &status).await
+    }
 }
 
 fn update_queue_depth(ctx: &Context) {
@@ -179,6 +191,12 @@ async fn fail(
 
 async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
     let mut status = vmm.status.clone().unwrap_or_default();
+    if rejected_spec_changed(&vmm, &status) {
+        // The spec that could not be used was edited: start over with the new one.
+        status = VirtualMachineMigrationStatus::default();
+    }
+    // This reconcile runs again: a failure it meets is marked anew.
+    status.conditions.retain(|c| c.r#type != "ReconcileError");
     if status.phase == MigrationPhase::Succeeded
         && vmm.spec.group == Some(GroupMode::Follow)
         && !status
@@ -231,6 +249,10 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     if status.phase == MigrationPhase::Planned && vmm.spec.dry_run {
         return Ok(Action::await_change());
     }
+    let budget = match validate::migration_spec(&vmm.spec) {
+        Ok(b) => b,
+        Err(e) => return fail(ctx, &vmm, status, validate::INVALID_SPEC, e.to_string()).await,
+    };
 
     // 1. Validate the VMI.
     let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
@@ -386,7 +408,16 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     };
     base.transport = transport;
     // Seed 004: add paths while the estimate exceeds the time budget.
-    let decision = match paths::decide(ctx, &vmm, &plan, &base, ctx.transfer.cores_per_gbps) {
+    let (decided, ignored_networks) = paths::decide(
+        ctx,
+        &vmm,
+        &budget,
+        &plan,
+        &base,
+        ctx.transfer.cores_per_gbps,
+    );
+    status.notes.extend(ignored_networks);
+    let decision = match decided {
         None => None,
         Some(Ok(d)) => Some(d),
         Some(Err(e)) => {
@@ -507,11 +538,8 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
                 .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
                 .max()
                 .unwrap_or(0);
-            let limit = vmm
-                .spec
+            let limit = budget
                 .path_setup_budget
-                .as_deref()
-                .and_then(|b| crate::view::quantity::duration(b).ok())
                 .map_or(60, |d| d.as_secs() as i64 * 2 + 10);
             if waited <= limit {
                 status.phase = MigrationPhase::PreparingPaths;
@@ -605,7 +633,9 @@ pub async fn create_kubevirt_migration(
     );
     vmim.metadata.namespace = Some(ns.clone());
     vmim.metadata.owner_references = Some(vec![owner]);
-    vmim.metadata.labels = Some([(OWNER_LABEL.to_string(), vmm.name_any())].into());
+    let (owner_labels, owner_annotations) = labels::owner_marks(OWNER_LABEL, &vmm.metadata);
+    vmim.metadata.labels = Some(owner_labels);
+    vmim.metadata.annotations = Some(owner_annotations);
     let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
     match api.create(&PostParams::default(), &vmim).await {
         Ok(_) => Ok(true),

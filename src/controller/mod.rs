@@ -1,8 +1,11 @@
 //! `commonground controller`: reconciles `VirtualMachineMigration` objects into KubeVirt live
 //! migrations. Leader-elected; only the leader reconciles and writes status.
 
+pub mod context;
 pub mod error;
 pub mod groups;
+pub mod guard;
+pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod migration;
@@ -10,22 +13,22 @@ pub mod paths;
 pub mod rebalance;
 pub mod republish;
 pub mod status;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 
+pub use self::context::Context;
 use self::error::{ControllerError, Result};
 use self::leader::{LeaderElector, LeaseConfig};
 use self::metrics::ControllerMetrics;
-use self::migration::Context;
 use self::status::TransferModel;
 use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
 use crate::api::VirtualMachineMigration;
@@ -130,31 +133,28 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     ready.set(true);
     tracing::info!("caches synced; reconciling");
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        view: view.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "commonground-controller".into(),
-                instance: Some(identity),
-            },
-        ),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        view.clone(),
         metrics,
-        transfer: TransferModel {
+        identity,
+        TransferModel {
             bandwidth: args.migration_bandwidth,
             downtime_limit_ms: args.downtime_limit_ms,
             cores_per_gbps: args.cores_per_gbps,
         },
-        admission: tokio::sync::Mutex::new(Vec::new()),
-    });
+    ));
 
     let rebalancer = Controller::new(
         Api::<crate::api::RebalancePolicy>::all(client.clone()),
         watcher::Config::default().any_semantic(),
     )
     .graceful_shutdown_on(telemetry::shutdown_signal())
-    .run(rebalance::reconcile, rebalance::error_policy, ctx.clone())
+    .run(
+        |policy, ctx| guard::guarded(policy, ctx, rebalance::reconcile),
+        guard::error_policy,
+        ctx.clone(),
+    )
     .for_each(|_| async {});
     let vmm_store = view.vmms.clone();
     let controller = Controller::new(vmms, watcher::Config::default().any_semantic())
@@ -178,7 +178,11 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             },
         )
         .graceful_shutdown_on(telemetry::shutdown_signal())
-        .run(migration::reconcile, error_policy, ctx)
+        .run(
+            |vmm, ctx| guard::guarded(vmm, ctx, migration::reconcile),
+            guard::error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile");
@@ -200,25 +204,6 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn error_policy(
-    vmm: Arc<VirtualMachineMigration>,
-    error: &ControllerError,
-    ctx: Arc<Context>,
-) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[error.kind()])
-        .inc();
-    tracing::warn!(
-        namespace = vmm.namespace().unwrap_or_default(),
-        name = vmm.name_any(),
-        kind = error.kind(),
-        error = %error,
-        "reconcile failed; retrying"
-    );
-    Action::requeue(Duration::from_secs(5))
 }
 
 fn hostname() -> String {

@@ -10,7 +10,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
 use super::error::Result;
-use super::migration::Context;
+use super::labels;
+use super::validate::{self, MigrationBudget};
+use super::Context;
 use crate::api::kubevirt::{
     MigrationPolicy, MigrationPolicySelectors, MigrationPolicySpec, NncpSpec,
     NodeNetworkConfigurationPolicy, VirtualMachineInstance, HOSTNAME_LABEL,
@@ -26,18 +28,9 @@ use crate::view::quantity;
 /// Label on every object created for one request's paths, and on its VMI while it migrates.
 pub const PATH_OWNER_LABEL: &str = "commonground.dev/migration-paths";
 
-/// Short deterministic id of a request (a valid label value).
+/// Short deterministic id of a request (a valid label value and object name).
 pub fn path_owner_id(vmm: &VirtualMachineMigration) -> String {
-    let uid: String = vmm
-        .metadata
-        .uid
-        .as_deref()
-        .unwrap_or("0")
-        .chars()
-        .filter(|c| *c != '-')
-        .take(16)
-        .collect();
-    format!("cg-{uid}")
+    labels::owner_id(&vmm.metadata)
 }
 
 fn who(vmm: &VirtualMachineMigration) -> String {
@@ -58,25 +51,24 @@ fn on_node(network: &MigrationNetwork, node: Option<&NodeFacts>) -> bool {
     })
 }
 
-/// Runs the seed's loop for this plan when the request has a time budget.
+/// Runs the path loop for this plan when the request has a time budget. Also returns a note
+/// for every MigrationNetwork left out because its spec cannot be used.
 pub fn decide(
     ctx: &Context,
     vmm: &VirtualMachineMigration,
+    budget: &MigrationBudget,
     plan: &Plan,
     base: &EstimateInput,
     cores_per_gbps: f64,
-) -> Option<std::result::Result<PathDecision, String>> {
-    let max = vmm.spec.max_duration.as_deref()?;
-    let parse = |s: &str| quantity::duration(s).map_err(|e| e.to_string());
-    let max_seconds = match parse(max) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => return Some(Err(e)),
+) -> (
+    Option<std::result::Result<PathDecision, String>>,
+    Vec<String>,
+) {
+    let Some(max) = budget.max_duration else {
+        return (None, Vec::new());
     };
-    let setup_seconds = match vmm.spec.path_setup_budget.as_deref().map(parse) {
-        Some(Ok(d)) => d.as_secs_f64(),
-        Some(Err(e)) => return Some(Err(e)),
-        None => 30.0,
-    };
+    let max_seconds = max.as_secs_f64();
+    let setup_seconds = budget.path_setup_budget.map_or(30.0, |d| d.as_secs_f64());
     let planner = ctx.view.planner(false);
     let facts = |name: &str| {
         planner
@@ -86,17 +78,23 @@ pub fn decide(
     let target = plan.target_node.as_deref().and_then(facts);
     let source = facts(&plan.source_node);
     let me = who(vmm);
+    let mut ignored = Vec::new();
     let options: Vec<PathOption> = ctx
         .view
         .networks
         .state()
         .iter()
-        .map(|n| PathOption {
+        .filter_map(|n| match validate::network_spec(&n.spec) {
+            Ok(figures) => Some((n, figures)),
+            Err(e) => {
+                ignored.push(format!("MigrationNetwork {} left out: {e}", n.name_any()));
+                None
+            }
+        })
+        .map(|(n, figures)| PathOption {
             name: n.name_any(),
-            bandwidth: quantity::bytes(&n.spec.bandwidth).unwrap_or(0) as f64,
-            setup_seconds: quantity::duration(&n.spec.setup_time)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(f64::INFINITY),
+            bandwidth: figures.bandwidth as f64,
+            setup_seconds: figures.setup_time.as_secs_f64(),
             on_source: on_node(n, source),
             on_target: on_node(n, target),
             in_use: n
@@ -113,7 +111,10 @@ pub fn decide(
         target_spare_cores: spare_cores,
         cores_per_gbps,
     };
-    Some(choose_paths(base, &options, &budget).map_err(|e| e.to_string()))
+    (
+        Some(choose_paths(base, &options, &budget).map_err(|e| e.to_string())),
+        ignored,
+    )
 }
 
 /// Brings the decided paths up; true once every path is usable and the bandwidth raised.
@@ -171,7 +172,7 @@ pub async fn activate(
             Activation::Nmstate => {
                 let mut ready = true;
                 for (side, node) in [("src", source), ("dst", target)] {
-                    let nncp_name = format!("{owner}-{name}-{side}");
+                    let nncp_name = labels::bounded_name(&format!("{owner}-{name}-{side}"));
                     let existing = nncps.get_opt(&nncp_name).await?;
                     match existing {
                         None => {
@@ -189,8 +190,8 @@ pub async fn activate(
                                     }]}),
                                 },
                             );
-                            p.metadata.labels =
-                                Some([(PATH_OWNER_LABEL.to_string(), owner.clone())].into());
+                            let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
+                            (p.metadata.labels, p.metadata.annotations) = (Some(l), Some(a));
                             match nncps.create(&PostParams::default(), &p).await {
                                 Ok(_) => {}
                                 Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -240,7 +241,8 @@ pub async fn activate(
                 ..Default::default()
             },
         );
-        policy.metadata.labels = Some([(PATH_OWNER_LABEL.to_string(), owner.clone())].into());
+        let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
+        (policy.metadata.labels, policy.metadata.annotations) = (Some(l), Some(a));
         match policies.create(&PostParams::default(), &policy).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -269,7 +271,8 @@ pub async fn cleanup(
     }
     let owner = path_owner_id(vmm);
     let me = who(vmm);
-    let selector = ListParams::default().labels(&format!("{PATH_OWNER_LABEL}={owner}"));
+    let selector =
+        ListParams::default().labels(&labels::owner_selector(PATH_OWNER_LABEL, &vmm.metadata));
     let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
     for p in nncps.list(&selector).await? {
         let _ = nncps.delete(&p.name_any(), &DeleteParams::default()).await;

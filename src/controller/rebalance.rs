@@ -11,8 +11,12 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
-use super::error::{ControllerError, Result};
-use super::migration::Context;
+use super::error::Result;
+use super::guard::Marked;
+use super::labels;
+use super::validate;
+use super::Context;
+use crate::api::conditions::{set_condition, Condition};
 use crate::api::migration::{MigrationTarget, VirtualMachineMigrationSpec};
 use crate::api::rebalance::{RebalanceDecision, RebalanceMode, RebalancePolicyStatus};
 use crate::api::{RebalancePolicy, VirtualMachineMigration, FIELD_MANAGER};
@@ -21,7 +25,6 @@ use crate::plan::rebalance::{
     LoadFactors, Mode, RoundConfig, Weights,
 };
 use crate::plan::VmKey;
-use crate::view::quantity;
 
 /// Node annotation overriding the policy's load weights: `cpu=2,io=0.5,memory=0.2`.
 pub const WEIGHTS_ANNOTATION: &str = "commonground.dev/load-weights";
@@ -42,10 +45,16 @@ fn now() -> chrono::DateTime<chrono::Utc> {
 
 pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Result<Action> {
     let spec = &policy.spec;
-    let interval = quantity::duration(&spec.interval)
-        .map_err(|e| ControllerError::Config(format!("policy {}: {e}", policy.name_any())))?;
-    let cooldown = quantity::duration(&spec.cooldown)
-        .map_err(|e| ControllerError::Config(format!("policy {}: {e}", policy.name_any())))?;
+    let (interval, cooldown) = match validate::rebalance_spec(spec) {
+        Ok(t) => (t.interval, t.cooldown),
+        Err(e) => {
+            // Not retried: the next try is when the policy changes.
+            let mut status = policy.status.clone().unwrap_or_default();
+            set_ready(&mut status, false, validate::INVALID_SPEC, e.to_string());
+            write_status(&ctx, &policy, &status).await?;
+            return Ok(Action::await_change());
+        }
+    };
     // Level-triggered but paced: one round per interval whatever wakes us.
     if let Some(last) = policy
         .status
@@ -67,7 +76,7 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
         .vmms
         .state()
         .into_iter()
-        .filter(|m| m.labels().get(POLICY_LABEL) == Some(&policy.name_any()))
+        .filter(|m| labels::is_owned_by(m.labels(), POLICY_LABEL, &policy.metadata))
         .collect();
     // History per VM: number of moves and when the last one ended; in-flight per node.
     let mut history: HashMap<VmKey, (u32, Option<chrono::DateTime<chrono::Utc>>)> = HashMap::new();
@@ -244,8 +253,7 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
             m.vm.name,
             moves_so_far + 1
         );
-        let mut name: String = name.chars().take(253).collect();
-        name = name.trim_end_matches('-').to_string();
+        let name = labels::bounded_name(&name);
         let migration = if spec.dry_run {
             None
         } else {
@@ -266,7 +274,10 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
                 },
             );
             vmm.metadata.namespace = Some(m.vm.namespace.clone());
-            vmm.metadata.labels = Some([(POLICY_LABEL.to_string(), policy.name_any())].into());
+            let (owner_labels, owner_annotations) =
+                labels::owner_marks(POLICY_LABEL, &policy.metadata);
+            vmm.metadata.labels = Some(owner_labels);
+            vmm.metadata.annotations = Some(owner_annotations);
             vmm.metadata.owner_references = policy.controller_owner_ref(&()).map(|o| vec![o]);
             match api.create(&PostParams::default(), &vmm).await {
                 Ok(_) => {}
@@ -292,12 +303,57 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
             .map(|s| s.decisions.clone())
             .unwrap_or_default();
     }
-    let status = RebalancePolicyStatus {
+    let mut status = RebalancePolicyStatus {
         last_round_time: Some(round_time),
         loads,
         decisions,
         conditions: policy.status.clone().unwrap_or_default().conditions,
     };
+    if validate::all_weights_zero(spec) {
+        set_ready(
+            &mut status,
+            false,
+            "AllWeightsZero",
+            "every weight in spec.weights is 0, so every node's load is 0 and nothing moves \
+             (except between nodes whose load-weights annotation sets a weight above 0)"
+                .into(),
+        );
+    } else {
+        set_ready(
+            &mut status,
+            true,
+            "RoundsRunning",
+            format!("a round every {}", spec.interval),
+        );
+    }
+    write_status(&ctx, &policy, &status).await?;
+    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+}
+
+/// Sets the policy's `Ready` condition.
+fn set_ready(status: &mut RebalancePolicyStatus, ok: bool, reason: &str, message: String) {
+    set_condition(
+        &mut status.conditions,
+        Condition {
+            r#type: "Ready".into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: None,
+        },
+        &now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
+}
+
+/// Writes the policy's status by server-side apply; nothing when it is unchanged.
+async fn write_status(
+    ctx: &Context,
+    policy: &RebalancePolicy,
+    status: &RebalancePolicyStatus,
+) -> Result<()> {
+    if policy.status.as_ref() == Some(status) {
+        return Ok(());
+    }
     let api: Api<RebalancePolicy> = Api::all(ctx.client.clone());
     let patch = serde_json::json!({
         "apiVersion": "commonground.dev/v1alpha1", "kind": "RebalancePolicy", "status": status,
@@ -308,18 +364,13 @@ pub async fn reconcile(policy: Arc<RebalancePolicy>, ctx: Arc<Context>) -> Resul
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(Action::requeue(interval.max(Duration::from_secs(1))))
+    Ok(())
 }
 
-pub fn error_policy(
-    policy: Arc<RebalancePolicy>,
-    error: &ControllerError,
-    ctx: Arc<Context>,
-) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[error.kind()])
-        .inc();
-    tracing::warn!(policy = policy.name_any(), error = %error, "rebalance round failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+impl Marked for RebalancePolicy {
+    async fn mark(ctx: &Context, policy: &Self, reason: &str, message: &str) -> Result<()> {
+        let mut status = policy.status.clone().unwrap_or_default();
+        set_ready(&mut status, false, reason, message.to_string());
+        write_status(ctx, policy, &status).await
+    }
 }

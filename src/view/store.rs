@@ -199,7 +199,9 @@ impl ClusterView {
     /// than the rebuild interval (`fresh` forces a rebuild when anything changed).
     pub fn planner(&self, fresh: bool) -> Arc<Planner> {
         let version = self.version.load(Ordering::Relaxed);
-        let mut cache = self.cache.lock().expect("planner cache lock");
+        // A panic while the lock was held (caught at the reconcile boundary) leaves a whole
+        // value behind: the cache is replaced, never edited in place.
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.as_ref() {
             let unchanged = c.version == version;
             let recent = c.built.elapsed() < self.config.rebuild_interval;
