@@ -126,6 +126,15 @@ fn start_shared_controller() {
     }
 }
 
+/// Whether the shared controller process is still running (it has not exited or crashed).
+pub fn controller_running() -> bool {
+    CONTROLLER
+        .lock()
+        .unwrap()
+        .as_mut()
+        .is_some_and(|c| matches!(c.child.try_wait(), Ok(None)))
+}
+
 pub fn controller_log() -> String {
     CONTROLLER
         .lock()
