@@ -1,6 +1,5 @@
 //! commonground: KubeVirt live-migration placement by memory in common, work-group distance and
 //! load. See README.md for the architecture.
-#![deny(warnings)]
 
 pub mod agent;
 pub mod api;

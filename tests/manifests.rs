@@ -365,7 +365,7 @@ fn crd_reference() -> String {
     out.push_str("# Custom resources (`commonground.dev/v1alpha1`)\n\nEvery field of every commonground resource, from the schema descriptions in `crds/commonground.yaml` (also what `kubectl explain` shows).\n\n");
     let text = read("crds/commonground.yaml");
     let mut crds = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
         let v: Value = serde::Deserialize::deserialize(doc).expect("CRD YAML");
         if !v.is_null() {
             crds.push(v);
