@@ -1,4 +1,4 @@
-//! VMs that share memory move together (seed 001).
+//! VMs that share memory move together.
 //!
 //! Members of a memory group are found by the label `commonground.dev/memory-group` (same
 //! value, same namespace, same node) or by the agent (QEMU processes mapping the same shared
@@ -105,7 +105,7 @@ pub fn refresh_members(ctx: &Context, ns: &str, members: &mut [MemberStatus]) ->
     (all_ok, any_failed)
 }
 
-/// Follow (seed 001, claim 1): members on the source that touched the shared memory since the
+/// Follow: members on the source that touched the shared memory since the
 /// first VM moved, as the source's agent reports them.
 pub fn touched_shared_memory(
     ctx: &Context,

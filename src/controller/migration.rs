@@ -12,6 +12,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Api, Resource, ResourceExt};
 
+use super::decide::{self, Facts, Progress, Step, VmiFacts};
 use super::error::{ControllerError, Result};
 use super::groups;
 use super::guard::Marked;
@@ -19,18 +20,19 @@ use super::labels;
 use super::paths;
 use super::republish::republish_after_migration;
 use super::status;
-use super::validate;
+use super::validate::MigrationBudget;
 use super::Context;
 use crate::api::conditions::{set_condition, Condition};
 use crate::api::kubevirt::{
-    VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, LIVE_MIGRATABLE,
+    VirtualMachineInstance, VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL,
+    LIVE_MIGRATABLE,
 };
 use crate::api::migration::{
-    GroupMode, MemberStatus, MigrationPhase, TargetScope, VirtualMachineMigrationStatus,
+    GroupMode, MemberStatus, MigrationPhase, VirtualMachineMigrationStatus,
 };
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
-use crate::plan::paths::PathOutcome;
-use crate::plan::{PlanOptions, Scope, VmKey};
+use crate::plan::paths::PathDecision;
+use crate::plan::VmKey;
 
 pub const FINALIZER: &str = "commonground.dev/migration-cleanup";
 /// Label on the KubeVirt migrations we create, naming the request.
@@ -69,19 +71,6 @@ pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> 
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ControllerError::Finalizer(other.to_string()),
     })
-}
-
-/// A request failed for its spec, and the spec was edited since.
-fn rejected_spec_changed(
-    vmm: &VirtualMachineMigration,
-    status: &VirtualMachineMigrationStatus,
-) -> bool {
-    status.phase == MigrationPhase::Failed
-        && status
-            .conditions
-            .iter()
-            .any(|c| c.r#type == "Failed" && c.reason == validate::INVALID_SPEC)
-        && status.observed_generation != vmm.metadata.generation
 }
 
 impl Marked for VirtualMachineMigration {
@@ -189,186 +178,140 @@ async fn fail(
     Ok(Action::await_change())
 }
 
+/// What [`gather`] read from the cluster: the facts for the decision, and the objects the
+/// chosen step works on.
+struct Gathered {
+    facts: Facts,
+    kubevirt_migration: Option<VirtualMachineInstanceMigration>,
+    vmi: Option<Arc<VirtualMachineInstance>>,
+}
+
+/// Reads what the decision needs: nothing for a final request; the KubeVirt migration; when
+/// there is none, the VMI (from the watch, or the API when the watch lags a fresh VMI).
+async fn gather(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    status: &VirtualMachineMigrationStatus,
+) -> Result<Gathered> {
+    let mut g = Gathered {
+        facts: Facts {
+            kubevirt_migration: vmim_name(vmm),
+            ..Default::default()
+        },
+        kubevirt_migration: None,
+        vmi: None,
+    };
+    if status.phase.is_final() {
+        return Ok(g);
+    }
+    let ns = vmm.namespace().unwrap_or_default();
+    let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    g.kubevirt_migration = vmims.get_opt(&g.facts.kubevirt_migration).await?;
+    g.facts.kubevirt_migration_exists = g.kubevirt_migration.is_some();
+    if g.facts.kubevirt_migration_exists {
+        return Ok(g);
+    }
+    g.vmi = match ctx.view.vmi(&ns, &vmm.spec.vmi_name) {
+        Some(v) => Some(v),
+        None => {
+            let api: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
+            api.get_opt(&vmm.spec.vmi_name).await?.map(Arc::new)
+        }
+    };
+    g.facts.vmi = g.vmi.as_deref().map(|v| VmiFacts {
+        phase: v
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default(),
+        live_migratable: v.condition_true(LIVE_MIGRATABLE),
+        migrating: v.is_migrating(),
+        on_node: crate::view::convert::vm_request(v).is_some(),
+    });
+    Ok(g)
+}
+
+/// Gathers the facts, decides the next step, takes it.
 async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
     let mut status = vmm.status.clone().unwrap_or_default();
-    if rejected_spec_changed(&vmm, &status) {
+    if decide::rejected_spec_changed(vmm.metadata.generation, &status) {
         // The spec that could not be used was edited: start over with the new one.
         status = VirtualMachineMigrationStatus::default();
     }
     // This reconcile runs again: a failure it meets is marked anew.
     status.conditions.retain(|c| c.r#type != "ReconcileError");
-    if status.phase == MigrationPhase::Succeeded
-        && vmm.spec.group == Some(GroupMode::Follow)
-        && !status
-            .conditions
-            .iter()
-            .any(|c| c.r#type == "SharedTransferComplete" && c.status == "True")
-    {
-        return follow_group(&vmm, ctx, status).await;
+    if !status.phase.is_final() {
+        status.observed_generation = vmm.metadata.generation;
     }
-    if status.phase.is_final() {
-        // A restart between the end and the cleanup: finish the cleanup.
-        if status.paths.iter().any(|p| p.removed_time.is_none()) {
+    let ns = vmm.namespace().unwrap_or_default();
+    let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
+    let gathered = gather(ctx, &vmm, &status).await?;
+    match decide::next_step(&vmm.spec, &status, &vm.to_string(), &gathered.facts) {
+        Step::Done | Step::StayPlanned => Ok(Action::await_change()),
+        Step::FinishCleanup => {
             paths::cleanup(ctx, &vmm, &mut status).await?;
             write_status(ctx, &vmm, &status).await?;
+            Ok(Action::await_change())
         }
-        return Ok(Action::await_change());
-    }
-    status.observed_generation = vmm.metadata.generation;
-    let ns = vmm.namespace().unwrap_or_default();
-    let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = vmim_name(&vmm);
-
-    // Already handed to KubeVirt (possibly before a restart): follow it.
-    if let Some(vmim) = vmims.get_opt(&name).await? {
-        // The watch may not have delivered our own last status write yet; following from a
-        // stale copy would drop fields (source, candidates, estimate) from the applied status.
-        let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
-        let fresh = api.get(&vmm.name_any()).await?;
-        let mut status = fresh.status.clone().unwrap_or_default();
-        status.observed_generation = fresh.metadata.generation;
-        if status.source_node.is_none() {
-            status.source_node = vmim
-                .status
-                .as_ref()
-                .and_then(|s| s.migration_state.as_ref())
-                .and_then(|m| m.source_node.clone());
-        }
-        return follow(&fresh, ctx, status, &vmim).await;
-    }
-    if status.phase == MigrationPhase::Migrating {
-        return fail(
-            ctx,
-            &vmm,
-            status,
-            "KubevirtMigrationDeleted",
-            format!("KubeVirt migration {name} was deleted before it finished"),
-        )
-        .await;
-    }
-    if status.phase == MigrationPhase::Planned && vmm.spec.dry_run {
-        return Ok(Action::await_change());
-    }
-    let budget = match validate::migration_spec(&vmm.spec) {
-        Ok(b) => b,
-        Err(e) => return fail(ctx, &vmm, status, validate::INVALID_SPEC, e.to_string()).await,
-    };
-
-    // 1. Validate the VMI.
-    let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
-    let vmi = match ctx.view.vmi(&ns, &vmm.spec.vmi_name) {
-        Some(v) => v,
-        None => {
-            // The store may lag a fresh VMI; the API decides.
-            let api: Api<crate::api::kubevirt::VirtualMachineInstance> =
-                Api::namespaced(ctx.client.clone(), &ns);
-            match api.get_opt(&vmm.spec.vmi_name).await? {
-                Some(v) => Arc::new(v),
-                None => {
-                    return fail(
-                        ctx,
-                        &vmm,
-                        status,
-                        "VmiNotFound",
-                        format!("VirtualMachineInstance {vm} does not exist"),
-                    )
-                    .await
+        Step::FollowMembers => follow_group(&vmm, ctx, status).await,
+        Step::FollowKubevirt => match gathered.kubevirt_migration {
+            Some(vmim) => follow_existing(&vmm, ctx, &vmim).await,
+            None => Ok(Action::requeue(Duration::from_secs(1))),
+        },
+        Step::Fail { reason, message } => fail(ctx, &vmm, status, reason, message).await,
+        Step::Plan(budget) => {
+            let request = gathered
+                .vmi
+                .as_deref()
+                .and_then(crate::view::convert::vm_request);
+            match (gathered.vmi, request) {
+                (Some(vmi), Some(request)) => {
+                    plan_and_start(vmm, ctx, status, budget, &vmi, request).await
                 }
+                _ => Ok(Action::requeue(Duration::from_secs(1))),
             }
         }
-    };
-    let phase = vmi
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.clone())
-        .unwrap_or_default();
-    if phase != "Running" {
-        return fail(
-            ctx,
-            &vmm,
-            status,
-            "VmiNotRunning",
-            format!("VirtualMachineInstance {vm} is not running (phase {phase:?})"),
-        )
-        .await;
     }
-    if !vmi.condition_true(LIVE_MIGRATABLE) {
-        return fail(
-            ctx,
-            &vmm,
-            status,
-            "VmiNotLiveMigratable",
-            format!("VirtualMachineInstance {vm} does not have condition {LIVE_MIGRATABLE}=True"),
-        )
-        .await;
-    }
-    if vmi.is_migrating() {
-        return fail(
-            ctx,
-            &vmm,
-            status,
-            "VmiAlreadyMigrating",
-            format!("VirtualMachineInstance {vm} is already migrating"),
-        )
-        .await;
-    }
-    let Some(request) = crate::view::convert::vm_request(&vmi) else {
-        return fail(
-            ctx,
-            &vmm,
-            status,
-            "VmiWithoutNode",
-            format!("VirtualMachineInstance {vm} has no node yet"),
-        )
-        .await;
-    };
+}
 
-    // 2. Plan.
+/// Follows a KubeVirt migration made for this request (possibly before a restart).
+async fn follow_existing(
+    vmm: &VirtualMachineMigration,
+    ctx: &Context,
+    vmim: &VirtualMachineInstanceMigration,
+) -> Result<Action> {
+    // The watch may not have delivered our own last status write yet; following from a stale
+    // copy would drop fields (source, candidates, estimate) from the applied status.
+    let api: Api<VirtualMachineMigration> =
+        Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
+    let fresh = api.get(&vmm.name_any()).await?;
+    let mut status = fresh.status.clone().unwrap_or_default();
+    status.observed_generation = fresh.metadata.generation;
+    status.conditions.retain(|c| c.r#type != "ReconcileError");
+    if status.source_node.is_none() {
+        status.source_node = vmim
+            .status
+            .as_ref()
+            .and_then(|s| s.migration_state.as_ref())
+            .and_then(|m| m.source_node.clone());
+    }
+    follow(&fresh, ctx, status, vmim).await
+}
+
+/// Plans the request and, unless it is a dry run, starts it.
+async fn plan_and_start(
+    vmm: Arc<VirtualMachineMigration>,
+    ctx: &Context,
+    mut status: VirtualMachineMigrationStatus,
+    budget: MigrationBudget,
+    vmi: &VirtualMachineInstance,
+    request: crate::plan::VmRequest,
+) -> Result<Action> {
+    let ns = vmm.namespace().unwrap_or_default();
+    let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
     let started = Instant::now();
     let planner = ctx.view.planner(true);
-    let target = vmm.spec.target.clone().unwrap_or_default();
-    let opts = PlanOptions {
-        scope: match target.scope {
-            Some(TargetScope::Cluster) => Scope::Cluster,
-            _ => Scope::WorkGroup,
-        },
-        // Once paths are being prepared for a target, keep it.
-        pinned_node: target.node_name.clone().or_else(|| {
-            (status.phase == MigrationPhase::PreparingPaths)
-                .then(|| status.target_node.clone())
-                .flatten()
-        }),
-        pinned_work_group: target.work_group.clone(),
-        only_nodes: None,
-        explain_top: None,
-    };
-    // Seed 001: the memory group, when the request asks for it.
-    let group_mode = vmm.spec.group.unwrap_or_default();
-    let group: Vec<Arc<crate::api::kubevirt::VirtualMachineInstance>> = match group_mode {
-        GroupMode::None => Vec::new(),
-        GroupMode::Together | GroupMode::Follow => groups::members(ctx, &vmi),
-    };
-    if status.members.is_empty() {
-        status.members = group
-            .iter()
-            .map(|m| MemberStatus {
-                name: m.name_any(),
-                phase: "Waiting".into(),
-                ..Default::default()
-            })
-            .collect();
-    }
-    let planned = if group_mode == GroupMode::Together && !group.is_empty() {
-        let mut requests = vec![request.clone()];
-        requests.extend(
-            group
-                .iter()
-                .filter_map(|m| crate::view::convert::vm_request(m)),
-        );
-        planner.plan_group(&requests, &opts)
-    } else {
-        planner.plan(&request, &opts)
-    };
+    let planned = run_planner(ctx, &planner, &vmm.spec, &mut status, vmi, request);
     let plan = match planned {
         Ok(p) => p,
         Err(e) => {
@@ -407,7 +350,7 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         None => (base.transport, "no target yet".to_string()),
     };
     base.transport = transport;
-    // Seed 004: add paths while the estimate exceeds the time budget.
+    // Add network paths while the estimate exceeds the time budget.
     let (decided, ignored_networks) = paths::decide(
         ctx,
         &vmm,
@@ -434,35 +377,7 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     let mut with_paths = base;
     if let Some(d) = &decision {
         with_paths.bandwidth = d.bandwidth;
-        let (ok, reason, message) = match d.outcome {
-            PathOutcome::FitsAsIs => (
-                true,
-                "FitsAsIs",
-                "the estimate fits maxDuration without extra paths".to_string(),
-            ),
-            PathOutcome::FitsWithPaths => (
-                true,
-                "FitsWithPaths",
-                format!("fits maxDuration with paths {}", d.added.join(", ")),
-            ),
-            PathOutcome::OverBudget => (
-                false,
-                "OverBudget",
-                format!(
-                    "no further path can be added ({}); migrating anyway, estimate {:.0}s",
-                    if d.skipped.is_empty() {
-                        "none configured".to_string()
-                    } else {
-                        d.skipped
-                            .iter()
-                            .map(|(n, r)| format!("{n}: {r}"))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    },
-                    d.estimate.seconds
-                ),
-            ),
-        };
+        let (ok, reason, message) = decide::time_budget(d);
         set_condition(
             &mut status.conditions,
             condition("TimeBudget", ok, reason, message),
@@ -497,19 +412,7 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     };
     status.target_node = Some(target_node.clone());
     status.target_work_group = plan.target_work_group.clone();
-    let chosen = plan.target().cloned();
-    let why = chosen
-        .map(|c| {
-            format!(
-                "target {} in work group {}: {} of {} already there, {} to move",
-                c.node,
-                c.work_group,
-                crate::plan::hardware::human_bytes(plan.bytes.common),
-                crate::plan::hardware::human_bytes(plan.bytes.total),
-                crate::plan::hardware::human_bytes(plan.bytes.to_move)
-            )
-        })
-        .unwrap_or_default();
+    let why = why_chosen(&plan);
     set_condition(
         &mut status.conditions,
         condition("Planned", true, "TargetChosen", &why),
@@ -525,10 +428,95 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         return Ok(Action::await_change());
     }
 
-    // 4. Extra paths up (seed 004), then KubeVirt's parallel limits and the migration.
-    if let Some(d) = &decision {
-        let ready =
-            paths::activate(ctx, &vmm, &mut status, d, &plan.source_node, &target_node).await?;
+    let chosen = Chosen {
+        source: plan.source_node.clone(),
+        target: target_node,
+        why,
+    };
+    start(&vmm, ctx, status, &budget, decision.as_ref(), chosen).await
+}
+
+/// Plans the request, with its memory group when the spec asks for it (`Together` plans the
+/// whole group onto one node). Fills in the group's members on the first plan.
+fn run_planner(
+    ctx: &Context,
+    planner: &crate::plan::Planner,
+    spec: &crate::api::migration::VirtualMachineMigrationSpec,
+    status: &mut VirtualMachineMigrationStatus,
+    vmi: &VirtualMachineInstance,
+    request: crate::plan::VmRequest,
+) -> Result<crate::plan::Plan, crate::plan::PlanError> {
+    let opts = decide::plan_options(spec, status);
+    let group_mode = spec.group.unwrap_or_default();
+    let group: Vec<Arc<VirtualMachineInstance>> = match group_mode {
+        GroupMode::None => Vec::new(),
+        GroupMode::Together | GroupMode::Follow => groups::members(ctx, vmi),
+    };
+    if status.members.is_empty() {
+        status.members = group
+            .iter()
+            .map(|m| MemberStatus {
+                name: m.name_any(),
+                phase: "Waiting".into(),
+                ..Default::default()
+            })
+            .collect();
+    }
+    if group_mode == GroupMode::Together && !group.is_empty() {
+        let mut requests = vec![request];
+        requests.extend(
+            group
+                .iter()
+                .filter_map(|m| crate::view::convert::vm_request(m)),
+        );
+        planner.plan_group(&requests, &opts)
+    } else {
+        planner.plan(&request, &opts)
+    }
+}
+
+/// The chosen target in words: the node, its work group and the bytes already there.
+fn why_chosen(plan: &crate::plan::Plan) -> String {
+    use crate::plan::hardware::human_bytes;
+    plan.target()
+        .map(|c| {
+            format!(
+                "target {} in work group {}: {} of {} already there, {} to move",
+                c.node,
+                c.work_group,
+                human_bytes(plan.bytes.common),
+                human_bytes(plan.bytes.total),
+                human_bytes(plan.bytes.to_move)
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// Where the planner sends the VM, and why, in words.
+struct Chosen {
+    source: String,
+    target: String,
+    why: String,
+}
+
+/// Brings the extra paths up, waits for KubeVirt's parallel limits, then creates the KubeVirt
+/// migration (and, for `group: Together`, the members').
+async fn start(
+    vmm: &VirtualMachineMigration,
+    ctx: &Context,
+    mut status: VirtualMachineMigrationStatus,
+    budget: &MigrationBudget,
+    decision: Option<&PathDecision>,
+    chosen: Chosen,
+) -> Result<Action> {
+    let Chosen {
+        source,
+        target,
+        why,
+    } = chosen;
+    let name = vmim_name(vmm);
+    if let Some(d) = decision {
+        let ready = paths::activate(ctx, vmm, &mut status, d, &source, &target).await?;
         if !ready {
             let waited = status
                 .paths
@@ -538,22 +526,19 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
                 .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
                 .max()
                 .unwrap_or(0);
-            let limit = budget
-                .path_setup_budget
-                .map_or(60, |d| d.as_secs() as i64 * 2 + 10);
-            if waited <= limit {
+            if decide::keep_waiting_for_paths(waited, budget) {
                 status.phase = MigrationPhase::PreparingPaths;
                 status.reason = Some(format!(
                     "waiting for paths {} to be ready",
                     d.added.join(", ")
                 ));
-                write_status(ctx, &vmm, &status).await?;
+                write_status(ctx, vmm, &status).await?;
                 return Ok(Action::requeue(Duration::from_secs(2)));
             }
             status.notes.push(format!(
                 "paths not ready after {waited}s; migrating without them"
             ));
-            paths::cleanup(ctx, &vmm, &mut status).await?;
+            paths::cleanup(ctx, vmm, &mut status).await?;
         }
     }
     let mut admitted = ctx.admission.lock().await;
@@ -567,24 +552,23 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
             .iter()
             .any(|m| m.metadata.name.as_deref() == Some(n.as_str()))
     });
-    let waiting = must_wait(limits, running, &per_node, &admitted, &plan.source_node);
+    let waiting = must_wait(limits, running, &per_node, &admitted, &source);
     if let Some(reason) = waiting {
         drop(admitted);
         status.phase = MigrationPhase::Pending;
         status.reason = Some(reason);
-        write_status(ctx, &vmm, &status).await?;
+        write_status(ctx, vmm, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    if create_kubevirt_migration(ctx, &vmm, &name, &vmm.spec.vmi_name, &target_node).await? {
-        admitted.push((name.clone(), plan.source_node.clone()));
+    if create_kubevirt_migration(ctx, vmm, &name, &vmm.spec.vmi_name, &target).await? {
+        admitted.push((name.clone(), source.clone()));
     }
     drop(admitted);
-    if group_mode == GroupMode::Together {
+    if vmm.spec.group == Some(GroupMode::Together) {
         // The whole group goes to the same node now (KubeVirt's limits apply per VMI; the
         // group is one decision).
         for m in &mut status.members {
-            m.kubevirt_migration =
-                Some(groups::start_member(ctx, &vmm, &m.name, &target_node).await?);
+            m.kubevirt_migration = Some(groups::start_member(ctx, vmm, &m.name, &target).await?);
             m.start_time.get_or_insert_with(now_rfc3339);
             m.reason = "moves together with the requested VM".into();
         }
@@ -597,10 +581,10 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
         ctx.metrics.planned_bytes_to_move.inc_by(e.to_move_bytes);
         ctx.metrics.planned_bytes_saved.inc_by(e.common_bytes);
     }
-    write_status(ctx, &vmm, &status).await?;
+    write_status(ctx, vmm, &status).await?;
     event(
         ctx,
-        &vmm,
+        vmm,
         false,
         "MigrationCreated",
         format!("created KubeVirt migration {name}; {why}"),
@@ -693,17 +677,10 @@ async fn follow(
         status.target_node = Some(t.clone());
     }
     // Together: the request ends when every member's migration has ended.
-    let mut phase = vmim.phase().map(str::to_string);
-    if vmm.spec.group == Some(GroupMode::Together) && !status.members.is_empty() {
-        let (all_ok, any_failed) = groups::refresh_members(ctx, &ns, &mut status.members);
-        if phase.as_deref() == Some("Succeeded") && any_failed {
-            phase = Some("Failed".into());
-        } else if phase.as_deref() == Some("Succeeded") && !all_ok {
-            phase = Some("Running".into());
-        }
-    }
-    match phase.as_deref() {
-        Some("Succeeded") => {
+    let members = (vmm.spec.group == Some(GroupMode::Together) && !status.members.is_empty())
+        .then(|| groups::refresh_members(ctx, &ns, &mut status.members));
+    match decide::progress(vmim.phase(), members) {
+        Progress::Succeeded => {
             paths::cleanup(ctx, vmm, &mut status).await?;
             status.phase = MigrationPhase::Succeeded;
             status.reason = None;
@@ -754,7 +731,7 @@ async fn follow(
             .await;
             Ok(Action::await_change())
         }
-        Some("Failed") => {
+        Progress::Failed => {
             status.failure_reason = state.failure_reason.clone().or_else(|| {
                 vmim.is_final()
                     .then(|| "a group member's migration failed".to_string())
@@ -766,7 +743,7 @@ async fn follow(
             );
             fail(ctx, vmm, status, "KubevirtMigrationFailed", msg).await
         }
-        phase => {
+        Progress::Running(phase) => {
             status.phase = MigrationPhase::Migrating;
             status.reason = phase.map(|p| format!("KubeVirt phase {p}"));
             write_status(ctx, vmm, &status).await?;
@@ -775,7 +752,7 @@ async fn follow(
     }
 }
 
-/// Follow (seed 001): after the requested VM moved, members that touch the shared memory
+/// Follow: after the requested VM moved, members that touch the shared memory
 /// follow it to the same node; the shared transfer completes when the members left on the
 /// source fall to the threshold.
 async fn follow_group(

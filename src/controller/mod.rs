@@ -2,6 +2,7 @@
 //! migrations. Leader-elected; only the leader reconciles and writes status.
 
 pub mod context;
+pub mod decide;
 pub mod error;
 pub mod groups;
 pub mod guard;

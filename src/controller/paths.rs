@@ -1,4 +1,4 @@
-//! Extra migration paths in the cluster (seed 004): choose them with the planning core's loop,
+//! Extra migration paths in the cluster: choose them with the planning core's loop,
 //! activate them (claim the MigrationNetwork, apply nmstate policies where needed, raise the
 //! migration's bandwidth with a per-migration KubeVirt MigrationPolicy that selects only this
 //! VMI), and remove every trace afterwards, whatever the outcome. Every object is named after

@@ -1,4 +1,4 @@
-//! Reconciling a `RebalancePolicy`: every interval, one round of seed-003 balancing over the
+//! Reconciling a `RebalancePolicy`: every interval, one round of pairwise load balancing over the
 //! loads the agents publish, acting through `VirtualMachineMigration` objects owned by the
 //! policy. Cooldowns and in-flight counts are derived from those objects, so a restarted
 //! controller knows them without any memory of its own.
@@ -30,7 +30,8 @@ use crate::plan::VmKey;
 pub const WEIGHTS_ANNOTATION: &str = "commonground.dev/load-weights";
 /// VMI annotation: never move this VM for rebalancing.
 pub const DO_NOT_MOVE_ANNOTATION: &str = "commonground.dev/do-not-move";
-/// VMI annotation: the VM's target load (seed 003, fig. 7).
+/// VMI annotation: an administrator-set load for the VM; when movable VMs carry it, the VM
+/// whose value is nearest half the load difference of the pair is the one moved.
 pub const TARGET_LOAD_ANNOTATION: &str = "commonground.dev/target-load";
 /// Label on the VirtualMachineMigrations a policy creates.
 pub const POLICY_LABEL: &str = "commonground.dev/rebalance-policy";

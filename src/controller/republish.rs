@@ -1,4 +1,4 @@
-//! Seed 000, claim 3: once a VM has moved, the destination's digest is updated and
+//! Once a VM has moved, the destination's digest is updated and
 //! republished at once (and the source's), so the next plan sees the VM where it now is,
 //! without waiting for the agents' next scan.
 

@@ -78,7 +78,7 @@ pub struct TransferModel {
     /// Bytes per second of the default migration network.
     pub bandwidth: f64,
     pub downtime_limit_ms: f64,
-    /// CPU cores a target needs per Gbit/s of extra migration stream (seed 004).
+    /// CPU cores a target needs per Gbit/s of extra migration stream.
     pub cores_per_gbps: f64,
 }
 
