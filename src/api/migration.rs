@@ -119,25 +119,26 @@ pub enum GroupMode {
     None,
 }
 
-/// Phase of a VirtualMachineMigration.
+/// Phase of a VirtualMachineMigration: `Pending` (not started: waiting for a candidate or for
+/// KubeVirt's parallel limits), `Planned` (a dry run's end), `PreparingPaths`, `Migrating`,
+/// then `Succeeded` or `Failed`. Deleting a request that has not ended aborts its KubeVirt
+/// migration.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]
 pub enum MigrationPhase {
     #[default]
     Pending,
-    Planning,
     Planned,
     PreparingPaths,
     Migrating,
     Succeeded,
     Failed,
-    Cancelled,
 }
 
 impl MigrationPhase {
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+        matches!(self, Self::Succeeded | Self::Failed)
     }
 }
 
