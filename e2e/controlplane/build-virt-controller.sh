@@ -27,11 +27,25 @@
 #       or the checksum database does not serve), e.g.
 #       "github.com/rhobs/operator-observability-toolkit@v0.0.29". Default: none.
 #       Substituted builds are cached apart (<version>+subst-<hash>).
+#
+# Running it against the harness API server (seen with v1.7.0 and kube-apiserver v1.37.2):
+#   kubectl apply --server-side -f crds.yaml      (17 CRDs, kubevirts.kubevirt.io included)
+#   kubectl create ns kubevirt                     (namespace; read from the SA file, else "kubevirt")
+#   a KubeVirt CR in that namespace, and its status.phase set (e.g. Deployed, via the status
+#     subresource): virt-controller ignores a KubeVirt CR whose status.phase is empty and
+#     runs on built-in defaults until then (healthz shows "config-resource-version": "")
+#   the VMI namespace's "default" ServiceAccount (kube-controller-manager makes it; without
+#     it the launcher pod is forbidden)
+#   virt-controller --kubeconfig K --listen 127.0.0.1 --port P --launcher-image IMG \
+#     --prom-cert-file CRT --prom-key-file KEY  (it serves /healthz and /leader over HTTPS with
+#     that pair; without it TLS handshakes fail). It takes the kubevirt/virt-controller lease.
+#     /etc/virt-controller/exportca is hard-coded (export controller only); its absence is
+#     logged at level "fatal" but does not stop the process.
 set -euo pipefail
 
 VERSIONS=(${COMMONGROUND_KUBEVIRT_VERSIONS:-v1.9.2 v1.9.1 v1.9.0 v1.8.2 v1.8.1 v1.8.0 v1.7.2 v1.7.1 v1.7.0 v1.6.0})
 # Bump when the recipe below changes in a way that must invalidate old builds.
-RECIPE=1
+RECIPE=2
 SUBSTITUTES=${COMMONGROUND_KUBEVIRT_SUBSTITUTES:-}
 SUBST_TAG=
 if [[ -n "$SUBSTITUTES" ]]; then
@@ -48,7 +62,7 @@ for arg in "$@"; do
     --print-bin-dir) PRINT=bin ;;
     --print-dir) PRINT=dir ;;
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "build-virt-controller.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -110,11 +124,14 @@ import (
 	"fmt"
 	"os"
 
+	extv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	virtv1 "kubevirt.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
+	"kubevirt.io/kubevirt/pkg/virt-operator/resource/generate/components"
 	"kubevirt.io/kubevirt/pkg/virt-operator/resource/generate/install"
 	operatorutil "kubevirt.io/kubevirt/pkg/virt-operator/util"
 )
@@ -129,7 +146,15 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	for _, crd := range strategy.CRDs() {
+	// The install strategy holds every CRD the operator creates except its own
+	// (kubevirts.kubevirt.io), which is created with the operator; add it first.
+	kvCrd, err := components.NewKubeVirtCrd()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	crds := append([]*extv1.CustomResourceDefinition{kvCrd}, strategy.CRDs()...)
+	for _, crd := range crds {
 		crd.TypeMeta = metav1.TypeMeta{APIVersion: "apiextensions.k8s.io/v1", Kind: "CustomResourceDefinition"}
 		b, err := json.Marshal(crd)
 		if err != nil {
@@ -237,7 +262,10 @@ EOF
   log "KubeVirt $version: generating CRDs ..."
   t1=$SECONDS
   (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$src/crdgen.bin" ./crdgen)
-  "$src/crdgen.bin" >"$dir/crds.yaml.tmp"
+  # (KubeVirt's operator logs warnings about monitoring namespaces here; keep them out of the way.)
+  if ! "$src/crdgen.bin" >"$dir/crds.yaml.tmp" 2>"$src/crdgen.log"; then
+    log "KubeVirt $version: ERROR: CRD generation failed:"; cat "$src/crdgen.log" >&2; return 1
+  fi
   mv "$dir/crds.yaml.tmp" "$dir/crds.yaml"
   local took_crd=$((SECONDS - t1))
   log "KubeVirt $version: $(grep -c '^kind: CustomResourceDefinition' "$dir/crds.yaml") CRDs in $dir/crds.yaml (${took_crd}s)"
@@ -278,7 +306,7 @@ for v in "${VERSIONS[@]}"; do
     exit 0
   fi
   log "KubeVirt $v: failed; trying the next version"
-  rm -rf "$(vdir "$v")/bin.tmp"
+  rm -rf "$(vdir "$v")"   # nothing half-built stays in the cache
 done
 log "ERROR: no KubeVirt version built (tried ${VERSIONS[*]})"
 exit 1
