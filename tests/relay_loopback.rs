@@ -89,6 +89,11 @@ fn guest(regions: u64, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
     (w.bytes, contents)
 }
 
+/// A target relay on loopback whose store is this process's memory.
+fn local_target(dir: &std::path::Path, c: &common::Certs, extra: &[&str]) -> common::Relay {
+    target_relay(dir, None, "127.0.0.1", c, &[std::process::id()], extra)
+}
+
 /// The target QEMU of consecutive migrations: accepts connections one after the other and
 /// passes on what each delivered.
 fn fake_target(connections: usize) -> (String, mpsc::Receiver<Vec<u8>>) {
@@ -133,14 +138,7 @@ fn held_regions_cross_as_references_and_the_target_receives_the_exact_stream() {
     let (stream, contents) = guest(64, 1);
     let held: Vec<_> = contents.iter().step_by(2).cloned().collect();
     let _memory = Memory::new(&held);
-    let target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = local_target(dir.path(), &c, &[]);
     let (deliver, delivered) = fake_target(1);
     let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
 
@@ -175,14 +173,7 @@ fn memory_changed_since_the_index_is_resent_and_delivery_stays_exact() {
     let (stream, contents) = guest(16, 1000);
     let mut memory = Memory::new(&contents);
     // The index lives for the whole test: the second migration uses the first one's.
-    let target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &["--store-max-age", "3600"],
-    );
+    let target = local_target(dir.path(), &c, &["--store-max-age", "3600"]);
     let (deliver, delivered) = fake_target(2);
     let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
     finish(send(source.addr, &stream));
@@ -216,14 +207,7 @@ fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
     let c = certs(dir.path(), "ca");
     let (main, contents) = guest(8, 50_000);
     let _memory = Memory::new(&contents);
-    let target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = local_target(dir.path(), &c, &[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let deliver = listener.local_addr().unwrap().to_string();
     let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
@@ -266,14 +250,7 @@ fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
 fn a_stream_that_is_not_qemus_passes_through_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path(), "ca");
-    let target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = local_target(dir.path(), &c, &[]);
     let (deliver, delivered) = fake_target(1);
     let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
     let junk: Vec<u8> = (0..3_000_000u32)
@@ -297,14 +274,7 @@ fn a_certificate_from_another_ca_is_refused_and_the_source_connection_closed() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path(), "ca");
     let other = certs(dir.path(), "other");
-    let target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = local_target(dir.path(), &c, &[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let deliver = listener.local_addr().unwrap().to_string();
@@ -329,14 +299,7 @@ fn a_certificate_from_another_ca_is_refused_and_the_source_connection_closed() {
 fn a_target_relay_that_dies_mid_stream_closes_the_source_connection() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path(), "ca");
-    let mut target = target_relay(
-        dir.path(),
-        None,
-        "127.0.0.1",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let mut target = local_target(dir.path(), &c, &[]);
     let (deliver, delivered) = fake_target(1);
     let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
     let (stream, _) = guest(64, 9);

@@ -195,9 +195,10 @@ pub struct SourceArgs {
     /// The name the target relay's certificate must carry.
     #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
     pub tls_server_name: String,
-    /// MiB of referenced pages kept for resends before reading from QEMU pauses.
-    #[arg(long, default_value_t = 64)]
-    pub window_mib: usize,
+    /// MiB of referenced pages kept for resends before reading from QEMU pauses (1 to 16384;
+    /// never less than two regions).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    pub window_mib: u64,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -317,8 +318,8 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
                 deliver_to,
                 server_name: tls::server_name(&a.tls_server_name)?,
                 connector: tokio_rustls::TlsConnector::from(tls::client_config(&a.common.tls)?),
+                window_kib: source::window_kib(a.window_mib, started.namer.region_bytes()),
                 namer: started.namer,
-                window_bytes: a.window_mib.max(1) << 20,
                 stats_json: a.common.stats_json.clone(),
                 metrics: started.metrics,
             });

@@ -37,8 +37,8 @@ pub struct SourceConfig {
     pub server_name: rustls::pki_types::ServerName<'static>,
     pub connector: TlsConnector,
     pub namer: Arc<RegionNamer>,
-    /// Bytes of referenced pages kept for resends before reading from QEMU pauses.
-    pub window_bytes: usize,
+    /// KiB of referenced pages kept for resends before reading from QEMU pauses.
+    pub window_kib: u32,
     pub stats_json: Option<std::path::PathBuf>,
     pub metrics: RelayMetrics,
 }
@@ -129,6 +129,20 @@ fn finish_session(session: &Session, config: &SourceConfig) {
     stats.record(config.stats_json.as_deref());
 }
 
+/// The window in KiB for `window_mib`: at least two regions, so one reference can never wait
+/// for more room than the window has (it would wait forever and stall the migration).
+pub fn window_kib(window_mib: u64, region_bytes: usize) -> u32 {
+    let floor = 2 * (region_bytes as u64).div_ceil(1024);
+    window_mib
+        .saturating_mul(1024)
+        .max(floor)
+        .min(u32::MAX as u64) as u32
+}
+
+/// Most identities a target's filter may name (2 TiB of distinct 64 KiB regions, 256 MiB of
+/// set); the rest are ignored, so those regions go as bytes.
+const MAX_FILTER_IDS: usize = 1 << 25;
+
 /// Pages of references not yet acknowledged, by sequence number.
 type Retained = Arc<Mutex<BTreeMap<u64, (Vec<u8>, OwnedSemaphorePermit)>>>;
 
@@ -191,7 +205,11 @@ async fn relay_inner(
         loop {
             match frames.next().await? {
                 Some(Frame::Filter { ids: chunk, last }) => {
-                    ids.extend(chunk);
+                    let room = MAX_FILTER_IDS.saturating_sub(ids.len());
+                    if chunk.len() > room {
+                        tracing::warn!(limit = MAX_FILTER_IDS, "target relay names more regions than the filter keeps; the rest go as bytes");
+                    }
+                    ids.extend(chunk.into_iter().take(room));
                     if last {
                         break;
                     }
@@ -229,7 +247,7 @@ async fn relay_inner(
     let (qemu_r, qemu_w) = tokio::io::split(qemu);
     let (tx, rx) = mpsc::channel::<super::Outgoing>(64);
     let writer = tokio::spawn(write_frames(rx, tls_w));
-    let window = Arc::new(Semaphore::new(config.window_bytes >> 10));
+    let window = Arc::new(Semaphore::new(config.window_kib as usize));
     let retained: Retained = Arc::default();
     let mut back = tokio::spawn(read_target(
         frames,
@@ -417,5 +435,19 @@ pub fn frame_name(f: Option<&Frame>) -> &'static str {
         Some(Frame::Resend { .. }) => "a resend request",
         Some(Frame::Reverse(_)) => "return-path data",
         Some(Frame::Refused(_)) => "a refusal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_always_holds_a_whole_reference() {
+        let region = 16 * 4096;
+        assert_eq!(window_kib(64, region), 64 * 1024);
+        // A 1 MiB window with 2 MiB regions (512 pages) is raised to two regions.
+        assert_eq!(window_kib(1, 512 * 4096), 4096);
+        assert_eq!(window_kib(u64::MAX, region), u32::MAX);
     }
 }

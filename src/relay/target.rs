@@ -197,7 +197,9 @@ async fn connect_in_order(
         }
     }
     let conn = to.connect().await;
-    session.connected.fetch_max(index + 1, Ordering::SeqCst);
+    session
+        .connected
+        .fetch_max(index.saturating_add(1), Ordering::SeqCst);
     session.turn.notify_waiters();
     conn
 }
