@@ -219,7 +219,7 @@ impl NodeScanner {
             replication_threshold: REPLICATION_THRESHOLD,
             groups,
             scan_mode: self.mode.as_str().to_string(),
-            scan_time: chrono::Utc::now(),
+            scan_time: crate::api::time::Timestamp::now(),
         }
     }
 }

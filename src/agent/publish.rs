@@ -42,7 +42,7 @@ pub struct DigestInputs {
     pub replication_threshold: u32,
     pub groups: Vec<MemoryGroup>,
     pub scan_mode: String,
-    pub scan_time: chrono::DateTime<chrono::Utc>,
+    pub scan_time: crate::api::time::Timestamp,
 }
 
 fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
@@ -88,9 +88,7 @@ fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
                 .collect(),
         })
         .collect();
-    status.scan_time = inputs
-        .scan_time
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    status.scan_time = crate::api::time::format_rfc3339(inputs.scan_time);
     status.scan_mode = inputs.scan_mode.clone();
     status
 }
@@ -319,13 +317,7 @@ pub async fn apply(
             what: format!("apply NodeRegionDigest {node}"),
             source: Box::new(e),
         })?;
-    let with_status = serde_json::json!({
-        "apiVersion": "commonground.dev/v1alpha1",
-        "kind": "NodeRegionDigest",
-        "metadata": { "name": node },
-        "status": status,
-    });
-    api.patch_status(node, &params, &Patch::Apply(&with_status))
+    crate::api::write::apply_status(api, FIELD_MANAGER, node, status)
         .await
         .map_err(|e| AgentError::Kube {
             what: format!("apply NodeRegionDigest {node} status"),
@@ -375,7 +367,7 @@ mod tests {
             replication_threshold: 2,
             groups: Vec::new(),
             scan_mode: "Sampled".into(),
-            scan_time: chrono::Utc::now(),
+            scan_time: crate::api::time::Timestamp::now(),
         }
     }
 

@@ -11,6 +11,8 @@ pub mod kubevirt;
 pub mod migration;
 pub mod network;
 pub mod rebalance;
+pub mod time;
+pub mod write;
 
 pub use digest::NodeRegionDigest;
 pub use migration::VirtualMachineMigration;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -30,6 +30,7 @@ use crate::api::kubevirt::{
 use crate::api::migration::{
     GroupMode, MemberStatus, MigrationPhase, VirtualMachineMigrationStatus,
 };
+use crate::api::{time, write};
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::paths::PathDecision;
 use crate::plan::VmKey;
@@ -46,10 +47,6 @@ pub fn vmim_name(vmm: &VirtualMachineMigration) -> String {
     let uid = vmm.metadata.uid.as_deref().unwrap_or("0");
     let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
     labels::bounded_name(&format!("cg-{}-{short}", vmm.name_any()))
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action> {
@@ -79,7 +76,7 @@ impl Marked for VirtualMachineMigration {
         set_condition(
             &mut status.conditions,
             condition("ReconcileError", true, reason, message),
-            &now_rfc3339(),
+            &time::now_rfc3339(),
         );
         write_status(ctx, vmm, &status).await
     }
@@ -106,17 +103,7 @@ async fn write_status(
     }
     let api: Api<VirtualMachineMigration> =
         Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "commonground.dev/v1alpha1",
-        "kind": "VirtualMachineMigration",
-        "status": status,
-    });
-    api.patch_status(
-        &vmm.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    write::apply_status(&api, FIELD_MANAGER, &vmm.name_any(), status).await?;
     Ok(())
 }
 
@@ -166,11 +153,11 @@ async fn fail(
     }
     status.phase = MigrationPhase::Failed;
     status.reason = Some(message.clone());
-    status.end_time.get_or_insert_with(now_rfc3339);
+    status.end_time.get_or_insert_with(time::now_rfc3339);
     set_condition(
         &mut status.conditions,
         condition("Failed", true, reason, &message),
-        &now_rfc3339(),
+        &time::now_rfc3339(),
     );
     write_status(ctx, vmm, &status).await?;
     ctx.metrics.migrations.with_label_values(&["failed"]).inc();
@@ -381,7 +368,7 @@ async fn plan_and_start(
         set_condition(
             &mut status.conditions,
             condition("TimeBudget", ok, reason, message),
-            &now_rfc3339(),
+            &time::now_rfc3339(),
         );
     }
     let mut estimate = status::estimate_status(
@@ -405,7 +392,7 @@ async fn plan_and_start(
                 "NoCandidate",
                 status.reason.clone().unwrap_or_default(),
             ),
-            &now_rfc3339(),
+            &time::now_rfc3339(),
         );
         write_status(ctx, &vmm, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
@@ -416,7 +403,7 @@ async fn plan_and_start(
     set_condition(
         &mut status.conditions,
         condition("Planned", true, "TargetChosen", &why),
-        &now_rfc3339(),
+        &time::now_rfc3339(),
     );
 
     // 3. Dry run stops here.
@@ -522,8 +509,8 @@ async fn start(
                 .paths
                 .iter()
                 .filter_map(|p| p.added_time.as_deref())
-                .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
+                .filter_map(time::parse_rfc3339)
+                .map(|t| time::elapsed(t, time::Timestamp::now()).as_secs() as i64)
                 .max()
                 .unwrap_or(0);
             if decide::keep_waiting_for_paths(waited, budget) {
@@ -569,14 +556,14 @@ async fn start(
         // group is one decision).
         for m in &mut status.members {
             m.kubevirt_migration = Some(groups::start_member(ctx, vmm, &m.name, &target).await?);
-            m.start_time.get_or_insert_with(now_rfc3339);
+            m.start_time.get_or_insert_with(time::now_rfc3339);
             m.reason = "moves together with the requested VM".into();
         }
     }
     status.phase = MigrationPhase::Migrating;
     status.reason = None;
     status.kubevirt_migration = Some(name.clone());
-    status.start_time.get_or_insert_with(now_rfc3339);
+    status.start_time.get_or_insert_with(time::now_rfc3339);
     if let Some(e) = &status.estimate {
         ctx.metrics.planned_bytes_to_move.inc_by(e.to_move_bytes);
         ctx.metrics.planned_bytes_saved.inc_by(e.common_bytes);
@@ -621,11 +608,7 @@ pub async fn create_kubevirt_migration(
     vmim.metadata.labels = Some(owner_labels);
     vmim.metadata.annotations = Some(owner_annotations);
     let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    match api.create(&PostParams::default(), &vmim).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(write::create_or_exists(&api, &vmim).await?)
 }
 
 /// Why a new KubeVirt migration leaving `source` must wait for KubeVirt's parallel limits, if
@@ -684,7 +667,10 @@ async fn follow(
             paths::cleanup(ctx, vmm, &mut status).await?;
             status.phase = MigrationPhase::Succeeded;
             status.reason = None;
-            status.end_time = state.end_timestamp.clone().or_else(|| Some(now_rfc3339()));
+            status.end_time = state
+                .end_timestamp
+                .clone()
+                .or_else(|| Some(time::now_rfc3339()));
             let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
             let (source, target) = (
                 status.source_node.clone().unwrap_or_default(),
@@ -704,16 +690,13 @@ async fn follow(
                     "MigrationSucceeded",
                     format!("{vm} now runs on {target}"),
                 ),
-                &now_rfc3339(),
+                &time::now_rfc3339(),
             );
             if let (Some(s), Some(e)) = (&status.start_time, &status.end_time) {
-                if let (Ok(s), Ok(e)) = (
-                    chrono::DateTime::parse_from_rfc3339(s),
-                    chrono::DateTime::parse_from_rfc3339(e),
-                ) {
+                if let (Some(s), Some(e)) = (time::parse_rfc3339(s), time::parse_rfc3339(e)) {
                     ctx.metrics
                         .migration_seconds
-                        .observe((e - s).num_milliseconds().max(0) as f64 / 1000.0);
+                        .observe(time::elapsed(s, e).as_secs_f64());
                 }
             }
             write_status(ctx, vmm, &status).await?;
@@ -775,7 +758,7 @@ async fn follow_group(
         let vmim = groups::start_member(ctx, vmm, &name, &target).await?;
         if let Some(m) = status.members.iter_mut().find(|m| m.name == name) {
             m.kubevirt_migration = Some(vmim);
-            m.start_time = Some(now_rfc3339());
+            m.start_time = Some(time::now_rfc3339());
             m.reason = format!("touched the shared memory on {source} after the first VM moved");
         }
         event(
@@ -812,7 +795,7 @@ async fn follow_group(
             },
             format!("{still_on_source} group member(s) still on {source}"),
         ),
-        &now_rfc3339(),
+        &time::now_rfc3339(),
     );
     write_status(ctx, vmm, &status).await?;
     Ok(if complete {

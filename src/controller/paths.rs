@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::error::Result;
@@ -19,6 +20,7 @@ use crate::api::kubevirt::{
 };
 use crate::api::migration::{PathUseStatus, VirtualMachineMigrationStatus};
 use crate::api::network::Activation;
+use crate::api::{time, write};
 use crate::api::{MigrationNetwork, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::estimate::EstimateInput;
 use crate::plan::paths::{choose_paths, PathBudget, PathDecision, PathOption};
@@ -35,10 +37,6 @@ pub fn path_owner_id(vmm: &VirtualMachineMigration) -> String {
 
 fn who(vmm: &VirtualMachineMigration) -> String {
     format!("{}/{}", vmm.namespace().unwrap_or_default(), vmm.name_any())
-}
-
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn on_node(network: &MigrationNetwork, node: Option<&NodeFacts>) -> bool {
@@ -129,100 +127,115 @@ pub async fn activate(
     if decision.added.is_empty() {
         return Ok(true);
     }
-    let owner = path_owner_id(vmm);
-    let me = who(vmm);
-    let ns = vmm.namespace().unwrap_or_default();
-    let networks: Api<MigrationNetwork> = Api::all(ctx.client.clone());
-    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
     let mut all_ready = true;
     for name in &decision.added {
-        let Some(network) = ctx
-            .view
-            .networks
-            .get(&kube::runtime::reflector::ObjectRef::new(name))
-        else {
+        let Some(network) = ctx.view.networks.get(&ObjectRef::new(name)) else {
             continue;
         };
-        if !status.paths.iter().any(|p| &p.network == name) {
-            status.paths.push(PathUseStatus {
-                network: name.clone(),
-                bandwidth_bytes_per_second: quantity::bytes(&network.spec.bandwidth).unwrap_or(0)
-                    as f64,
-                added_time: Some(now()),
-                ready_time: None,
-                removed_time: None,
-            });
-        }
-        // Claim the path.
-        let claim = serde_json::json!({
-            "apiVersion": "commonground.dev/v1alpha1", "kind": "MigrationNetwork",
-            "status": {"inUseBy": me, "since": now()}
-        });
-        if network.status.as_ref().and_then(|s| s.in_use_by.as_deref()) != Some(me.as_str()) {
-            networks
-                .patch_status(
-                    name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&claim),
-                )
-                .await?;
-        }
+        record_path(status, &network);
+        claim(ctx, vmm, &network).await?;
         let ready = match network.spec.activation {
             Activation::Preattached => true,
             Activation::Nmstate => {
                 let mut ready = true;
                 for (side, node) in [("src", source), ("dst", target)] {
-                    let nncp_name = labels::bounded_name(&format!("{owner}-{name}-{side}"));
-                    let existing = nncps.get_opt(&nncp_name).await?;
-                    match existing {
-                        None => {
-                            let mut p = NodeNetworkConfigurationPolicy::new(
-                                &nncp_name,
-                                NncpSpec {
-                                    node_selector: Some(
-                                        [(HOSTNAME_LABEL.to_string(), node.to_string())].into(),
-                                    ),
-                                    desired_state: serde_json::json!({"interfaces": [{
-                                        "name": network.spec.bond.clone().unwrap_or_else(|| "migration0".into()),
-                                        "type": "bond",
-                                        "state": "up",
-                                        "link-aggregation": {"mode": "balance-rr", "port": [network.spec.interface.clone().unwrap_or_default()]}
-                                    }]}),
-                                },
-                            );
-                            let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
-                            (p.metadata.labels, p.metadata.annotations) = (Some(l), Some(a));
-                            match nncps.create(&PostParams::default(), &p).await {
-                                Ok(_) => {}
-                                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                                Err(e) => return Err(e.into()),
-                            }
-                            ready = false;
-                        }
-                        Some(p) => {
-                            let available = p.status.as_ref().is_some_and(|s| {
-                                s.conditions
-                                    .iter()
-                                    .any(|c| c.r#type == "Available" && c.status == "True")
-                            });
-                            ready &= available;
-                        }
-                    }
+                    ready &= nmstate_ready(ctx, vmm, &network, side, node).await?;
                 }
                 ready
             }
         };
         if ready {
             if let Some(p) = status.paths.iter_mut().find(|p| &p.network == name) {
-                p.ready_time.get_or_insert_with(now);
+                p.ready_time.get_or_insert_with(time::now_rfc3339);
             }
         }
         all_ready &= ready;
     }
-    if !all_ready {
-        return Ok(false);
+    if all_ready {
+        raise_bandwidth(ctx, vmm, decision.bandwidth).await?;
     }
-    // Make the bandwidth real for KubeVirt: a MigrationPolicy for this VMI only.
+    Ok(all_ready)
+}
+
+/// Records in the request's status that this path is being added (once).
+fn record_path(status: &mut VirtualMachineMigrationStatus, network: &MigrationNetwork) {
+    let name = network.name_any();
+    if !status.paths.iter().any(|p| p.network == name) {
+        status.paths.push(PathUseStatus {
+            network: name,
+            bandwidth_bytes_per_second: quantity::bytes(&network.spec.bandwidth).unwrap_or(0)
+                as f64,
+            added_time: Some(time::now_rfc3339()),
+            ready_time: None,
+            removed_time: None,
+        });
+    }
+}
+
+/// Claims the path for this request in the MigrationNetwork's status (when not ours yet).
+async fn claim(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    network: &MigrationNetwork,
+) -> Result<()> {
+    let me = who(vmm);
+    if network.status.as_ref().and_then(|s| s.in_use_by.as_deref()) == Some(me.as_str()) {
+        return Ok(());
+    }
+    let networks: Api<MigrationNetwork> = Api::all(ctx.client.clone());
+    let claim = serde_json::json!({"inUseBy": me, "since": time::now_rfc3339()});
+    write::apply_status(&networks, FIELD_MANAGER, &network.name_any(), &claim).await?;
+    Ok(())
+}
+
+/// The nmstate policy that adds the path's interface to the migration bond on one node:
+/// made when missing (not ready yet), ready once nmstate reports it `Available`.
+async fn nmstate_ready(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    network: &MigrationNetwork,
+    side: &str,
+    node: &str,
+) -> Result<bool> {
+    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
+    let owner = path_owner_id(vmm);
+    let nncp_name = labels::bounded_name(&format!("{owner}-{}-{side}", network.name_any()));
+    if let Some(p) = nncps.get_opt(&nncp_name).await? {
+        return Ok(p.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == "Available" && c.status == "True")
+        }));
+    }
+    let mut p = NodeNetworkConfigurationPolicy::new(
+        &nncp_name,
+        NncpSpec {
+            node_selector: Some([(HOSTNAME_LABEL.to_string(), node.to_string())].into()),
+            desired_state: serde_json::json!({"interfaces": [{
+                "name": network.spec.bond.clone().unwrap_or_else(|| "migration0".into()),
+                "type": "bond",
+                "state": "up",
+                "link-aggregation": {
+                    "mode": "balance-rr",
+                    "port": [network.spec.interface.clone().unwrap_or_default()]
+                }
+            }]}),
+        },
+    );
+    let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
+    (p.metadata.labels, p.metadata.annotations) = (Some(l), Some(a));
+    write::create_or_exists(&nncps, &p).await?;
+    Ok(false)
+}
+
+/// Makes the bandwidth real for KubeVirt: a MigrationPolicy that selects only this VMI (by
+/// the request's label, set on the VMI here) and raises its `bandwidthPerMigration`.
+async fn raise_bandwidth(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    bandwidth: f64,
+) -> Result<()> {
+    let owner = path_owner_id(vmm);
     let policies: Api<MigrationPolicy> = Api::all(ctx.client.clone());
     if policies.get_opt(&owner).await?.is_none() {
         let mut policy = MigrationPolicy::new(
@@ -236,20 +249,17 @@ pub async fn activate(
                 },
                 bandwidth_per_migration: Some(format!(
                     "{}Mi",
-                    (decision.bandwidth / (1u64 << 20) as f64).floor() as u64
+                    (bandwidth / (1u64 << 20) as f64).floor() as u64
                 )),
                 ..Default::default()
             },
         );
         let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
         (policy.metadata.labels, policy.metadata.annotations) = (Some(l), Some(a));
-        match policies.create(&PostParams::default(), &policy).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
+        write::create_or_exists(&policies, &policy).await?;
     }
-    let vmis: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
+    let vmis: Api<VirtualMachineInstance> =
+        Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
     let label: BTreeMap<&str, &str> = [(PATH_OWNER_LABEL, owner.as_str())].into();
     vmis.patch(
         &vmm.spec.vmi_name,
@@ -257,7 +267,7 @@ pub async fn activate(
         &Patch::Merge(serde_json::json!({"metadata": {"labels": label}})),
     )
     .await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Removes every path object of this request and releases its claims. Idempotent.
@@ -275,14 +285,10 @@ pub async fn cleanup(
         ListParams::default().labels(&labels::owner_selector(PATH_OWNER_LABEL, &vmm.metadata));
     let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
     for p in nncps.list(&selector).await? {
-        let _ = nncps.delete(&p.name_any(), &DeleteParams::default()).await;
+        write::delete_ignore_missing(&nncps, &p.name_any(), &DeleteParams::default()).await?;
     }
     let policies: Api<MigrationPolicy> = Api::all(ctx.client.clone());
-    match policies.delete(&owner, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
+    write::delete_ignore_missing(&policies, &owner, &DeleteParams::default()).await?;
     let vmis: Api<VirtualMachineInstance> =
         Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
     match vmis
@@ -293,27 +299,23 @@ pub async fn cleanup(
         )
         .await
     {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
+        Err(e) if !write::is_status(&e, 404) => return Err(e.into()),
+        _ => {}
     }
     let networks: Api<MigrationNetwork> = Api::all(ctx.client.clone());
     for n in ctx.view.networks.state() {
         if n.status.as_ref().and_then(|s| s.in_use_by.as_deref()) == Some(me.as_str()) {
             // Applying an empty status with our manager drops the fields we own.
-            let release = serde_json::json!({
-                "apiVersion": "commonground.dev/v1alpha1", "kind": "MigrationNetwork", "status": {}
-            });
-            networks
-                .patch_status(
-                    &n.name_any(),
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&release),
-                )
-                .await?;
+            write::apply_status(
+                &networks,
+                FIELD_MANAGER,
+                &n.name_any(),
+                &serde_json::json!({}),
+            )
+            .await?;
         }
     }
-    let t = now();
+    let t = time::now_rfc3339();
     for p in &mut status.paths {
         p.removed_time.get_or_insert_with(|| t.clone());
     }

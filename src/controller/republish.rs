@@ -2,13 +2,12 @@
 //! republished at once (and the source's), so the next plan sees the VM where it now is,
 //! without waiting for the agents' next scan.
 
-use kube::api::{Patch, PatchParams};
 use kube::Api;
 
 use super::error::Result;
 use crate::api::digest::summary_into_status;
 use crate::api::digest::NodeRegionDigestStatus;
-use crate::api::NodeRegionDigest;
+use crate::api::{write, NodeRegionDigest};
 use crate::plan::replicated::apply_migration;
 use crate::plan::VmKey;
 use crate::view::ClusterView;
@@ -35,17 +34,7 @@ pub async fn republish_after_migration(
         return Ok(false);
     };
     for (node, status) in [(source, statuses.0), (destination, statuses.1)] {
-        let patch = serde_json::json!({
-            "apiVersion": "commonground.dev/v1alpha1",
-            "kind": "NodeRegionDigest",
-            "status": status,
-        });
-        api.patch_status(
-            node,
-            &PatchParams::apply(REPUBLISH_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        write::apply_status(api, REPUBLISH_MANAGER, node, &status).await?;
     }
     Ok(true)
 }
