@@ -5,7 +5,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 use tokio::sync::Mutex;
 
-use super::guard::Backoff;
+use super::backoff::Backoff;
 use super::metrics::ControllerMetrics;
 use super::status::TransferModel;
 use crate::view::ClusterView;

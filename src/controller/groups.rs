@@ -12,8 +12,8 @@ use std::sync::Arc;
 use kube::ResourceExt;
 
 use super::error::Result;
+use super::kubevirt::{create_kubevirt_migration, vmim_name};
 use super::labels;
-use super::migration::{create_kubevirt_migration, vmim_name};
 use super::Context;
 use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::migration::MemberStatus;

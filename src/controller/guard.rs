@@ -3,11 +3,9 @@
 //! (1 s doubling to 5 min); a panic is caught, logged with the object, marked on it and
 //! retried like any other failure, so one object cannot take the process down.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::FutureExt;
 use kube::runtime::controller::Action;
@@ -16,35 +14,7 @@ use kube::{Resource, ResourceExt};
 use super::error::{ControllerError, Result};
 use super::Context;
 
-/// First retry delay after a retriable failure.
-pub const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// Longest retry delay.
-pub const MAX_RETRY: Duration = Duration::from_secs(300);
-
-/// Consecutive failures per object, for capped exponential retry delays.
-#[derive(Default)]
-pub struct Backoff {
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Backoff {
-    /// Records one more failure of `key` and returns the delay before its next try.
-    pub fn next_delay(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        let doublings = (*n - 1).min(16);
-        (FIRST_RETRY * 2u32.pow(doublings)).min(MAX_RETRY)
-    }
-
-    /// Forgets the failures of `key` (it reconciled, or waits for a change).
-    pub fn reset(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-}
+pub use super::backoff::{Backoff, FIRST_RETRY, MAX_RETRY};
 
 /// `Kind/namespace/name` of an object, the key of its backoff and of its log lines.
 pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
@@ -155,24 +125,7 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_delays_double_from_one_second_to_five_minutes_per_object() {
-        let b = Backoff::default();
-        let delays: Vec<u64> = (0..12).map(|_| b.next_delay("a").as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        assert_eq!(b.next_delay("b"), FIRST_RETRY, "per object");
-        b.reset("a");
-        assert_eq!(b.next_delay("a"), FIRST_RETRY, "a success starts over");
-        for _ in 0..100 {
-            b.next_delay("c");
-        }
-        assert_eq!(
-            b.next_delay("c"),
-            MAX_RETRY,
-            "no overflow after many failures"
-        );
-    }
+    use std::sync::Mutex;
 
     #[tokio::test]
     async fn a_panic_becomes_an_error_with_its_message() {

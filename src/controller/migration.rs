@@ -16,7 +16,7 @@ use super::decide::{self, Facts, Progress, Step, VmiFacts};
 use super::error::{ControllerError, Result};
 use super::groups;
 use super::guard::Marked;
-use super::labels;
+use super::kubevirt::{create_kubevirt_migration, vmim_name};
 use super::paths;
 use super::republish::republish_after_migration;
 use super::status;
@@ -24,8 +24,7 @@ use super::validate::MigrationBudget;
 use super::Context;
 use crate::api::conditions::{set_condition, Condition};
 use crate::api::kubevirt::{
-    VirtualMachineInstance, VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL,
-    LIVE_MIGRATABLE,
+    VirtualMachineInstance, VirtualMachineInstanceMigration, LIVE_MIGRATABLE,
 };
 use crate::api::migration::{
     GroupMode, MemberStatus, MigrationPhase, VirtualMachineMigrationStatus,
@@ -33,21 +32,11 @@ use crate::api::migration::{
 use crate::api::{time, write};
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::paths::PathDecision;
-use crate::plan::VmKey;
+use crate::plan::{Plan, VmKey, VmRegionSummary};
 
 pub const FINALIZER: &str = "commonground.dev/migration-cleanup";
-/// Label on the KubeVirt migrations we create, naming the request.
-pub const OWNER_LABEL: &str = "commonground.dev/virtual-machine-migration";
 /// Candidates kept in status.
 const TOP_CANDIDATES: usize = 5;
-
-/// Deterministic name of the KubeVirt migration for a request: a re-created request (new
-/// UID) gets a new one, a restarted controller finds the old one.
-pub fn vmim_name(vmm: &VirtualMachineMigration) -> String {
-    let uid = vmm.metadata.uid.as_deref().unwrap_or("0");
-    let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
-    labels::bounded_name(&format!("cg-{}-{short}", vmm.name_any()))
-}
 
 pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
@@ -320,37 +309,9 @@ async fn plan_and_start(
     status.candidates = status::candidates(&plan, TOP_CANDIDATES);
     status.work_groups = status::work_groups(&plan, planner.snapshot().geometry.region_bytes());
     status.notes = plan.notes.clone();
-    let mut base = status::estimate_input(
-        &plan,
-        summary.as_ref().map_or(0.0, |s| s.dirty_rate),
-        summary.as_ref().map_or(0, |s| s.working_set_bytes),
-        ctx.transfer,
-    );
-    let (transport, transport_reason) = match plan.target_node.as_deref() {
-        Some(target) => status::transport(
-            (
-                &plan.source_node,
-                ctx.view.digest_status(&plan.source_node).as_ref(),
-            ),
-            (target, ctx.view.digest_status(target).as_ref()),
-        ),
-        None => (base.transport, "no target yet".to_string()),
-    };
-    base.transport = transport;
-    // Add network paths while the estimate exceeds the time budget.
-    let (decided, ignored_networks) = paths::decide(
-        ctx,
-        &vmm,
-        &budget,
-        &plan,
-        &base,
-        ctx.transfer.cores_per_gbps,
-    );
-    status.notes.extend(ignored_networks);
-    let decision = match decided {
-        None => None,
-        Some(Ok(d)) => Some(d),
-        Some(Err(e)) => {
+    let decision = match estimate(ctx, &vmm, &budget, &plan, summary.as_ref(), &mut status) {
+        Ok(d) => d,
+        Err(e) => {
             return fail(
                 ctx,
                 &vmm,
@@ -361,26 +322,6 @@ async fn plan_and_start(
             .await;
         }
     };
-    let mut with_paths = base;
-    if let Some(d) = &decision {
-        with_paths.bandwidth = d.bandwidth;
-        let (ok, reason, message) = decide::time_budget(d);
-        set_condition(
-            &mut status.conditions,
-            condition("TimeBudget", ok, reason, message),
-            &time::now_rfc3339(),
-        );
-    }
-    let mut estimate = status::estimate_status(
-        &plan,
-        &with_paths,
-        decision
-            .as_ref()
-            .map(|d| d.added.clone())
-            .unwrap_or_default(),
-    );
-    estimate.transport_reason = transport_reason;
-    status.estimate = Some(estimate);
     let Some(target_node) = plan.target_node.clone() else {
         status.phase = MigrationPhase::Pending;
         status.reason = Some("no node passes the minimum hardware configuration; retrying".into());
@@ -421,6 +362,62 @@ async fn plan_and_start(
         why,
     };
     start(&vmm, ctx, status, &budget, decision.as_ref(), chosen).await
+}
+
+/// The time estimate of the planned move, with the network paths added while it exceeds the
+/// request's time budget and the transport the two nodes' relays allow; written into
+/// `status`. The path decision, or why the time budget cannot be used.
+fn estimate(
+    ctx: &Context,
+    vmm: &VirtualMachineMigration,
+    budget: &MigrationBudget,
+    plan: &Plan,
+    summary: Option<&VmRegionSummary>,
+    status: &mut VirtualMachineMigrationStatus,
+) -> std::result::Result<Option<PathDecision>, String> {
+    let mut base = status::estimate_input(
+        plan,
+        summary.map_or(0.0, |s| s.dirty_rate),
+        summary.map_or(0, |s| s.working_set_bytes),
+        ctx.transfer,
+    );
+    let (transport, transport_reason) = match plan.target_node.as_deref() {
+        Some(target) => status::transport(
+            (
+                &plan.source_node,
+                ctx.view.digest_status(&plan.source_node).as_ref(),
+            ),
+            (target, ctx.view.digest_status(target).as_ref()),
+        ),
+        None => (base.transport, "no target yet".to_string()),
+    };
+    base.transport = transport;
+    // Add network paths while the estimate exceeds the time budget.
+    let (decided, ignored_networks) =
+        paths::decide(ctx, vmm, budget, plan, &base, ctx.transfer.cores_per_gbps);
+    status.notes.extend(ignored_networks);
+    let decision = decided.transpose()?;
+    let mut with_paths = base;
+    if let Some(d) = &decision {
+        with_paths.bandwidth = d.bandwidth;
+        let (ok, reason, message) = decide::time_budget(d);
+        set_condition(
+            &mut status.conditions,
+            condition("TimeBudget", ok, reason, message),
+            &time::now_rfc3339(),
+        );
+    }
+    let mut estimate = status::estimate_status(
+        plan,
+        &with_paths,
+        decision
+            .as_ref()
+            .map(|d| d.added.clone())
+            .unwrap_or_default(),
+    );
+    estimate.transport_reason = transport_reason;
+    status.estimate = Some(estimate);
+    Ok(decision)
 }
 
 /// Plans the request, with its memory group when the spec asks for it (`Together` plans the
@@ -578,37 +575,6 @@ async fn start(
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(30)))
-}
-
-/// Creates the KubeVirt migration `name` of `vmi` to `target`, owned and labelled by `vmm`.
-/// Returns false when it already existed (made before a restart): creating is idempotent.
-pub async fn create_kubevirt_migration(
-    ctx: &Context,
-    vmm: &VirtualMachineMigration,
-    name: &str,
-    vmi: &str,
-    target: &str,
-) -> Result<bool> {
-    let ns = vmm
-        .namespace()
-        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
-    let owner = vmm
-        .controller_owner_ref(&())
-        .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
-    let mut vmim = VirtualMachineInstanceMigration::new(
-        name,
-        VmimSpec {
-            vmi_name: vmi.to_string(),
-            added_node_selector: Some([(HOSTNAME_LABEL.to_string(), target.to_string())].into()),
-        },
-    );
-    vmim.metadata.namespace = Some(ns.clone());
-    vmim.metadata.owner_references = Some(vec![owner]);
-    let (owner_labels, owner_annotations) = labels::owner_marks(OWNER_LABEL, &vmm.metadata);
-    vmim.metadata.labels = Some(owner_labels);
-    vmim.metadata.annotations = Some(owner_annotations);
-    let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    Ok(write::create_or_exists(&api, &vmim).await?)
 }
 
 /// Why a new KubeVirt migration leaving `source` must wait for KubeVirt's parallel limits, if

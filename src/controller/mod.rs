@@ -1,11 +1,13 @@
 //! `commonground controller`: reconciles `VirtualMachineMigration` objects into KubeVirt live
 //! migrations. Leader-elected; only the leader reconciles and writes status.
 
+pub mod backoff;
 pub mod context;
 pub mod decide;
 pub mod error;
 pub mod groups;
 pub mod guard;
+pub mod kubevirt;
 pub mod labels;
 pub mod leader;
 pub mod metrics;
@@ -146,6 +148,27 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         },
     ));
 
+    let controller = reconcilers(client, view, ctx);
+
+    match &elector {
+        Some(e) => {
+            tokio::select! {
+                _ = controller => { e.release().await; Ok(()) }
+                err = e.keep() => Err(err),
+            }
+        }
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}
+
+/// The two reconcilers, run together until shutdown: RebalancePolicies, and
+/// VirtualMachineMigrations woken also by their KubeVirt migrations and by changes of the
+/// VMIs they name.
+async fn reconcilers(client: Client, view: ClusterView, ctx: Arc<Context>) {
+    let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());
     let rebalancer = Controller::new(
         Api::<crate::api::RebalancePolicy>::all(client.clone()),
         watcher::Config::default().any_semantic(),
@@ -189,22 +212,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
                 tracing::debug!(error = %e, "reconcile");
             }
         });
-    let controller = async move {
-        tokio::join!(controller, rebalancer);
-    };
-
-    match &elector {
-        Some(e) => {
-            tokio::select! {
-                _ = controller => { e.release().await; Ok(()) }
-                err = e.keep() => Err(err),
-            }
-        }
-        None => {
-            controller.await;
-            Ok(())
-        }
-    }
+    tokio::join!(controller, rebalancer);
 }
 
 fn hostname() -> String {
