@@ -5,6 +5,8 @@ pub mod backoff;
 pub mod context;
 pub mod decide;
 pub mod error;
+#[cfg(test)]
+pub mod fake_api;
 pub mod groups;
 pub mod guard;
 pub mod kubevirt;

@@ -102,6 +102,34 @@ where
     (reader, stream)
 }
 
+/// Objects for a view that no watch feeds (unit tests of the reconcilers).
+#[cfg(test)]
+#[derive(Default)]
+pub struct Fixed {
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub digests: Vec<NodeRegionDigest>,
+    pub vmis: Vec<VirtualMachineInstance>,
+    pub vmims: Vec<VirtualMachineInstanceMigration>,
+    pub vmms: Vec<VirtualMachineMigration>,
+    pub kubevirts: Vec<KubeVirt>,
+    pub networks: Vec<MigrationNetwork>,
+}
+
+#[cfg(test)]
+fn fixed_store<K>(objects: Vec<K>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    reader
+}
+
 impl ClusterView {
     /// Starts every watch as a background task and returns the view at once; use
     /// [`ClusterView::wait_ready`] before trusting it.
@@ -132,6 +160,24 @@ impl ClusterView {
             tokio::spawn(task.for_each(|_| async {}));
         }
         view
+    }
+
+    /// A view of exactly these objects, never updated.
+    #[cfg(test)]
+    pub fn fixed(config: ViewConfig, objects: Fixed) -> Self {
+        ClusterView {
+            nodes: fixed_store(objects.nodes),
+            pods: fixed_store(objects.pods),
+            digests: fixed_store(objects.digests),
+            vmis: fixed_store(objects.vmis),
+            vmims: fixed_store(objects.vmims),
+            vmms: fixed_store(objects.vmms),
+            kubevirts: fixed_store(objects.kubevirts),
+            networks: fixed_store(objects.networks),
+            config,
+            version: Arc::new(AtomicU64::new(1)),
+            cache: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// Waits until every store has seen its first full list.
