@@ -289,7 +289,8 @@ impl FakeApi {
             Method::PATCH => {
                 let exists = st.objects.contains_key(key);
                 let apply = content_type.contains("apply-patch");
-                if !exists && !(apply && subresource.is_none()) {
+                let creates_by_apply = apply && subresource.is_none();
+                if !exists && !creates_by_apply {
                     return not_found();
                 }
                 let object = st

@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod migration;
 pub mod paths;
 pub mod rebalance;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod republish;
 pub mod status;
 pub mod validate;
@@ -122,6 +124,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
                 name: args.lease_name.clone(),
                 identity: identity.clone(),
                 duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
                 renew_every: Duration::from_secs(2),
             },
         )

@@ -7,4 +7,6 @@ pub mod quantity;
 pub mod store;
 
 pub use args::ViewArgs;
+#[cfg(test)]
+pub use store::Fixed;
 pub use store::{ClusterView, MigrationLimits, ViewConfig};

@@ -1,0 +1,453 @@
+//! The reconcilers against the in-memory API server (`fake_api`): what each one writes to the
+//! API for a given cluster, with no control plane. The pure decisions are tested in
+//! `decide.rs`; these tests check that the executors carry them out: the KubeVirt migration
+//! made once and pinned to the chosen node, a create that meets "already exists", a restart
+//! in every phase, no status write when nothing changed, path objects removed, the
+//! rebalancer's requests.
+
+use std::sync::Arc;
+
+use axum::http::Method;
+use serde_json::{json, Value};
+
+use super::fake_api::FakeApi;
+use super::metrics::ControllerMetrics;
+use super::status::TransferModel;
+use super::{migration, rebalance, Context};
+use crate::api::{RebalancePolicy, VirtualMachineMigration};
+use crate::view::{ClusterView, Fixed, ViewConfig};
+
+const VMMS: &str = "/apis/commonground.dev/v1alpha1/namespaces/ns/virtualmachinemigrations";
+const VMIMS: &str = "/apis/kubevirt.io/v1/namespaces/ns/virtualmachineinstancemigrations";
+const POLICIES: &str = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies";
+const NNCPS: &str = "/apis/nmstate.io/v1/nodenetworkconfigurationpolicies";
+const REBALANCE: &str = "/apis/commonground.dev/v1alpha1/rebalancepolicies";
+
+fn node(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubevirt.io/schedulable": "true"}},
+        "status": {
+            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+fn vmi(name: &str, on: &str) -> Value {
+    json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}")},
+        "spec": {"domain": {"resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}},
+        "status": {"nodeName": on, "phase": "Running",
+                   "conditions": [{"type": "LiveMigratable", "status": "True"}]}
+    })
+}
+
+/// A request for `vm1` as the API server holds it after the finalizer was added.
+fn request(status: Value) -> Value {
+    json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "VirtualMachineMigration",
+        "metadata": {"name": "move", "namespace": "ns", "uid": "0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+                     "generation": 1, "finalizers": [migration::FINALIZER]},
+        "spec": {"vmiName": "vm1"},
+        "status": status
+    })
+}
+
+fn vmim_path(vmm: &VirtualMachineMigration) -> String {
+    format!("{VMIMS}/{}", super::kubevirt::vmim_name(vmm))
+}
+
+fn object<K: serde::de::DeserializeOwned>(v: &Value) -> K {
+    serde_json::from_value(v.clone()).expect("fixture")
+}
+
+fn objects<K: serde::de::DeserializeOwned>(vs: &[Value]) -> Vec<K> {
+    vs.iter().map(object).collect()
+}
+
+/// A context over `fake` whose view holds exactly `fixed`.
+fn context(fake: &FakeApi, fixed: Fixed) -> Arc<Context> {
+    let client = fake.client();
+    let view = ClusterView::fixed(ViewConfig::default(), fixed);
+    let transfer = TransferModel {
+        bandwidth: 1.25e9,
+        downtime_limit_ms: 300.0,
+        cores_per_gbps: 0.25,
+    };
+    Arc::new(Context::new(
+        client,
+        view,
+        ControllerMetrics::new(),
+        "test".into(),
+        transfer,
+    ))
+}
+
+fn cluster(vmms: &[Value]) -> Fixed {
+    Fixed {
+        nodes: objects(&[node("a"), node("b")]),
+        vmis: objects(&[vmi("vm1", "a")]),
+        vmms: objects(vmms),
+        ..Default::default()
+    }
+}
+
+/// Stores `vmm` in the fake API and reconciles it once.
+async fn reconcile_request(
+    fake: &FakeApi,
+    ctx: &Arc<Context>,
+    vmm: &Value,
+) -> VirtualMachineMigration {
+    fake.insert(&format!("{VMMS}/move"), vmm.clone());
+    let obj: VirtualMachineMigration = object(vmm);
+    migration::reconcile(Arc::new(obj), ctx.clone())
+        .await
+        .expect("reconcile");
+    object(&fake.get(&format!("{VMMS}/move")).expect("request kept"))
+}
+
+fn phase(vmm: &VirtualMachineMigration) -> String {
+    serde_json::to_value(vmm.status.as_ref().expect("status").phase)
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn creates(fake: &FakeApi, collection: &str) -> usize {
+    fake.writes()
+        .iter()
+        .filter(|w| *w == &format!("POST {collection}"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_new_request_is_planned_and_handed_to_kubevirt_pinned_to_the_target() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    assert_eq!(phase(&after), "Migrating");
+    let status = after.status.as_ref().unwrap();
+    assert_eq!(status.source_node.as_deref(), Some("a"));
+    assert_eq!(status.target_node.as_deref(), Some("b"));
+    let vmim = fake
+        .get(&vmim_path(&after))
+        .expect("KubeVirt migration made");
+    assert_eq!(vmim["spec"]["vmiName"], "vm1");
+    assert_eq!(
+        vmim["spec"]["addedNodeSelector"]["kubernetes.io/hostname"],
+        "b"
+    );
+    assert_eq!(
+        vmim["metadata"]["ownerReferences"][0]["kind"],
+        "VirtualMachineMigration"
+    );
+    assert_eq!(creates(&fake, VMIMS), 1);
+}
+
+#[tokio::test]
+async fn a_create_that_meets_an_existing_kubevirt_migration_is_not_an_error() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    fake.fail_next(Method::POST, VMIMS, 409);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    assert_eq!(
+        phase(&after),
+        "Migrating",
+        "made before a restart counts as made"
+    );
+    assert!(after.status.unwrap().kubevirt_migration.is_some());
+}
+
+#[tokio::test]
+async fn a_restart_while_migrating_follows_kubevirt_and_makes_no_second_migration() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let migrating = reconcile_request(&fake, &ctx, &vmm).await;
+    // A new controller: its view shows the request as the API holds it now.
+    let now = serde_json::to_value(&migrating).unwrap();
+    let ctx = context(&fake, cluster(std::slice::from_ref(&now)));
+    fake.forget_requests();
+    let again = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&again), "Migrating");
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+    assert!(
+        !fake
+            .writes()
+            .iter()
+            .any(|w| w.starts_with("PATCH") && w.ends_with("/status")),
+        "nothing changed, so no status write: {:?}",
+        fake.writes()
+    );
+
+    // KubeVirt reports success: the request ends Succeeded, its times recorded.
+    let path = vmim_path(&again);
+    let mut vmim = fake.get(&path).unwrap();
+    vmim["status"] = json!({"phase": "Succeeded", "migrationState": {
+        "sourceNode": "a", "targetNode": "b", "completed": true,
+        "startTimestamp": "2026-01-01T00:00:00Z", "endTimestamp": "2026-01-01T00:00:09Z"}});
+    fake.insert(&path, vmim);
+    let now = serde_json::to_value(&again).unwrap();
+    let done = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&done), "Succeeded");
+    assert!(done.status.as_ref().unwrap().end_time.is_some());
+
+    // A final request is left alone: no request at all beyond reading it.
+    fake.forget_requests();
+    let now = serde_json::to_value(&done).unwrap();
+    reconcile_request(&fake, &ctx, &now).await;
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn a_kubevirt_failure_ends_the_request_failed_with_kubevirts_reason() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let migrating = reconcile_request(&fake, &ctx, &vmm).await;
+    let path = vmim_path(&migrating);
+    let mut vmim = fake.get(&path).unwrap();
+    vmim["status"] = json!({"phase": "Failed", "migrationState": {
+        "sourceNode": "a", "targetNode": "b", "failed": true,
+        "failureReason": "target pod unschedulable"}});
+    fake.insert(&path, vmim);
+    let after = reconcile_request(&fake, &ctx, &serde_json::to_value(&migrating).unwrap()).await;
+    assert_eq!(phase(&after), "Failed");
+    let status = after.status.unwrap();
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "Failed" && c.status == "True"),
+        "{:?}",
+        status.conditions
+    );
+}
+
+#[tokio::test]
+async fn a_request_for_a_missing_vmi_fails_once_and_then_waits_for_a_change() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let mut fixed = cluster(std::slice::from_ref(&vmm));
+    fixed.vmis.clear();
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = after.status.clone().unwrap();
+    assert_eq!(phase(&after), "Failed");
+    assert!(
+        status.reason.as_deref().unwrap_or_default().contains("vm1"),
+        "{status:?}"
+    );
+    assert_eq!(creates(&fake, VMIMS), 0);
+    fake.forget_requests();
+    reconcile_request(&fake, &ctx, &serde_json::to_value(&after).unwrap()).await;
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn a_dry_run_is_planned_and_nothing_is_made() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["dryRun"] = json!(true);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    assert_eq!(phase(&after), "Planned");
+    assert_eq!(after.status.unwrap().target_node.as_deref(), Some("b"));
+    assert_eq!(creates(&fake, VMIMS), 0);
+}
+
+#[tokio::test]
+async fn a_failed_status_write_is_an_error_for_the_retry_and_loses_nothing() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    fake.insert(&format!("{VMMS}/move"), vmm.clone());
+    fake.fail_next(Method::PATCH, &format!("{VMMS}/move/status"), 500);
+    let result = migration::reconcile(Arc::new(object(&vmm)), ctx.clone()).await;
+    assert!(result.is_err(), "the failure is reported for a retry");
+    // The retry finds the KubeVirt migration made and completes the status.
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    assert_eq!(phase(&after), "Migrating");
+    assert_eq!(creates(&fake, VMIMS), 1, "one KubeVirt migration only");
+}
+
+#[tokio::test]
+async fn deleting_a_request_in_flight_aborts_kubevirt_removes_its_paths_and_lets_it_go() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let migrating = reconcile_request(&fake, &ctx, &vmm).await;
+    let owner = super::labels::owner_id(&migrating.metadata);
+    // Path objects as an earlier reconcile left them.
+    fake.insert(
+        &format!("{POLICIES}/{owner}"),
+        json!({"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+               "metadata": {"name": owner}, "spec": {"selectors": {}}}),
+    );
+    let nncp = format!("{owner}-fast-src");
+    fake.insert(
+        &format!("{NNCPS}/{nncp}"),
+        json!({"apiVersion": "nmstate.io/v1", "kind": "NodeNetworkConfigurationPolicy",
+               "metadata": {"name": nncp, "labels": {super::paths::PATH_OWNER_LABEL: owner}},
+               "spec": {"desiredState": {}}}),
+    );
+    let mut deleting = serde_json::to_value(&migrating).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    deleting["status"]["paths"] = json!([{"network": "fast", "bandwidthBytesPerSecond": 1e9}]);
+    fake.insert(&format!("{VMMS}/move"), deleting.clone());
+    migration::reconcile(Arc::new(object(&deleting)), ctx.clone())
+        .await
+        .expect("cleanup");
+    assert!(
+        fake.get(&vmim_path(&migrating)).is_none(),
+        "KubeVirt migration deleted"
+    );
+    assert!(
+        fake.get(&format!("{POLICIES}/{owner}")).is_none(),
+        "bandwidth policy removed"
+    );
+    assert!(
+        fake.get(&format!("{NNCPS}/{nncp}")).is_none(),
+        "nmstate policy removed"
+    );
+    assert!(
+        fake.get(&format!("{VMMS}/move")).is_none(),
+        "finalizer removed, the request is gone: {:?}",
+        fake.writes()
+    );
+}
+
+fn policy(spec: Value, status: Value) -> Value {
+    json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "RebalancePolicy",
+        "metadata": {"name": "even", "uid": "9f8e7d6c-5b4a-3210-fedc-ba9876543210", "generation": 1},
+        "spec": spec, "status": status
+    })
+}
+
+/// A digest whose VMs carry these CPU loads (no sketches: the rebalancer reads loads only).
+fn digest(node: &str, vms: &[(&str, f64)]) -> Value {
+    let vms: Vec<Value> = vms
+        .iter()
+        .map(|(name, cpu)| {
+            json!({"namespace": "ns", "name": name, "memoryBytes": 1u64 << 30,
+            "regions": 0, "zeroRegions": 0, "sketch": "", "load": {"cpuCores": cpu,
+            "ioBytesPerSecond": 0.0, "memoryBytes": 0, "composite": 0.0}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest",
+        "metadata": {"name": node}, "spec": {"nodeName": node},
+        "status": {"workGroup": "", "pageSize": 4096, "regionPages": 16, "keyId": "k",
+            "capacity": {"cpuMillis": 16000, "memoryBytes": 68719476736u64},
+            "load": {"cpuCores": 0.0, "ioBytesPerSecond": 0.0, "memoryBytes": 0, "composite": 0.0},
+            "vmCount": vms.len(), "vms": vms, "sketch": "", "scanTime": "2026-01-01T00:00:00Z",
+            "scanMode": "Full"}
+    })
+}
+
+/// Three busy VMs on node a, none on node b.
+fn rebalance_cluster() -> Fixed {
+    Fixed {
+        nodes: objects(&[node("a"), node("b")]),
+        vmis: objects(&[vmi("vm1", "a"), vmi("vm2", "a"), vmi("vm3", "a")]),
+        digests: objects(&[
+            digest("a", &[("vm1", 4.0), ("vm2", 4.0), ("vm3", 4.0)]),
+            digest("b", &[]),
+        ]),
+        ..Default::default()
+    }
+}
+
+async fn reconcile_policy(fake: &FakeApi, ctx: &Arc<Context>, p: &Value) -> RebalancePolicy {
+    fake.insert(&format!("{REBALANCE}/even"), p.clone());
+    rebalance::reconcile(Arc::new(object(p)), ctx.clone())
+        .await
+        .expect("reconcile");
+    object(&fake.get(&format!("{REBALANCE}/even")).unwrap())
+}
+
+#[tokio::test]
+async fn a_rebalancing_round_asks_for_a_move_off_the_loaded_node_then_waits_its_interval() {
+    let fake = FakeApi::new();
+    let ctx = context(&fake, rebalance_cluster());
+    let p = policy(
+        json!({"interval": "10m", "weights": {"cpu": 1.0, "io": 0.0, "memory": 0.0}}),
+        Value::Null,
+    );
+    let after = reconcile_policy(&fake, &ctx, &p).await;
+    let status = after.status.clone().unwrap();
+    assert_eq!(status.decisions.len(), 1, "{status:?}");
+    let d = &status.decisions[0];
+    assert_eq!((d.from.as_str(), d.to.as_str()), ("a", "b"));
+    let made = fake.paths(VMMS);
+    assert_eq!(made.len(), 1, "{made:?}");
+    let vmm = fake.get(&made[0]).unwrap();
+    assert_eq!(vmm["spec"]["target"]["nodeName"], "b");
+    assert_eq!(
+        vmm["metadata"]["labels"][rebalance::POLICY_LABEL],
+        super::labels::owner_id(&after.metadata)
+    );
+    assert!(status
+        .conditions
+        .iter()
+        .any(|c| c.r#type == "Ready" && c.status == "True"));
+
+    // Within the interval nothing happens, whatever woke the reconciler.
+    fake.forget_requests();
+    let again = reconcile_policy(&fake, &ctx, &serde_json::to_value(&after).unwrap()).await;
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+    assert_eq!(again.status, after.status);
+}
+
+#[tokio::test]
+async fn a_move_request_made_before_a_restart_is_not_an_error() {
+    let fake = FakeApi::new();
+    let ctx = context(&fake, rebalance_cluster());
+    let p = policy(json!({"interval": "10m"}), Value::Null);
+    fake.fail_next(Method::POST, VMMS, 409);
+    let after = reconcile_policy(&fake, &ctx, &p).await;
+    let decisions = after.status.unwrap().decisions;
+    assert_eq!(decisions.len(), 1);
+    assert!(decisions[0].migration.is_some());
+}
+
+#[tokio::test]
+async fn a_dry_run_policy_records_decisions_and_makes_no_request() {
+    let fake = FakeApi::new();
+    let ctx = context(&fake, rebalance_cluster());
+    let p = policy(json!({"interval": "10m", "dryRun": true}), Value::Null);
+    let after = reconcile_policy(&fake, &ctx, &p).await;
+    let decisions = after.status.unwrap().decisions;
+    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions[0].migration, None);
+    assert!(fake.paths(VMMS).is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_policy_gets_a_condition_once_and_is_not_retried() {
+    let fake = FakeApi::new();
+    let ctx = context(&fake, rebalance_cluster());
+    let p = policy(json!({"interval": "99999999999999999999h"}), Value::Null);
+    let after = reconcile_policy(&fake, &ctx, &p).await;
+    let status = after.status.clone().unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", super::validate::INVALID_SPEC)
+    );
+    assert!(fake.paths(VMMS).is_empty());
+    fake.forget_requests();
+    reconcile_policy(&fake, &ctx, &serde_json::to_value(&after).unwrap()).await;
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
