@@ -1,4 +1,4 @@
-//! Memory groups against real processes (seed 001, `group: Follow`): VMs whose processes map
+//! Memory groups against real processes (`group: Follow`): VMs whose processes map
 //! the same /dev/shm file form a group. Once a member has left the node, the group is kept for
 //! the members still there, and those that touch the shared memory are reported, while those
 //! that do not touch it are not.

@@ -1,4 +1,4 @@
-//! Memory groups with the real agent (seed 001, `group: Follow`). Two VMIs share memory on a
+//! Memory groups with the real agent (`group: Follow`). Two VMIs share memory on a
 //! source node: their stand-in guest processes map one /dev/shm file. The source node's
 //! `commonground agent` finds the group in /proc. The requested VM migrates first. Once it has
 //! left, the agent watches the member left behind and reports it in `recentlyAccessedBy` as

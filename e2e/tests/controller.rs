@@ -166,7 +166,7 @@ async fn migration_goes_to_the_node_with_the_most_memory_in_common() -> anyhow::
     // The VMI really is on the chosen node now.
     let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
     assert_eq!(vmi.node_name(), Some(targets[1].as_str()));
-    // Claim 3: the destination's digest lists the VM right away.
+    // Republished at once: the destination's digest lists the VM right away.
     let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
     until("destination digest lists the VM", T, || async {
         let d = digests.get(&targets[1]).await.ok()?;

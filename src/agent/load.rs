@@ -1,4 +1,4 @@
-//! Load per VM and per node over the last interval (seed 003's inputs): CPU time from
+//! Load per VM and per node over the last interval (the rebalancer's inputs): CPU time from
 //! `/proc/<pid>/stat` (utime + stime), I/O bytes from `/proc/<pid>/io` (read_bytes + write_bytes,
 //! or rchar + wchar when the block counters are unavailable), resident memory; for the node
 //! `/proc/stat`, `/proc/meminfo` and `/proc/vmstat`.
@@ -186,7 +186,7 @@ pub fn node_rates(earlier: &NodeCounters, later: &NodeCounters) -> LoadRates {
 /// I/O rate treated as a fully loaded node in the composite (a local NVMe disk's order).
 pub const NOMINAL_IO_BYTES_PER_SECOND: f64 = 1e9;
 
-/// Seed 003's weighted sum, normalised to the node's capacity: 1.0 is a fully loaded node.
+/// The weighted load sum, normalised to the node's capacity: 1.0 is a fully loaded node.
 pub fn composite(rates: &LoadRates, cpus: u64, memory_bytes: u64) -> f64 {
     let cpu = rates.cpu_cores / cpus.max(1) as f64;
     let mem = if memory_bytes > 0 {

@@ -1,6 +1,6 @@
 //! The node agent (`commonground agent`, a DaemonSet): finds the QEMU processes of the VMs on
 //! its node, scans their memory through `/proc`, measures load and dirty rates, and publishes
-//! the node's `NodeRegionDigest` (seed 000, fig. 5: scan, update the table, publish).
+//! the node's `NodeRegionDigest` (scan, update the replicated-region table, publish).
 //!
 //! Where the agent reads /proc: [`discover`] (cmdline), [`proc_maps`] (maps),
 //! [`memory_reader`] (process_vm_readv), [`soft_dirty`] (clear_refs, pagemap), [`load`]

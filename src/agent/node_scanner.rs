@@ -1,4 +1,4 @@
-//! The node's side of seed 000 fig. 5: scan every VM on the node, update the replicated-region
+//! The node's scan cycle: scan every VM on the node, update the replicated-region
 //! table, and produce what is published. Blocking work; the agent runs it off the async runtime.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,4 +1,4 @@
-//! Publishing the node's digest (seed 000, fig. 5, "send it to peers"): the `NodeRegionDigest`
+//! Publishing the node's digest (the last step of a scan: send it to the other nodes' readers): the `NodeRegionDigest`
 //! named after the node, status written by server-side apply. VM sketches are written as
 //! positions in the node sketch (`vmSketchEncoding: NodeIndexed`, a few bits per key instead of
 //! about 19). Bounded to [`MAX_DIGEST_BYTES`] by coarsening sketch thresholds; written only when the content changed

@@ -1,4 +1,4 @@
-//! Scanning memory into regions (seed 000, fig. 5, "scan"): each range is cut into regions of
+//! Scanning memory into regions (the first step of a scan): each range is cut into regions of
 //! the cluster's geometry from its start, each region digested with the planning core; zero
 //! regions are counted apart, unreadable regions skipped. The per-region digests are kept so
 //! that a rescan can re-hash only some regions (soft-dirty) and the table can be rebuilt.

@@ -1,4 +1,4 @@
-//! Seed 001, claim 1 (`group: Follow`): once a member of a memory group has left the node,
+//! Following a memory group (`group: Follow`): once a member of a memory group has left the node,
 //! which of the members still here touch the memory they shared with it. A member that does is
 //! the next to migrate, to where the first one went; the agent reports it in the group's
 //! `recentlyAccessedBy` and the controller starts that migration.
@@ -41,7 +41,7 @@
 //!
 //! # When accesses are reported
 //! Accesses are reported only after a member has left for any reason, and only for members
-//! still on the node. Seed 001 has the hypervisor watch the others once the first VM has moved.
+//! still on the node. The mechanism has the hypervisor watch the others once the first VM has moved.
 //! Before that, every member touches the shared memory as a matter of course, and reporting it
 //! would only invite needless migrations. A group that lost a member is kept (name, every member
 //! including the ones that left, shared bytes) for [`DEPARTED_RETENTION`] after the departure,

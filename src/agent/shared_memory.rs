@@ -1,4 +1,4 @@
-//! VMs that share memory (seed 001): processes that map the same file or shared-memory object
+//! VMs that share memory (memory groups): processes that map the same file or shared-memory object
 //! (same device and inode) writable and shared. Such VMs form a memory group, reported with the
 //! size of what they share, so the planner can keep them together. What becomes of a group once
 //! one of its members has left the node is [`super::shared_access`]'s business.

@@ -56,7 +56,7 @@ pub struct NodeRegionDigestStatus {
     /// `Standalone`.
     #[serde(default)]
     pub vm_sketch_encoding: VmSketchEncoding,
-    /// Seed 000 table: regions held at least `replicationThreshold` times (a bounded sample).
+    /// The replicated-region table: regions held at least `replicationThreshold` times (a bounded sample).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicated: Vec<ReplicatedStatus>,
     #[serde(default)]
@@ -64,7 +64,7 @@ pub struct NodeRegionDigestStatus {
     /// Migration paths this node can use, with measured bandwidth.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathStatus>,
-    /// VMs on this node that share a memory space (seed 001).
+    /// VMs on this node that share a memory space (memory groups).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub memory_groups: Vec<MemoryGroupStatus>,
     /// The node's end of the migration relay, when the agent runs it (chart `relay.enabled`).
@@ -117,7 +117,7 @@ pub struct NodeCapacity {
     pub memory_bytes: u64,
 }
 
-/// Seed 003 load: a weighted sum of CPU time, I/O and memory.
+/// The node's load: a weighted sum of CPU time, I/O and memory.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadStatus {
@@ -259,8 +259,8 @@ pub fn vm_sketch_text(vm: &RegionSketch, node: &RegionSketch) -> (String, bool) 
     }
 }
 
-/// Writes a planner summary back into a digest status (used after a migration, seed 000
-/// claim 3, and by the agent). VM sketches are written node-indexed where they can be (see
+/// Writes a planner summary back into a digest status (used right after a migration, so
+/// the destination lists the VM before its agent scans again, and by the agent). VM sketches are written node-indexed where they can be (see
 /// [`vm_sketch_text`]); a VM left with a finer threshold than the node (after a migration from
 /// a finer-sampled node) stays standalone.
 pub fn summary_into_status(summary: &NodeRegionSummary, status: &mut NodeRegionDigestStatus) {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::conditions::Condition;
 
 /// Label declaring a memory group: VMIs of one namespace with the same value share memory
-/// (seed 001) and move together.
+/// (a memory group) and move together.
 pub const MEMORY_GROUP_LABEL: &str = "commonground.dev/memory-group";
 
 /// Ask commonground to live-migrate a VirtualMachineInstance to the node that already holds
@@ -182,7 +182,7 @@ pub struct VirtualMachineMigrationStatus {
     /// its own KubeVirt migration, phase, and when and why it started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberStatus>,
-    /// Extra network paths used to meet `maxDuration` (seed 004), with when they were added
+    /// Extra network paths used to meet `maxDuration`, with when they were added
     /// and removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathUseStatus>,

@@ -1,4 +1,4 @@
-//! `MigrationNetwork`: an extra network path a migration can use (seed 004).
+//! `MigrationNetwork`: an extra network path a migration can use (more bandwidth when the estimate exceeds the time budget).
 
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

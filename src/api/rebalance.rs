@@ -1,4 +1,4 @@
-//! `RebalancePolicy`: automatic load balancing by live migration (seed 003).
+//! `RebalancePolicy`: automatic load balancing by live migration (pairwise, by a weighted load).
 
 use std::collections::BTreeMap;
 

@@ -67,7 +67,7 @@ impl ControllerMetrics {
         .expect("metric");
         let digests_republished = IntCounter::new(
             "digests_republished_total",
-            "Node digests updated right after a migration (seed 000 claim 3)",
+            "Node digests updated right after a migration (before the agents' next scan)",
         )
         .expect("metric");
         for c in [

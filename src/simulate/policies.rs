@@ -2,7 +2,7 @@
 //! them.
 //!
 //! - `commonground`: [`Planner::plan`] with default options, exactly what the controller runs.
-//! - `commonground_cluster`: the same with scope `Cluster` (seed 002 across work groups), to
+//! - `commonground_cluster`: the same with scope `Cluster` (work groups ranked by distance across the cluster), to
 //!   show what staying in the source's work group costs.
 //! - `least_allocated`: the passing candidate with the most free CPU and memory after placing
 //!   the VM (kube-scheduler's default `NodeResourcesFit` LeastAllocated score).
