@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lint checks first (a clippy warning fails the run, as does
-# unformatted code), then unit and integration tests of the commonground crate, then the
+# unformatted code), the dependency audit (scripts/dependency-audit.sh), then unit and integration tests of the commonground crate, then the
 # end-to-end suite against the real control plane (e2e/run-tests). Ends with the test
 # runner's summary.
 set -uo pipefail
@@ -18,6 +18,9 @@ if ! cargo clippy --workspace --all-targets --quiet -- -D warnings >&2; then
   echo "[test] clippy found warnings or errors" >&2
   exit 1
 fi
+
+echo "[test] dependency audit (cargo deny)" >&2
+scripts/dependency-audit.sh || exit 1
 
 echo "[test] unit and integration tests" >&2
 if ! cargo test --workspace --exclude commonground-e2e --no-fail-fast 2>&1 | tee /tmp/commonground-unit-tests.log; then
