@@ -286,49 +286,7 @@ impl FakeApi {
                 st.objects.insert(key.to_string(), object.clone());
                 (200, object)
             }
-            Method::PATCH => {
-                let exists = st.objects.contains_key(key);
-                let apply = content_type.contains("apply-patch");
-                let creates_by_apply = apply && subresource.is_none();
-                if !exists && !creates_by_apply {
-                    return not_found();
-                }
-                let object = st
-                    .objects
-                    .entry(key.to_string())
-                    .or_insert_with(|| json!({"metadata": {}}));
-                if content_type.contains("json-patch") {
-                    let Ok(p) = serde_json::from_value::<json_patch::Patch>(body) else {
-                        return (422, status_body(422, "Invalid", "not a JSON patch"));
-                    };
-                    if let Err(e) = json_patch::patch(object, &p) {
-                        return (422, status_body(422, "Invalid", &e.to_string()));
-                    }
-                } else if subresource == Some("status") {
-                    if apply {
-                        object["status"] = body["status"].clone();
-                    } else {
-                        merge(&mut object["status"], &body["status"]);
-                    }
-                } else {
-                    let mut b = body;
-                    if let Some(m) = b.as_object_mut() {
-                        m.remove("status");
-                    }
-                    merge(object, &b);
-                }
-                object["metadata"]["resourceVersion"] = json!(version);
-                // A finalizer removed from an object being deleted completes the delete.
-                let gone = object["metadata"]["deletionTimestamp"].is_string()
-                    && object["metadata"]["finalizers"]
-                        .as_array()
-                        .is_none_or(|f| f.is_empty());
-                let reply = object.clone();
-                if gone {
-                    st.objects.remove(key);
-                }
-                (200, reply)
-            }
+            Method::PATCH => patch(&mut st, key, subresource, content_type, body, &version),
             Method::DELETE => {
                 let Some(object) = st.objects.get_mut(key) else {
                     return not_found();
@@ -346,6 +304,62 @@ impl FakeApi {
             _ => (405, status_body(405, "MethodNotAllowed", "not supported")),
         }
     }
+}
+
+/// A PATCH of the object at `key` (its status when `subresource` is `status`): JSON patch,
+/// server-side apply (which may create the object) or merge patch, by content type.
+fn patch(
+    st: &mut State,
+    key: &str,
+    subresource: Option<&str>,
+    content_type: &str,
+    body: Value,
+    version: &str,
+) -> (u16, Value) {
+    let exists = st.objects.contains_key(key);
+    let apply = content_type.contains("apply-patch");
+    let creates_by_apply = apply && subresource.is_none();
+    if !exists && !creates_by_apply {
+        return (
+            404,
+            status_body(404, "NotFound", &format!("{key} not found")),
+        );
+    }
+    let object = st
+        .objects
+        .entry(key.to_string())
+        .or_insert_with(|| json!({"metadata": {}}));
+    if content_type.contains("json-patch") {
+        let Ok(p) = serde_json::from_value::<json_patch::Patch>(body) else {
+            return (422, status_body(422, "Invalid", "not a JSON patch"));
+        };
+        if let Err(e) = json_patch::patch(object, &p) {
+            return (422, status_body(422, "Invalid", &e.to_string()));
+        }
+    } else if subresource == Some("status") {
+        if apply {
+            object["status"] = body["status"].clone();
+        } else {
+            merge(&mut object["status"], &body["status"]);
+        }
+    } else {
+        let mut b = body;
+        if let Some(m) = b.as_object_mut() {
+            m.remove("status");
+        }
+        merge(object, &b);
+    }
+    object["metadata"]["resourceVersion"] = json!(version);
+    // A finalizer removed from an object being deleted completes the delete.
+    let gone = object["metadata"]["deletionTimestamp"].is_string()
+        && object["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty());
+    let reply = object.clone();
+    if gone {
+        st.objects.remove(key);
+    }
+    (200, reply)
 }
 
 #[cfg(test)]
