@@ -169,9 +169,9 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     }
 }
 
-/// The two reconcilers, run together until shutdown: RebalancePolicies, and
-/// VirtualMachineMigrations woken also by their KubeVirt migrations and by changes of the
-/// VMIs they name.
+/// The reconcilers, run together until shutdown: RebalancePolicies; VirtualMachineMigrations,
+/// woken also by their KubeVirt migrations and by changes of the VMIs they name; and KubeVirt
+/// migrations, whose success republishes the two nodes' digests.
 async fn reconcilers(client: Client, view: ClusterView, ctx: Arc<Context>) {
     let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());
     let rebalancer = Controller::new(
@@ -210,14 +210,26 @@ async fn reconcilers(client: Client, view: ClusterView, ctx: Arc<Context>) {
         .run(
             |vmm, ctx| guard::guarded(vmm, ctx, migration::reconcile),
             guard::error_policy,
-            ctx,
+            ctx.clone(),
         )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile");
             }
         });
-    tokio::join!(controller, rebalancer);
+    // Every KubeVirt migration that succeeds, whoever started it, republishes the digests.
+    let republisher = Controller::new(
+        Api::<VirtualMachineInstanceMigration>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(telemetry::shutdown_signal())
+    .run(
+        |vmim, ctx| guard::guarded(vmim, ctx, republish::reconcile_kubevirt_migration),
+        guard::error_policy,
+        ctx,
+    )
+    .for_each(|_| async {});
+    tokio::join!(controller, rebalancer, republisher);
 }
 
 fn hostname() -> String {

@@ -1,12 +1,21 @@
 //! Once a VM has moved, the destination's digest is updated and
 //! republished at once (and the source's), so the next plan sees the VM where it now is,
-//! without waiting for the agents' next scan.
+//! without waiting for the agents' next scan. This happens after every KubeVirt migration
+//! that succeeds, whoever started it: a VirtualMachineMigration, a node drain, an eviction,
+//! `virtctl migrate`.
 
-use kube::Api;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
 
 use super::error::Result;
+use super::Context;
 use crate::api::digest::summary_into_status;
 use crate::api::digest::NodeRegionDigestStatus;
+use crate::api::kubevirt::{MigrationState, VirtualMachineInstanceMigration};
+use crate::api::time::{self, Timestamp};
 use crate::api::{write, NodeRegionDigest};
 use crate::plan::replicated::apply_migration;
 use crate::plan::VmKey;
@@ -14,6 +23,76 @@ use crate::view::ClusterView;
 
 /// Field manager distinct from the agents', so their next full publish takes the fields back.
 pub const REPUBLISH_MANAGER: &str = "commonground-controller";
+
+/// A migration that ended longer ago than this is not republished (a restarted controller
+/// sees every old migration again; the agents have scanned since).
+pub const REPUBLISH_WINDOW: Duration = Duration::from_secs(600);
+
+/// The VM a succeeded KubeVirt migration moved, with its source and destination nodes, when
+/// it ended within [`REPUBLISH_WINDOW`] of `now`. The migration's own `migrationState` is
+/// read, else the VMI's when it describes this migration (`vmi_state`).
+pub fn moved_vm(
+    vmim: &VirtualMachineInstanceMigration,
+    vmi_state: Option<&MigrationState>,
+    now: Timestamp,
+) -> Option<(VmKey, String, String)> {
+    if vmim.phase() != Some("Succeeded") {
+        return None;
+    }
+    let own = vmim
+        .status
+        .as_ref()
+        .and_then(|s| s.migration_state.as_ref());
+    let uid = vmim.metadata.uid.as_deref();
+    let state = own.or(vmi_state.filter(|m| uid.is_some() && m.migration_uid.as_deref() == uid))?;
+    let (source, target) = (state.source_node.clone()?, state.target_node.clone()?);
+    if source == target {
+        return None;
+    }
+    let ended = state
+        .end_timestamp
+        .as_deref()
+        .and_then(time::parse_rfc3339)?;
+    if time::elapsed(ended, now) > REPUBLISH_WINDOW {
+        return None;
+    }
+    let vm = VmKey::new(vmim.namespace().unwrap_or_default(), &vmim.spec.vmi_name);
+    Some((vm, source, target))
+}
+
+/// Reconciles one KubeVirt migration: once it has succeeded, both nodes' digests show the VM
+/// where it now runs. Repeating it is harmless: once the source's digest no longer lists the
+/// VM, nothing is written.
+pub async fn reconcile_kubevirt_migration(
+    vmim: Arc<VirtualMachineInstanceMigration>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let ns = vmim.namespace().unwrap_or_default();
+    let vmi = ctx.view.vmi(&ns, &vmim.spec.vmi_name);
+    let vmi_state = vmi
+        .as_ref()
+        .and_then(|v| v.status.as_ref())
+        .and_then(|s| s.migration_state.as_ref());
+    let Some((vm, source, target)) = moved_vm(&vmim, vmi_state, Timestamp::now()) else {
+        return Ok(Action::await_change());
+    };
+    let api: Api<NodeRegionDigest> = Api::all(ctx.client.clone());
+    if republish_after_migration(&api, &ctx.view, &vm, &source, &target).await? {
+        ctx.metrics.digests_republished.inc();
+        tracing::info!(%vm, %source, %target, migration = %vmim.name_any(), "digests republished after migration");
+    }
+    Ok(Action::await_change())
+}
+
+impl super::guard::Marked for VirtualMachineInstanceMigration {
+    /// KubeVirt's migrations are not ours to write: a failure to republish is logged and
+    /// counted (by the guard) and retried with backoff, and the agents' next scan corrects
+    /// the digests anyway.
+    async fn mark(_: &Context, vmim: &Self, reason: &str, message: &str) -> Result<()> {
+        tracing::warn!(migration = %vmim.name_any(), reason, message, "republish failed");
+        Ok(())
+    }
+}
 
 /// Returns whether both digests were rewritten.
 pub async fn republish_after_migration(
@@ -116,6 +195,107 @@ mod tests {
         );
         d.status = Some(status);
         d
+    }
+
+    fn vmim(phase: &str, state: serde_json::Value) -> VirtualMachineInstanceMigration {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "drain-1", "namespace": "ns", "uid": "m-1"},
+            "spec": {"vmiName": "vm1"},
+            "status": {"phase": phase, "migrationState": state}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_recent_success_names_the_moved_vm_whoever_started_it() {
+        let now = time::parse_rfc3339("2026-01-01T00:05:00Z").unwrap();
+        let state = serde_json::json!({"sourceNode": "a", "targetNode": "b",
+            "endTimestamp": "2026-01-01T00:04:00Z", "completed": true});
+        assert_eq!(
+            moved_vm(&vmim("Succeeded", state.clone()), None, now),
+            Some((VmKey::new("ns", "vm1"), "a".into(), "b".into()))
+        );
+        assert_eq!(moved_vm(&vmim("Running", state.clone()), None, now), None);
+        assert_eq!(moved_vm(&vmim("Failed", state.clone()), None, now), None);
+        let later = time::parse_rfc3339("2026-01-01T01:00:00Z").unwrap();
+        assert_eq!(
+            moved_vm(&vmim("Succeeded", state), None, later),
+            None,
+            "too old"
+        );
+        let same = serde_json::json!({"sourceNode": "a", "targetNode": "a",
+            "endTimestamp": "2026-01-01T00:04:00Z"});
+        assert_eq!(moved_vm(&vmim("Succeeded", same), None, now), None);
+    }
+
+    #[test]
+    fn without_its_own_state_the_vmis_state_for_this_migration_is_read() {
+        let now = time::parse_rfc3339("2026-01-01T00:05:00Z").unwrap();
+        let mut m = vmim("Succeeded", serde_json::Value::Null);
+        m.status.as_mut().unwrap().migration_state = None;
+        let vmi_state = |uid: &str| MigrationState {
+            source_node: Some("a".into()),
+            target_node: Some("c".into()),
+            end_timestamp: Some("2026-01-01T00:04:30Z".into()),
+            migration_uid: Some(uid.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            moved_vm(&m, Some(&vmi_state("m-1")), now).map(|t| t.2),
+            Some("c".to_string())
+        );
+        assert_eq!(moved_vm(&m, Some(&vmi_state("other")), now), None);
+    }
+
+    #[tokio::test]
+    async fn a_drain_placed_vm_is_listed_on_its_new_node_at_once() {
+        use crate::controller::fake_api::FakeApi;
+        use crate::view::{ClusterView, Fixed, ViewConfig};
+        const DIGESTS: &str = "/apis/commonground.dev/v1alpha1/noderegiondigests";
+        let fake = FakeApi::new();
+        let (a, b) = (digest("a", &[("vm1", 0.5)]), digest("b", &[]));
+        for d in [&a, &b] {
+            fake.insert(
+                &format!("{DIGESTS}/{}", d.name_any()),
+                serde_json::to_value(d).unwrap(),
+            );
+        }
+        let ended = time::now_rfc3339();
+        let m = vmim(
+            "Succeeded",
+            serde_json::json!({"sourceNode": "a", "targetNode": "b", "endTimestamp": ended}),
+        );
+        let view = ClusterView::fixed(
+            ViewConfig::default(),
+            Fixed {
+                digests: vec![a, b],
+                vmims: vec![m.clone()],
+                ..Default::default()
+            },
+        );
+        let ctx = Arc::new(Context::new(
+            fake.client(),
+            view,
+            super::super::metrics::ControllerMetrics::new(),
+            "test".into(),
+            super::super::status::TransferModel {
+                bandwidth: 1.25e9,
+                downtime_limit_ms: 300.0,
+                cores_per_gbps: 0.25,
+            },
+        ));
+        reconcile_kubevirt_migration(Arc::new(m), ctx.clone())
+            .await
+            .unwrap();
+        let names = |node: &str| -> Vec<String> {
+            let d: NodeRegionDigest =
+                serde_json::from_value(fake.get(&format!("{DIGESTS}/{node}")).unwrap()).unwrap();
+            d.status.unwrap().vms.into_iter().map(|v| v.name).collect()
+        };
+        assert_eq!(names("b"), ["vm1"], "listed on its new node");
+        assert!(names("a").is_empty(), "and no longer on the old one");
+        assert_eq!(ctx.metrics.digests_republished.get(), 1);
     }
 
     #[test]
