@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod convert;
+pub mod fit;
 pub mod quantity;
 pub mod store;
 

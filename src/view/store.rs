@@ -2,18 +2,20 @@
 //! No API call happens on a planning path: everything is read from these stores, and the
 //! planner is rebuilt from them (at most every `rebuild_interval`) when something changed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use super::convert;
+use super::fit::FitContext;
 use crate::api::kubevirt::{
     KubeVirt, VirtualMachineInstance, VirtualMachineInstanceMigration,
     DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER, DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE,
@@ -61,6 +63,9 @@ pub struct ClusterView {
     pub vmms: Store<VirtualMachineMigration>,
     pub kubevirts: Store<KubeVirt>,
     pub networks: Store<MigrationNetwork>,
+    /// Claims and volumes: where a VM's local or zonal storage lets it run.
+    pub pvcs: Store<PersistentVolumeClaim>,
+    pub pvs: Store<PersistentVolume>,
     config: ViewConfig,
     version: Arc<AtomicU64>,
     cache: Arc<Mutex<Option<Cached>>>,
@@ -123,7 +128,9 @@ impl ClusterView {
             vmims: watched!(Api::<VirtualMachineInstanceMigration>::all(client.clone())),
             vmms: watched!(Api::<VirtualMachineMigration>::all(client.clone())),
             kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
-            networks: watched!(Api::<MigrationNetwork>::all(client)),
+            networks: watched!(Api::<MigrationNetwork>::all(client.clone())),
+            pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone())),
+            pvs: watched!(Api::<PersistentVolume>::all(client)),
             config,
             version,
             cache: Arc::new(Mutex::new(None)),
@@ -145,6 +152,8 @@ impl ClusterView {
             self.vmms.wait_until_ready(),
             self.kubevirts.wait_until_ready(),
             self.networks.wait_until_ready(),
+            self.pvcs.wait_until_ready(),
+            self.pvs.wait_until_ready(),
         );
     }
 
@@ -169,10 +178,17 @@ impl ClusterView {
             }
         }
         let mut requested = std::collections::HashMap::<String, crate::plan::Resources>::new();
+        let mut scalar = std::collections::HashMap::<String, BTreeMap<String, u64>>::new();
         for pod in self.pods.state() {
-            if let Some((node, r)) = convert::pod_requests(&pod) {
-                let e = requested.entry(node).or_default();
-                *e = *e + r;
+            if let Some(r) = convert::pod_requests_full(&pod) {
+                if !r.scalar.is_empty() {
+                    let s = scalar.entry(r.node.clone()).or_default();
+                    for (k, v) in r.scalar {
+                        *s.entry(k).or_default() += v;
+                    }
+                }
+                let e = requested.entry(r.node).or_default();
+                *e = *e + r.resources;
             }
         }
         let mut nodes: Vec<_> = self
@@ -182,6 +198,7 @@ impl ClusterView {
             .map(|n| {
                 let mut f = convert::node_facts(n, &self.config.work_group_label);
                 f.requested = requested.get(&f.name).copied().unwrap_or_default();
+                f.scalar_requested = scalar.remove(&f.name).unwrap_or_default();
                 f.load = loads.get(&f.name).copied();
                 f
             })
@@ -230,8 +247,22 @@ impl ClusterView {
             .get(&reflector::ObjectRef::new(name).within(namespace))
     }
 
+    /// The VM's request as the fit filter needs it: its launcher pod's resources under the
+    /// KubeVirt CR's settings, its volumes' constraints and its anti-affinity's domains.
     pub fn vm_request(&self, vm: &VmKey) -> Option<VmRequest> {
-        convert::vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+        self.fit_context()
+            .vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+    }
+
+    /// What completing VM requests needs, from the stores as they are now.
+    pub fn fit_context(&self) -> FitContext {
+        FitContext::new(
+            convert::launcher_config(self.kubevirts.state().first().map(|k| &**k)),
+            self.pvcs.state(),
+            self.pvs.state(),
+            self.pods.state(),
+            &self.nodes.state(),
+        )
     }
 
     pub fn migration_limits(&self) -> MigrationLimits {
