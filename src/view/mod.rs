@@ -2,6 +2,7 @@
 //! of Kubernetes objects into the planner's plain facts.
 
 pub mod args;
+pub mod bandwidth;
 pub mod convert;
 pub mod fit;
 pub mod quantity;

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use super::convert;
 use super::fit::FitContext;
 use crate::api::kubevirt::{
-    KubeVirt, VirtualMachineInstance, VirtualMachineInstanceMigration,
+    KubeVirt, MigrationPolicy, VirtualMachineInstance, VirtualMachineInstanceMigration,
     DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER, DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE,
 };
 use crate::api::{MigrationNetwork, NodeRegionDigest, VirtualMachineMigration};
@@ -66,6 +66,9 @@ pub struct ClusterView {
     /// Claims and volumes: where a VM's local or zonal storage lets it run.
     pub pvcs: Store<PersistentVolumeClaim>,
     pub pvs: Store<PersistentVolume>,
+    /// KubeVirt's MigrationPolicies (their bandwidth limit). Not waited for: a cluster
+    /// without the CRD still plans, with the KubeVirt CR's limit.
+    pub policies: Store<MigrationPolicy>,
     config: ViewConfig,
     version: Arc<AtomicU64>,
     cache: Arc<Mutex<Option<Cached>>>,
@@ -130,7 +133,8 @@ impl ClusterView {
             kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
             networks: watched!(Api::<MigrationNetwork>::all(client.clone())),
             pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone())),
-            pvs: watched!(Api::<PersistentVolume>::all(client)),
+            pvs: watched!(Api::<PersistentVolume>::all(client.clone())),
+            policies: watched!(Api::<MigrationPolicy>::all(client)),
             config,
             version,
             cache: Arc::new(Mutex::new(None)),
@@ -252,6 +256,25 @@ impl ClusterView {
     pub fn vm_request(&self, vm: &VmKey) -> Option<VmRequest> {
         self.fit_context()
             .vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+    }
+
+    /// KubeVirt's bandwidth limit for the VM's migrations, where one is set.
+    pub fn bandwidth_cap(&self, vm: &VmKey) -> Option<crate::plan::estimate::BandwidthCap> {
+        let vmi = self.vmi(&vm.namespace, &vm.name)?;
+        let policies = self.policies.state();
+        super::bandwidth::bandwidth_cap(
+            vmi.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            None,
+            policies.iter().map(|p| &**p),
+            self.kubevirts.state().first().map(|k| &**k),
+        )
+    }
+
+    /// The CPU the VM's launcher pod requests (it lands on the target with the migration).
+    pub fn launcher_cpu_millis(&self, vm: &VmKey) -> Option<u64> {
+        let vmi = self.vmi(&vm.namespace, &vm.name)?;
+        let config = convert::launcher_config(self.kubevirts.state().first().map(|k| &**k));
+        Some(convert::launcher_spec(&vmi, &config).requests().cpu_millis)
     }
 
     /// What completing VM requests needs, from the stores as they are now.
