@@ -255,3 +255,80 @@ async fn dry_run_policy_records_decisions_and_creates_nothing() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Two nodes of equal load: no move, until an administrator annotates one with a load
+/// override; then the policy sends a VM from it to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_override_annotation_pushes_a_vm_off_the_node() -> anyhow::Result<()> {
+    ensure_controller_for_process();
+    let ns = TestCluster::get()
+        .fresh_namespace("rebalance-override")
+        .await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (a, b) = (ns.node_name("a"), ns.node_name("b"));
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    // Node a has CPU for two VMs only, so the next two start on b.
+    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1", "64Gi"))
+        .await?;
+    for (vms, node) in [(["vm-a", "vm-b"], &a), (["vm-c", "vm-d"], &b)] {
+        if node == &b {
+            ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+        }
+        for vm in vms {
+            ns.create_vmi(ns.vmi(vm, "1Gi", "500m")).await?;
+        }
+        for vm in vms {
+            wait_for_object(&vmis, vm, T, "VMI running on its node", |v| {
+                v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && v.node_name() == Some(node.as_str())
+                    && v.condition_true("LiveMigratable")
+            })
+            .await?;
+        }
+    }
+    for (node, vms, base) in [(&a, ["vm-a", "vm-b"], 1), (&b, ["vm-c", "vm-d"], 3)] {
+        let summaries = vms
+            .iter()
+            .enumerate()
+            .map(|(i, vm)| vm_summary(&ns.name, vm, GIB, &keys(1_000_000 * (base + i as u64), 500)))
+            .collect();
+        publish_digest(&ns.client, node, "wg-1", summaries, &[]).await?;
+        set_vm_loads(
+            &ns.client,
+            node,
+            &[(vms[0], 3.0, 0.0, GIB), (vms[1], 3.0, 0.0, GIB)],
+        )
+        .await?;
+    }
+    let policies: Api<RebalancePolicy> = Api::all(ns.client.clone());
+    let _policy = create_policy(&ns, true).await?;
+    // Balanced: rounds run and decide nothing.
+    let quiet = wait_for_object(&policies, &ns.name, T, "a round without decisions", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.last_round_time.is_some() && s.decisions.is_empty())
+    })
+    .await;
+    on_failure(&ns, quiet).await?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ns.client.clone());
+    nodes
+        .patch(
+            &a,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                commonground::plan::rebalance::LOAD_OVERRIDE_ANNOTATION: "+10"}}})),
+        )
+        .await?;
+    let decided = wait_for_object(
+        &policies,
+        &ns.name,
+        T,
+        "a decision after the override",
+        |p| p.status.as_ref().is_some_and(|s| !s.decisions.is_empty()),
+    )
+    .await;
+    let status = on_failure(&ns, decided).await?.status.unwrap();
+    let d = &status.decisions[0];
+    assert_eq!((d.from.as_str(), d.to.as_str()), (a.as_str(), b.as_str()));
+    Ok(())
+}

@@ -44,6 +44,16 @@ pub struct VmiSpec {
     pub scheduler_name: Option<String>,
     #[serde(default)]
     pub domain: serde_json::Value,
+    /// The VMI's volumes (persistent volume claims, data volumes, downward metrics...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<serde_json::Value>,
+    /// `amd64`, `arm64`, ...; the cluster's architecture when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -181,6 +191,15 @@ pub struct KubeVirtSpec {
 pub struct KubeVirtConfiguration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrations: Option<MigrationConfiguration>,
+    /// A decimal such as `"1.5"`: the launcher's memory overhead is multiplied by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additional_guest_memory_overhead_ratio: Option<String>,
+    /// `memoryOvercommit`, `cpuAllocationRatio` and the rest, read where needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub developer_configuration: Option<serde_json::Value>,
+    /// `disableSerialConsoleLog` and the rest, read where needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_machine_options: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -81,6 +81,12 @@ pub struct RebalancePolicySpec {
     /// Record decisions only.
     #[serde(default)]
     pub dry_run: bool,
+    /// Count each node's non-VM load too: what its agent measures for the whole node from
+    /// /proc minus its VMs' loads (other pods, the host's own work). Off by default: nodes
+    /// then weigh only their VMs. A node's `commonground.dev/load-override` annotation
+    /// (`"40"` sets its load, `"+15"` adds to it) applies either way.
+    #[serde(default)]
+    pub include_host_load: bool,
 }
 
 fn default_interval() -> String {

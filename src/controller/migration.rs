@@ -381,6 +381,19 @@ fn estimate(
         summary.map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
     );
+    // KubeVirt throttles the migration to its bandwidthPerMigration, where one is set.
+    let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
+    if let Some(cap) = ctx.view.bandwidth_cap(&vm) {
+        let capped = crate::plan::estimate::capped_bandwidth(base.bandwidth, Some(&cap));
+        if capped < base.bandwidth {
+            status.notes.push(format!(
+                "estimate at {}/s, the bandwidthPerMigration of {}",
+                crate::plan::hardware::human_bytes(cap.bytes_per_second),
+                cap.source
+            ));
+            base.bandwidth = capped;
+        }
+    }
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
             (

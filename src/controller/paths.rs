@@ -102,7 +102,11 @@ pub fn decide(
                 .is_some_and(|u| u != me),
         })
         .collect();
-    let spare_cores = target.map_or(0.0, |t| t.free().cpu_millis as f64 / 1000.0);
+    // The VM's own CPU lands on the target with it: not spare for extra streams.
+    let vm_cpu = ctx.view.launcher_cpu_millis(&plan.vm).unwrap_or(0);
+    let spare_cores = target.map_or(0.0, |t| {
+        crate::plan::paths::target_spare_cores(t.free().cpu_millis, vm_cpu)
+    });
     let budget = PathBudget {
         max_seconds,
         setup_seconds,

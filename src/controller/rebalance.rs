@@ -259,7 +259,20 @@ fn balancing_nodes(
             } else {
                 in_flight_here
             },
+            base_load: 0.0,
         };
+        // The host's measured share (when the policy counts it) and an administrator's override.
+        let measured = spec.include_host_load.then_some(LoadFactors {
+            cpu_cores: status.load.cpu_cores,
+            io_bytes_per_second: status.load.io_bytes_per_second,
+            memory_bytes: status.load.memory_bytes as f64,
+        });
+        let n = n.with_base_load(
+            measured.as_ref(),
+            node.annotations()
+                .get(crate::plan::rebalance::LOAD_OVERRIDE_ANNOTATION)
+                .map(String::as_str),
+        );
         loads.insert(name, (n.load() * 1000.0).round() / 1000.0);
         nodes.push(n);
     }

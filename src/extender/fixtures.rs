@@ -86,6 +86,8 @@ pub fn snapshot(nodes: usize) -> ClusterSnapshot {
             requested: Resources::default(),
             work_group: "wg-a".to_string(),
             load: Some(0.2 + (i % 7) as f64 * 0.05),
+            scalar_allocatable: Default::default(),
+            scalar_requested: Default::default(),
         };
         if i != 3 {
             let vms = if i == 0 {

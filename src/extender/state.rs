@@ -165,6 +165,16 @@ impl ClusterState {
             })
             .collect();
         state.add_memory_groups(detected);
+        // Requests under the KubeVirt CR's settings, with volumes, anti-affinity and devices.
+        let fit = view.fit_context();
+        for vmi in &vmis {
+            let (Some(ns), Some(name)) = (&vmi.metadata.namespace, &vmi.metadata.name) else {
+                continue;
+            };
+            if let Some(entry) = state.vmis.get_mut(&VmKey::new(ns.clone(), name.clone())) {
+                entry.request = fit.vm_request(vmi);
+            }
+        }
         state
     }
 

@@ -124,6 +124,13 @@ pub struct NodeFacts {
     /// `None` when no agent has reported yet; the planner then uses requested/allocatable.
     #[serde(default)]
     pub load: Option<f64>,
+    /// Countable resources other than CPU and memory: `hugepages-<size>` in bytes and
+    /// device-plugin (extended) resources such as GPUs or SR-IOV functions in units, from the
+    /// node's allocatable, and what the pods bound to it request of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scalar_allocatable: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scalar_requested: BTreeMap<String, u64>,
 }
 
 fn yes() -> bool {
@@ -237,6 +244,43 @@ pub struct VmRequest {
     pub summary: Option<VmRegionSummary>,
     /// Guest memory size, used when there is no summary.
     pub memory_bytes: u64,
+    /// What else the target pod needs of a node: hugepages, devices, its volumes' nodes,
+    /// the pods it must not share a topology domain with.
+    #[serde(default)]
+    pub fit: FitNeeds,
+}
+
+/// The target pod's needs beyond CPU, memory, selectors, affinity and taints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FitNeeds {
+    /// The part of `requests.memory_bytes` KubeVirt adds for the launcher (for reasons).
+    #[serde(default)]
+    pub memory_overhead_bytes: u64,
+    /// `hugepages-<size>` in bytes and device-plugin resources in units.
+    #[serde(default)]
+    pub scalar_requests: BTreeMap<String, u64>,
+    /// The VM's bound persistent volumes that limit where it can run.
+    #[serde(default)]
+    pub volumes: Vec<VolumeConstraint>,
+    /// Topology domains the pod's required anti-affinity rules out.
+    #[serde(default)]
+    pub excluded_domains: Vec<super::affinity::ExcludedDomain>,
+}
+
+/// Where a persistent volume can be used: its required node affinity (terms ORed) and its
+/// zone and region labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeConstraint {
+    pub volume: String,
+    pub claim: String,
+    #[serde(default)]
+    pub node_terms: Vec<NodeSelectorTerm>,
+    /// `topology.kubernetes.io/zone` / `region` (and their old `failure-domain.beta`
+    /// names) of the volume; a node must carry the same value (one of the `__`-joined ones).
+    #[serde(default)]
+    pub topology_labels: BTreeMap<String, String>,
 }
 
 /// Everything the planner reads.

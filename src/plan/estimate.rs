@@ -80,6 +80,23 @@ pub enum EstimateError {
     Bytes(u64, u64),
 }
 
+/// KubeVirt's per-migration bandwidth limit (`bandwidthPerMigration`) where one applies to the
+/// VM, and where it was set (for the status notes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BandwidthCap {
+    pub bytes_per_second: u64,
+    pub source: String,
+}
+
+/// The bandwidth a migration gets over a network of `network` bytes per second under `cap`:
+/// KubeVirt throttles QEMU to the cap, so the slower of the two.
+pub fn capped_bandwidth(network: f64, cap: Option<&BandwidthCap>) -> f64 {
+    match cap {
+        Some(c) if c.bytes_per_second > 0 => network.min(c.bytes_per_second as f64),
+        _ => network,
+    }
+}
+
 pub fn estimate(input: &EstimateInput) -> Result<Estimate, EstimateError> {
     if !(input.bandwidth.is_finite() && input.bandwidth > 0.0) {
         return Err(EstimateError::Bandwidth(input.bandwidth));
@@ -213,5 +230,33 @@ mod tests {
         let mut i = EstimateInput::new(GIB, 0.0, 1.0);
         i.zero_bytes = 2 * GIB;
         assert!(estimate(&i).is_err());
+    }
+
+    #[test]
+    fn kubevirts_bandwidth_cap_slows_the_estimate_down() {
+        let cap = BandwidthCap {
+            bytes_per_second: 64 << 20,
+            source: "MigrationPolicy p".into(),
+        };
+        assert_eq!(capped_bandwidth(1.25e9, Some(&cap)), (64u64 << 20) as f64);
+        assert_eq!(
+            capped_bandwidth(1e6, Some(&cap)),
+            1e6,
+            "a slower network stays"
+        );
+        assert_eq!(capped_bandwidth(1.25e9, None), 1.25e9);
+        let unlimited = BandwidthCap {
+            bytes_per_second: 0,
+            ..cap.clone()
+        };
+        assert_eq!(capped_bandwidth(1.25e9, Some(&unlimited)), 1.25e9);
+        let fast = estimate(&EstimateInput::new(1 << 30, 0.0, 1.25e9)).unwrap();
+        let slow = estimate(&EstimateInput::new(
+            1 << 30,
+            0.0,
+            capped_bandwidth(1.25e9, Some(&cap)),
+        ))
+        .unwrap();
+        assert!(slow.seconds > 15.0 && fast.seconds < 1.0);
     }
 }

@@ -1,11 +1,24 @@
-//! Minimum hardware configuration (seed 000, claim 1): which nodes can host the VM at all.
+//! Minimum hardware configuration: which nodes can host the VM's migration target pod at all.
 //! Every node left out carries a reason a person can read in `kubectl describe`.
+//!
+//! Each rule mirrors a kube-scheduler filter, so that a node the filter accepts is one where
+//! the target pod can really be scheduled:
+//! - CPU, memory (the guest plus KubeVirt's launcher overhead, see [`super::launcher`]),
+//!   hugepages and device-plugin resources: NodeResourcesFit, allocatable minus what the
+//!   pods bound to the node request;
+//! - node selector and required node affinity: NodeAffinity; taints: TaintToleration;
+//! - the VM's bound persistent volumes: VolumeBinding (the volume's node affinity) and
+//!   VolumeZone (its zone and region labels);
+//! - the pod's required pod anti-affinity: InterPodAffinity.
+//!
+//! Readiness, cordons, KubeVirt's schedulable label and CPU model and feature labels are
+//! KubeVirt's own conditions on a target.
 
 use std::collections::BTreeMap;
 
 use super::cluster::{
     NodeFacts, NodeSelectorTerm, SelectorOperator, SelectorRequirement, TaintEffect, Toleration,
-    TolerationOperator, VmRequest,
+    TolerationOperator, VmRequest, VolumeConstraint,
 };
 
 pub const KUBEVIRT_SCHEDULABLE_LABEL: &str = "kubevirt.io/schedulable";
@@ -27,6 +40,37 @@ pub enum FilterReason {
     InsufficientMemory {
         free_bytes: u64,
         needed_bytes: u64,
+        /// The part of `needed_bytes` that is KubeVirt's launcher overhead.
+        overhead_bytes: u64,
+    },
+    /// Too few free `hugepages-<size>` (bytes).
+    InsufficientHugepages {
+        resource: String,
+        free_bytes: u64,
+        needed_bytes: u64,
+    },
+    /// Too few free units of a device-plugin resource (GPU, host device, SR-IOV function...).
+    InsufficientDevice {
+        resource: String,
+        free: u64,
+        needed: u64,
+    },
+    /// The node does not meet a bound persistent volume's node affinity.
+    VolumeNodeAffinity {
+        volume: String,
+        claim: String,
+    },
+    /// The node is outside a persistent volume's zone or region.
+    VolumeTopology {
+        volume: String,
+        key: String,
+        want: String,
+    },
+    /// A pod the VM's required anti-affinity matches runs in the node's topology domain.
+    PodAntiAffinity {
+        pod: String,
+        topology_key: String,
+        value: String,
     },
     NodeSelectorMismatch {
         key: String,
@@ -68,11 +112,54 @@ impl std::fmt::Display for FilterReason {
             Self::InsufficientMemory {
                 free_bytes,
                 needed_bytes,
+                overhead_bytes: 0,
             } => write!(
                 f,
                 "insufficient memory: {} free, {} needed",
                 human_bytes(*free_bytes),
                 human_bytes(*needed_bytes)
+            ),
+            Self::InsufficientMemory {
+                free_bytes,
+                needed_bytes,
+                overhead_bytes,
+            } => write!(
+                f,
+                "insufficient memory: {} free, {} needed (with {} virt-launcher overhead)",
+                human_bytes(*free_bytes),
+                human_bytes(*needed_bytes),
+                human_bytes(*overhead_bytes)
+            ),
+            Self::InsufficientHugepages {
+                resource,
+                free_bytes,
+                needed_bytes,
+            } => write!(
+                f,
+                "insufficient {resource}: {} free, {} needed for the guest's memory",
+                human_bytes(*free_bytes),
+                human_bytes(*needed_bytes)
+            ),
+            Self::InsufficientDevice {
+                resource,
+                free,
+                needed,
+            } => write!(f, "insufficient {resource}: {free} free, {needed} needed"),
+            Self::VolumeNodeAffinity { volume, claim } => write!(
+                f,
+                "node does not match the node affinity of persistent volume {volume} (claim {claim})"
+            ),
+            Self::VolumeTopology { volume, key, want } => write!(
+                f,
+                "persistent volume {volume} is in {key}={want}, the node is not"
+            ),
+            Self::PodAntiAffinity {
+                pod,
+                topology_key,
+                value,
+            } => write!(
+                f,
+                "pod anti-affinity: {pod} runs in {topology_key}={value}"
             ),
             Self::NodeSelectorMismatch { key, want } => {
                 write!(f, "node selector {key}={want} does not match")
@@ -141,7 +228,11 @@ pub fn check_node(vm: &VmRequest, node: &NodeFacts) -> Option<FilterReason> {
         return Some(FilterReason::InsufficientMemory {
             free_bytes: free.memory_bytes,
             needed_bytes: vm.requests.memory_bytes,
+            overhead_bytes: vm.fit.memory_overhead_bytes,
         });
+    }
+    if let Some(reason) = scalar_shortage(&vm.fit.scalar_requests, node) {
+        return Some(reason);
     }
     if let Some(reason) = selector_mismatch(&vm.node_selector, &node.labels) {
         return Some(reason);
@@ -182,6 +273,96 @@ pub fn check_node(vm: &VmRequest, node: &NodeFacts) -> Option<FilterReason> {
         let label = format!("{CPU_FEATURE_LABEL_PREFIX}{feature}");
         if node.labels.get(&label).map(String::as_str) != Some("true") {
             return Some(FilterReason::MissingCpuFeature(feature.clone()));
+        }
+    }
+    for v in &vm.fit.volumes {
+        if let Some(reason) = volume_mismatch(v, node) {
+            return Some(reason);
+        }
+    }
+    for d in &vm.fit.excluded_domains {
+        if d.excludes(&node.labels) {
+            return Some(FilterReason::PodAntiAffinity {
+                pod: d.pod.clone(),
+                topology_key: d.topology_key.clone(),
+                value: node.labels[&d.topology_key].clone(),
+            });
+        }
+    }
+    None
+}
+
+/// The first hugepages or device-plugin resource the node has too little of. A resource the
+/// node does not list at all has none free, as for kube-scheduler.
+fn scalar_shortage(requests: &BTreeMap<String, u64>, node: &NodeFacts) -> Option<FilterReason> {
+    requests
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .find_map(|(name, &needed)| {
+            let alloc = node.scalar_allocatable.get(name).copied().unwrap_or(0);
+            let used = node.scalar_requested.get(name).copied().unwrap_or(0);
+            let free = alloc.saturating_sub(used);
+            (needed > free).then(|| {
+                if name.starts_with(HUGEPAGES_PREFIX) {
+                    FilterReason::InsufficientHugepages {
+                        resource: name.clone(),
+                        free_bytes: free,
+                        needed_bytes: needed,
+                    }
+                } else {
+                    FilterReason::InsufficientDevice {
+                        resource: name.clone(),
+                        free,
+                        needed,
+                    }
+                }
+            })
+        })
+}
+
+pub const HUGEPAGES_PREFIX: &str = "hugepages-";
+
+/// Zone and region labels of a volume that kube-scheduler's VolumeZone filter compares.
+pub const VOLUME_TOPOLOGY_LABELS: [&str; 4] = [
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+];
+
+fn volume_mismatch(v: &VolumeConstraint, node: &NodeFacts) -> Option<FilterReason> {
+    if !v.node_terms.is_empty()
+        && !v
+            .node_terms
+            .iter()
+            .any(|t| term_matches(t, &node.name, &node.labels))
+    {
+        return Some(FilterReason::VolumeNodeAffinity {
+            volume: v.volume.clone(),
+            claim: v.claim.clone(),
+        });
+    }
+    // A node with no zone or region label at all passes (a single-zone cluster).
+    if !VOLUME_TOPOLOGY_LABELS
+        .iter()
+        .any(|k| node.labels.contains_key(*k))
+    {
+        return None;
+    }
+    for (key, want) in &v.topology_labels {
+        // A volume may name several zones joined by `__`; the node must be in one of them.
+        // An old `failure-domain.beta` key is also matched by the node's current label.
+        let have = node.labels.get(key).or_else(|| {
+            key.strip_prefix("failure-domain.beta.kubernetes.io/")
+                .and_then(|k| node.labels.get(&format!("topology.kubernetes.io/{k}")))
+        });
+        let ok = have.is_some_and(|have| want.split("__").any(|w| w == have));
+        if !ok {
+            return Some(FilterReason::VolumeTopology {
+                volume: v.volume.clone(),
+                key: key.clone(),
+                want: want.clone(),
+            });
         }
     }
     None
@@ -270,6 +451,8 @@ mod tests {
             requested: Resources::default(),
             work_group: "a".into(),
             load: None,
+            scalar_allocatable: BTreeMap::new(),
+            scalar_requested: BTreeMap::new(),
         }
     }
 
@@ -288,6 +471,7 @@ mod tests {
             cpu_features: vec![],
             summary: None,
             memory_bytes: 8 * GIB,
+            fit: Default::default(),
         }
     }
 
@@ -439,5 +623,158 @@ mod tests {
             Some(FilterReason::AffinityMismatch)
         );
         assert_eq!(check_node(&v, &node("b")), None);
+    }
+
+    #[test]
+    fn memory_reason_names_the_launcher_overhead() {
+        let mut v = vm();
+        v.fit.memory_overhead_bytes = 300 << 20;
+        v.requests.memory_bytes = 8 * GIB + (300 << 20);
+        let mut n = node("n");
+        n.allocatable.memory_bytes = 8 * GIB + (100 << 20);
+        assert_eq!(
+            check_node(&v, &n).unwrap().to_string(),
+            "insufficient memory: 8.1 GiB free, 8.3 GiB needed (with 300.0 MiB virt-launcher overhead)"
+        );
+        n.allocatable.memory_bytes = 9 * GIB;
+        assert_eq!(check_node(&v, &n), None);
+    }
+
+    #[test]
+    fn hugepages_need_free_pages_of_the_guest_page_size() {
+        let mut v = vm();
+        v.fit
+            .scalar_requests
+            .insert("hugepages-1Gi".into(), 8 * GIB);
+        let mut n = node("n");
+        assert_eq!(
+            check_node(&v, &n).unwrap().to_string(),
+            "insufficient hugepages-1Gi: 0 B free, 8.0 GiB needed for the guest's memory"
+        );
+        n.scalar_allocatable
+            .insert("hugepages-2Mi".into(), 16 * GIB);
+        assert!(
+            check_node(&v, &n).is_some(),
+            "pages of another size do not help"
+        );
+        n.scalar_allocatable
+            .insert("hugepages-1Gi".into(), 16 * GIB);
+        n.scalar_requested.insert("hugepages-1Gi".into(), 10 * GIB);
+        assert!(matches!(
+            check_node(&v, &n),
+            Some(FilterReason::InsufficientHugepages { free_bytes, .. }) if free_bytes == 6 * GIB
+        ));
+        n.scalar_requested.insert("hugepages-1Gi".into(), 8 * GIB);
+        assert_eq!(check_node(&v, &n), None);
+    }
+
+    #[test]
+    fn devices_need_free_units_of_the_plugin_resource() {
+        let mut v = vm();
+        v.fit.scalar_requests.insert("nvidia.com/A100".into(), 2);
+        let mut n = node("n");
+        n.scalar_allocatable.insert("nvidia.com/A100".into(), 4);
+        n.scalar_requested.insert("nvidia.com/A100".into(), 3);
+        assert_eq!(
+            check_node(&v, &n).unwrap().to_string(),
+            "insufficient nvidia.com/A100: 1 free, 2 needed"
+        );
+        n.scalar_requested.clear();
+        assert_eq!(check_node(&v, &n), None);
+        assert!(
+            matches!(
+                check_node(&v, &node("m")),
+                Some(FilterReason::InsufficientDevice { free: 0, .. })
+            ),
+            "a node without the resource has none"
+        );
+    }
+
+    fn local_volume(node_name: &str) -> VolumeConstraint {
+        VolumeConstraint {
+            volume: "pv-1".into(),
+            claim: "disk".into(),
+            node_terms: vec![NodeSelectorTerm {
+                match_expressions: vec![SelectorRequirement {
+                    key: "kubernetes.io/hostname".into(),
+                    operator: SelectorOperator::In,
+                    values: vec![node_name.into()],
+                }],
+                match_fields: vec![],
+            }],
+            topology_labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_local_volume_keeps_the_vm_on_the_volumes_node() {
+        let mut v = vm();
+        v.fit.volumes.push(local_volume("b"));
+        let mut a = node("a");
+        a.labels.insert("kubernetes.io/hostname".into(), "a".into());
+        let mut b = node("b");
+        b.labels.insert("kubernetes.io/hostname".into(), "b".into());
+        assert_eq!(
+            check_node(&v, &a).unwrap().to_string(),
+            "node does not match the node affinity of persistent volume pv-1 (claim disk)"
+        );
+        assert_eq!(check_node(&v, &b), None);
+    }
+
+    #[test]
+    fn a_zonal_volume_keeps_the_vm_in_its_zones() {
+        let mut v = vm();
+        v.fit.volumes.push(VolumeConstraint {
+            volume: "pv-z".into(),
+            claim: "disk".into(),
+            node_terms: vec![],
+            topology_labels: [(
+                "failure-domain.beta.kubernetes.io/zone".to_string(),
+                "z1__z2".to_string(),
+            )]
+            .into(),
+        });
+        let zoned = |z: &str| {
+            let mut n = node("n");
+            n.labels
+                .insert("topology.kubernetes.io/zone".into(), z.into());
+            n
+        };
+        assert_eq!(
+            check_node(&v, &zoned("z2")),
+            None,
+            "the GA label answers the beta key"
+        );
+        assert_eq!(
+            check_node(&v, &zoned("z3")).unwrap().to_string(),
+            "persistent volume pv-z is in failure-domain.beta.kubernetes.io/zone=z1__z2, the node is not"
+        );
+        assert_eq!(
+            check_node(&v, &node("n")),
+            None,
+            "a node with no zone or region label passes"
+        );
+    }
+
+    #[test]
+    fn anti_affinity_rules_out_the_domains_of_matching_pods() {
+        let mut v = vm();
+        v.fit
+            .excluded_domains
+            .push(crate::plan::affinity::ExcludedDomain {
+                topology_key: "topology.kubernetes.io/zone".into(),
+                values: ["z1".to_string()].into(),
+                pod: "ns/db-0".into(),
+            });
+        let mut n = node("n");
+        n.labels
+            .insert("topology.kubernetes.io/zone".into(), "z1".into());
+        assert_eq!(
+            check_node(&v, &n).unwrap().to_string(),
+            "pod anti-affinity: ns/db-0 runs in topology.kubernetes.io/zone=z1"
+        );
+        n.labels
+            .insert("topology.kubernetes.io/zone".into(), "z2".into());
+        assert_eq!(check_node(&v, &n), None);
     }
 }

@@ -1,9 +1,11 @@
 //! The planning core: plain Rust, no Kubernetes types. The controller, the extender and
 //! `simulate` all call these functions, so what is measured offline is what runs in a cluster.
 
+pub mod affinity;
 pub mod cluster;
 pub mod estimate;
 pub mod hardware;
+pub mod launcher;
 pub mod overlap_index;
 pub mod paths;
 pub mod planner;

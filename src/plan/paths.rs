@@ -21,6 +21,13 @@ pub struct PathOption {
     pub in_use: bool,
 }
 
+/// Idle cores the target has left for extra migration streams once the VM itself is there:
+/// its free CPU (allocatable minus what the pods on it request) minus the migrating VM's own
+/// launcher request, which lands on the target with the migration.
+pub fn target_spare_cores(free_millis: u64, vm_cpu_millis: u64) -> f64 {
+    free_millis.saturating_sub(vm_cpu_millis) as f64 / 1000.0
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PathBudget {
     /// The time threshold (`spec.maxDuration`).
@@ -232,5 +239,11 @@ mod tests {
         let d = choose_paths(&base(), &[path("a", 10.0)], &b).unwrap();
         assert!(d.added.is_empty());
         assert!(d.skipped[0].1.contains("CPU"));
+    }
+
+    #[test]
+    fn spare_cores_leave_out_the_migrating_vms_own_cpu() {
+        assert_eq!(target_spare_cores(6000, 4000), 2.0);
+        assert_eq!(target_spare_cores(2000, 4000), 0.0, "never negative");
     }
 }

@@ -381,6 +381,15 @@ impl Planner {
         for m in rest {
             combined.requests = combined.requests + m.requests;
             combined.memory_bytes += m.memory_bytes;
+            combined.fit.memory_overhead_bytes += m.fit.memory_overhead_bytes;
+            for (k, v) in &m.fit.scalar_requests {
+                *combined.fit.scalar_requests.entry(k.clone()).or_default() += v;
+            }
+            combined.fit.volumes.extend(m.fit.volumes.iter().cloned());
+            combined
+                .fit
+                .excluded_domains
+                .extend(m.fit.excluded_domains.iter().cloned());
         }
         let complete = summaries.len() == members.len();
         combined.summary = complete.then(|| VmRegionSummary {
@@ -401,6 +410,7 @@ impl Planner {
                 rest.iter().all(|m| {
                     let mut alone = m.clone();
                     alone.requests = Default::default();
+                    alone.fit.scalar_requests.clear();
                     check_node(&alone, n).is_none()
                 })
             })

@@ -32,6 +32,8 @@ fn node(name: &str, group: &str, load: f64) -> NodeFacts {
         requested: Resources::default(),
         work_group: group.into(),
         load: Some(load),
+        scalar_allocatable: Default::default(),
+        scalar_requested: Default::default(),
     }
 }
 
@@ -79,6 +81,7 @@ fn request(summary: &VmRegionSummary, source: &str) -> VmRequest {
         cpu_features: vec![],
         summary: Some(summary.clone()),
         memory_bytes: summary.memory_bytes,
+        fit: Default::default(),
     }
 }
 

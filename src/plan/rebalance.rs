@@ -125,11 +125,88 @@ pub struct BalancingNode {
     pub vms: Vec<BalancingVm>,
     /// Rebalancing migrations already touching this node.
     pub in_flight: u32,
+    /// Load on the node that is not its VMs' (other pods, the host's own work, an
+    /// administrator's addition): it stays when VMs move.
+    #[serde(default)]
+    pub base_load: f64,
 }
 
 impl BalancingNode {
     pub fn load(&self) -> f64 {
-        self.vms.iter().map(|v| self.weights.load(&v.factors)).sum()
+        self.base_load
+            + self
+                .vms
+                .iter()
+                .map(|v| self.weights.load(&v.factors))
+                .sum::<f64>()
+    }
+
+    /// The load of the VMs alone.
+    pub fn vm_load(&self) -> f64 {
+        self.load() - self.base_load
+    }
+
+    /// Adds what is not the VMs' load: the host's share of the node's measured load
+    /// (`node_measured`, when the policy counts it) and then an administrator's override
+    /// annotation value (ignored when it is not a number).
+    pub fn with_base_load(
+        mut self,
+        node_measured: Option<&LoadFactors>,
+        over: Option<&str>,
+    ) -> Self {
+        if let Some(m) = node_measured {
+            let vms: Vec<LoadFactors> = self.vms.iter().map(|v| v.factors).collect();
+            self.base_load += self.weights.load(&host_factors(m, &vms));
+        }
+        if let Some(o) = over.and_then(LoadOverride::parse) {
+            self.apply_override(o);
+        }
+        self
+    }
+
+    /// Applies an administrator's override: `Set` makes the node's load that value now (the
+    /// non-VM part absorbs the difference, so moving a VM off still lowers it), `Add` adds to it.
+    pub fn apply_override(&mut self, o: LoadOverride) {
+        match o {
+            LoadOverride::Set(x) => self.base_load = x - self.vm_load(),
+            LoadOverride::Add(x) => self.base_load += x,
+        }
+    }
+}
+
+/// Node annotation with which an administrator sets (`"40"`) or adds to (`"+15"`, `"-5"`) a
+/// node's load, in the policy's load units, for example to push VMs off a node.
+pub const LOAD_OVERRIDE_ANNOTATION: &str = "commonground.dev/load-override";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LoadOverride {
+    Set(f64),
+    Add(f64),
+}
+
+impl LoadOverride {
+    /// Parses an annotation value; `None` for anything that is not a finite number.
+    pub fn parse(text: &str) -> Option<LoadOverride> {
+        let t = text.trim();
+        let number = |s: &str| s.trim().parse::<f64>().ok().filter(|x| x.is_finite());
+        if let Some(rest) = t.strip_prefix('+') {
+            number(rest).map(LoadOverride::Add)
+        } else if t.starts_with('-') {
+            number(t).map(LoadOverride::Add)
+        } else {
+            number(t).map(LoadOverride::Set)
+        }
+    }
+}
+
+/// What a node's whole measured load holds beyond its VMs (other pods, the host's own work):
+/// the node's measured factors minus the sum of its VMs', never below zero.
+pub fn host_factors(node: &LoadFactors, vms: &[LoadFactors]) -> LoadFactors {
+    let sum = |f: fn(&LoadFactors) -> f64| vms.iter().map(f).sum::<f64>();
+    LoadFactors {
+        cpu_cores: (node.cpu_cores - sum(|v| v.cpu_cores)).max(0.0),
+        io_bytes_per_second: (node.io_bytes_per_second - sum(|v| v.io_bytes_per_second)).max(0.0),
+        memory_bytes: (node.memory_bytes - sum(|v| v.memory_bytes)).max(0.0),
     }
 }
 
@@ -482,6 +559,7 @@ mod tests {
             weights: cpu_only(),
             vms,
             in_flight: 0,
+            base_load: 0.0,
         }
     }
 
@@ -706,5 +784,91 @@ mod tests {
     fn cv_is_zero_when_even() {
         assert_eq!(coefficient_of_variation(&[5.0, 5.0]), 0.0);
         assert!(coefficient_of_variation(&[10.0, 0.0]) > 0.9);
+    }
+
+    #[test]
+    fn load_override_sets_or_adds_and_moving_a_vm_still_lowers_the_load() {
+        assert_eq!(LoadOverride::parse("40"), Some(LoadOverride::Set(40.0)));
+        assert_eq!(LoadOverride::parse(" +15 "), Some(LoadOverride::Add(15.0)));
+        assert_eq!(LoadOverride::parse("-5"), Some(LoadOverride::Add(-5.0)));
+        assert_eq!(LoadOverride::parse("lots"), None);
+        assert_eq!(LoadOverride::parse("inf"), None);
+        let vm = |name: &str, cpu: f64| BalancingVm {
+            vm: VmKey::new("ns", name),
+            factors: LoadFactors {
+                cpu_cores: cpu,
+                io_bytes_per_second: 0.0,
+                memory_bytes: 0.0,
+            },
+            target_load: None,
+            movable: true,
+        };
+        let mut n = node("a", vec![vm("x", 10.0), vm("y", 5.0)]);
+        n.apply_override(LoadOverride::Set(40.0));
+        assert_eq!(n.load(), 40.0);
+        n.vms.pop();
+        assert_eq!(n.load(), 35.0, "the VM's share leaves with it");
+        n.apply_override(LoadOverride::Add(5.0));
+        assert_eq!(n.load(), 40.0);
+    }
+
+    #[test]
+    fn an_overridden_node_sends_its_vms_away() {
+        let vm = |name: &str, cpu: f64| BalancingVm {
+            vm: VmKey::new("ns", name),
+            factors: LoadFactors {
+                cpu_cores: cpu,
+                io_bytes_per_second: 0.0,
+                memory_bytes: 0.0,
+            },
+            target_load: None,
+            movable: true,
+        };
+        let mut a = node("a", vec![vm("a1", 10.0), vm("a2", 10.0)]);
+        let b = node("b", vec![vm("b1", 10.0), vm("b2", 10.0)]);
+        assert_eq!(a.load(), b.load());
+        a.apply_override(LoadOverride::Add(30.0));
+        assert!(a.load() > 2.0 * b.load());
+    }
+
+    #[test]
+    fn host_factors_are_the_node_minus_its_vms_never_negative() {
+        let f = |c: f64, io: f64, m: f64| LoadFactors {
+            cpu_cores: c,
+            io_bytes_per_second: io,
+            memory_bytes: m,
+        };
+        let h = host_factors(
+            &f(8.0, 100.0, 1000.0),
+            &[f(3.0, 20.0, 400.0), f(1.0, 90.0, 100.0)],
+        );
+        assert_eq!(h, f(4.0, 0.0, 500.0));
+    }
+
+    #[test]
+    fn the_hosts_measured_share_counts_and_the_override_comes_last() {
+        let vm = BalancingVm {
+            vm: VmKey::new("ns", "x"),
+            factors: LoadFactors {
+                cpu_cores: 3.0,
+                io_bytes_per_second: 0.0,
+                memory_bytes: 0.0,
+            },
+            target_load: None,
+            movable: true,
+        };
+        let measured = LoadFactors {
+            cpu_cores: 7.0,
+            io_bytes_per_second: 0.0,
+            memory_bytes: 0.0,
+        };
+        let n = node("a", vec![vm.clone()]).with_base_load(Some(&measured), None);
+        assert_eq!((n.base_load, n.load()), (4.0, 7.0));
+        let n = node("a", vec![vm.clone()]).with_base_load(Some(&measured), Some("+1"));
+        assert_eq!(n.load(), 8.0);
+        let n = node("a", vec![vm.clone()]).with_base_load(None, Some("20"));
+        assert_eq!(n.load(), 20.0);
+        let n = node("a", vec![vm]).with_base_load(None, Some("junk"));
+        assert_eq!(n.load(), 3.0);
     }
 }

@@ -281,6 +281,7 @@ fn run_mode(start: &State, mode: Mode, cfg: &RebalanceConfig) -> RunReport {
                 weights: s.weights[n],
                 vms: Vec::new(),
                 in_flight: 0,
+                base_load: 0.0,
             })
             .collect();
         let pos: HashMap<usize, usize> = (0..s.names.len())

@@ -119,6 +119,7 @@ pub fn prepare(file: RecordedFile) -> Result<RecordedCluster, SimulateError> {
                 cpu_features: vec![],
                 summary: None,
                 memory_bytes: vm.memory_bytes,
+                fit: Default::default(),
             });
         }
     }

@@ -423,6 +423,8 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<SyntheticCluster, SimulateError
                 requested: Resources::default(),
                 work_group: group,
                 load: None,
+                scalar_allocatable: Default::default(),
+                scalar_requested: Default::default(),
             }
         })
         .collect();
@@ -594,6 +596,7 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<SyntheticCluster, SimulateError
             cpu_features: vec![],
             summary: None,
             memory_bytes: vp.memory_bytes,
+            fit: Default::default(),
         })
         .collect();
 

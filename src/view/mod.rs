@@ -2,7 +2,9 @@
 //! of Kubernetes objects into the planner's plain facts.
 
 pub mod args;
+pub mod bandwidth;
 pub mod convert;
+pub mod fit;
 pub mod quantity;
 pub mod store;
 

@@ -2,20 +2,22 @@
 //! No API call happens on a planning path: everything is read from these stores, and the
 //! planner is rebuilt from them (at most every `rebuild_interval`) when something changed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use super::convert;
+use super::fit::FitContext;
 use crate::api::kubevirt::{
-    KubeVirt, VirtualMachineInstance, VirtualMachineInstanceMigration,
+    KubeVirt, MigrationPolicy, VirtualMachineInstance, VirtualMachineInstanceMigration,
     DEFAULT_PARALLEL_MIGRATIONS_PER_CLUSTER, DEFAULT_PARALLEL_OUTBOUND_MIGRATIONS_PER_NODE,
 };
 use crate::api::{MigrationNetwork, NodeRegionDigest, VirtualMachineMigration};
@@ -61,6 +63,12 @@ pub struct ClusterView {
     pub vmms: Store<VirtualMachineMigration>,
     pub kubevirts: Store<KubeVirt>,
     pub networks: Store<MigrationNetwork>,
+    /// Claims and volumes: where a VM's local or zonal storage lets it run.
+    pub pvcs: Store<PersistentVolumeClaim>,
+    pub pvs: Store<PersistentVolume>,
+    /// KubeVirt's MigrationPolicies (their bandwidth limit). Not waited for: a cluster
+    /// without the CRD still plans, with the KubeVirt CR's limit.
+    pub policies: Store<MigrationPolicy>,
     config: ViewConfig,
     version: Arc<AtomicU64>,
     cache: Arc<Mutex<Option<Cached>>>,
@@ -114,6 +122,9 @@ pub struct Fixed {
     pub vmms: Vec<VirtualMachineMigration>,
     pub kubevirts: Vec<KubeVirt>,
     pub networks: Vec<MigrationNetwork>,
+    pub pvcs: Vec<PersistentVolumeClaim>,
+    pub pvs: Vec<PersistentVolume>,
+    pub policies: Vec<MigrationPolicy>,
 }
 
 #[cfg(test)]
@@ -151,7 +162,10 @@ impl ClusterView {
             vmims: watched!(Api::<VirtualMachineInstanceMigration>::all(client.clone())),
             vmms: watched!(Api::<VirtualMachineMigration>::all(client.clone())),
             kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
-            networks: watched!(Api::<MigrationNetwork>::all(client)),
+            networks: watched!(Api::<MigrationNetwork>::all(client.clone())),
+            pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone())),
+            pvs: watched!(Api::<PersistentVolume>::all(client.clone())),
+            policies: watched!(Api::<MigrationPolicy>::all(client)),
             config,
             version,
             cache: Arc::new(Mutex::new(None)),
@@ -174,6 +188,9 @@ impl ClusterView {
             vmms: fixed_store(objects.vmms),
             kubevirts: fixed_store(objects.kubevirts),
             networks: fixed_store(objects.networks),
+            pvcs: fixed_store(objects.pvcs),
+            pvs: fixed_store(objects.pvs),
+            policies: fixed_store(objects.policies),
             config,
             version: Arc::new(AtomicU64::new(1)),
             cache: Arc::new(Mutex::new(None)),
@@ -191,6 +208,8 @@ impl ClusterView {
             self.vmms.wait_until_ready(),
             self.kubevirts.wait_until_ready(),
             self.networks.wait_until_ready(),
+            self.pvcs.wait_until_ready(),
+            self.pvs.wait_until_ready(),
         );
     }
 
@@ -215,10 +234,17 @@ impl ClusterView {
             }
         }
         let mut requested = std::collections::HashMap::<String, crate::plan::Resources>::new();
+        let mut scalar = std::collections::HashMap::<String, BTreeMap<String, u64>>::new();
         for pod in self.pods.state() {
-            if let Some((node, r)) = convert::pod_requests(&pod) {
-                let e = requested.entry(node).or_default();
-                *e = *e + r;
+            if let Some(r) = convert::pod_requests_full(&pod) {
+                if !r.scalar.is_empty() {
+                    let s = scalar.entry(r.node.clone()).or_default();
+                    for (k, v) in r.scalar {
+                        *s.entry(k).or_default() += v;
+                    }
+                }
+                let e = requested.entry(r.node).or_default();
+                *e = *e + r.resources;
             }
         }
         let mut nodes: Vec<_> = self
@@ -228,6 +254,7 @@ impl ClusterView {
             .map(|n| {
                 let mut f = convert::node_facts(n, &self.config.work_group_label);
                 f.requested = requested.get(&f.name).copied().unwrap_or_default();
+                f.scalar_requested = scalar.remove(&f.name).unwrap_or_default();
                 f.load = loads.get(&f.name).copied();
                 f
             })
@@ -276,8 +303,41 @@ impl ClusterView {
             .get(&reflector::ObjectRef::new(name).within(namespace))
     }
 
+    /// The VM's request as the fit filter needs it: its launcher pod's resources under the
+    /// KubeVirt CR's settings, its volumes' constraints and its anti-affinity's domains.
     pub fn vm_request(&self, vm: &VmKey) -> Option<VmRequest> {
-        convert::vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+        self.fit_context()
+            .vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
+    }
+
+    /// KubeVirt's bandwidth limit for the VM's migrations, where one is set.
+    pub fn bandwidth_cap(&self, vm: &VmKey) -> Option<crate::plan::estimate::BandwidthCap> {
+        let vmi = self.vmi(&vm.namespace, &vm.name)?;
+        let policies = self.policies.state();
+        super::bandwidth::bandwidth_cap(
+            vmi.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+            None,
+            policies.iter().map(|p| &**p),
+            self.kubevirts.state().first().map(|k| &**k),
+        )
+    }
+
+    /// The CPU the VM's launcher pod requests (it lands on the target with the migration).
+    pub fn launcher_cpu_millis(&self, vm: &VmKey) -> Option<u64> {
+        let vmi = self.vmi(&vm.namespace, &vm.name)?;
+        let config = convert::launcher_config(self.kubevirts.state().first().map(|k| &**k));
+        Some(convert::launcher_spec(&vmi, &config).requests().cpu_millis)
+    }
+
+    /// What completing VM requests needs, from the stores as they are now.
+    pub fn fit_context(&self) -> FitContext {
+        FitContext::new(
+            convert::launcher_config(self.kubevirts.state().first().map(|k| &**k)),
+            self.pvcs.state(),
+            self.pvs.state(),
+            self.pods.state(),
+            &self.nodes.state(),
+        )
     }
 
     pub fn migration_limits(&self) -> MigrationLimits {
