@@ -18,6 +18,10 @@
 //!   `completed`, `status.nodeName` and the `kubevirt.io/nodeName` label) or the source side
 //!   reports the failure (`failed`, `failureReason`, `endTimestamp`). An abort virt-controller
 //!   requests (`abortRequested`) ends the transfer as failed with `abortStatus: Succeeded`.
+//! - **virt-api's VMIM mutation** (no virt-api runs): a new VMIM gets the finalizer
+//!   `kubevirt.io/migrationJobFinalize`, which virt-controller removes once the migration is
+//!   final, so deleting an unfinished VMIM aborts it as in a real cluster. (Added by a watch
+//!   moments after the create, not at admission.)
 //! - **virt-handler, node**: the `kubevirt.io/heartbeat` annotation and
 //!   `kubevirt.io/schedulable` label on the namespace's pool of fake nodes.
 //!
@@ -436,8 +440,24 @@ impl Handler {
             return Ok(Action::requeue(Duration::from_millis(50)));
         }
 
-        // Source side: start the transfer.
+        // Source side: start the transfer; a guest that cannot live-migrate fails right away (in a
+        // real cluster virt-api refuses such a VMIM at admission; none runs here).
         let Some(start) = ts(ms, "startTimestamp") else {
+            if !vmi.condition_true(LIVE_MIGRATABLE) {
+                let now = now_rfc3339();
+                self.patch_status(
+                    &name,
+                    json!({"migrationState": {
+                        "startTimestamp": now,
+                        "failed": true,
+                        "failureReason": "VirtualMachineInstance is not live-migratable",
+                        "endTimestamp": now,
+                    }}),
+                )
+                .await?;
+                tracing::info!(vmi = %who, "not live-migratable; migration failed");
+                return Ok(Action::requeue(Duration::from_millis(50)));
+            }
             self.patch_status(
                 &name,
                 json!({"migrationState": {"startTimestamp": now_rfc3339(), "mode": "PreCopy"}}),
@@ -453,7 +473,7 @@ impl Handler {
                 json!({"migrationState": {
                     "failed": true,
                     "abortStatus": "Succeeded",
-                    "failureReason": "Migration aborted",
+                    "failureReason": super::ABORTED_REASON,
                     "endTimestamp": now_rfc3339(),
                 }}),
             )
@@ -563,6 +583,39 @@ impl Handler {
     }
 }
 
+/// virt-api's mutating webhook adds the migration finalizer on create; we add it on sight.
+pub(crate) async fn reconcile_vmim(
+    vmim: Arc<VirtualMachineInstanceMigration>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, Error> {
+    if vmim.metadata.deletion_timestamp.is_some()
+        || vmim.is_final()
+        || vmim.finalizers().iter().any(|f| f == super::VMIM_FINALIZER)
+    {
+        return Ok(Action::await_change());
+    }
+    let api: Api<VirtualMachineInstanceMigration> = ctx.api(&vmim.namespace().unwrap_or_default());
+    let mut fins = vmim.finalizers().to_vec();
+    fins.push(super::VMIM_FINALIZER.to_string());
+    let r = api
+        .patch(
+            &vmim.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {
+                "finalizers": fins,
+                "resourceVersion": vmim.resource_version(),
+            }})),
+        )
+        .await;
+    match r {
+        Ok(_) => Ok(Action::await_change()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+            Ok(Action::requeue(Duration::from_millis(50)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) async fn reconcile_vmi(
     vmi: Arc<VirtualMachineInstance>,
     ctx: Arc<Ctx>,
@@ -617,6 +670,13 @@ pub(crate) async fn run(
     pool: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     let launcher_pods = watcher::Config::default().labels("kubevirt.io=virt-launcher");
+    let vmim_ctrl = Controller::new(vmims.clone(), watcher::Config::default())
+        .run(reconcile_vmim, super::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "VMIM finalizer");
+            }
+        });
     let vmi_ctrl = Controller::new(vmis, watcher::Config::default())
         .owns(pods.clone(), launcher_pods.clone())
         .watches(
@@ -646,6 +706,7 @@ pub(crate) async fn run(
     tokio::select! {
         _ = vmi_ctrl => anyhow::bail!("handler VMI controller stopped"),
         _ = pod_ctrl => anyhow::bail!("kubelet pod controller stopped"),
+        _ = vmim_ctrl => anyhow::bail!("VMIM finalizer controller stopped"),
         r = heartbeats(ctx.clone(), pool) => r,
     }
 }
