@@ -300,6 +300,9 @@ impl Handler {
         let Some(raw) = self.raw_vmi(&name).await? else {
             return Ok(Action::await_change());
         };
+        // Decide on what the API holds now, not on the (possibly older) object that triggered us.
+        let fresh: Option<VirtualMachineInstance> = serde_json::from_value(raw.clone()).ok();
+        let vmi = fresh.as_ref().unwrap_or(vmi);
         let phase = raw
             .pointer("/status/phase")
             .and_then(Value::as_str)
@@ -456,6 +459,12 @@ impl Handler {
                 )
                 .await?;
                 tracing::info!(vmi = %who, "not live-migratable; migration failed");
+                for p in launchers.iter().filter(|p| {
+                    p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str)
+                        == Some(uid.as_str())
+                }) {
+                    pod_terminated(&self.pods, p, false).await?;
+                }
                 return Ok(Action::requeue(Duration::from_millis(50)));
             }
             self.patch_status(
@@ -503,6 +512,13 @@ impl Handler {
                 )
                 .await?;
                 tracing::info!(vmi = %who, %reason, "migration failed");
+                // The target's virt-handler tears its domain down: the target launcher ends.
+                for p in launchers.iter().filter(|p| {
+                    p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str)
+                        == Some(uid.as_str())
+                }) {
+                    pod_terminated(&self.pods, p, false).await?;
+                }
                 return Ok(Action::requeue(Duration::from_millis(50)));
             }
             deadline = at;
@@ -538,6 +554,14 @@ impl Handler {
         )
         .await?;
         tracing::info!(vmi = %who, from = %node, to = %target, "migration completed");
+        // The domain left the source: its launcher (the one on the source node, not this
+        // migration's target) exits.
+        for p in launchers.iter().filter(|p| {
+            node_of(p) == Some(node)
+                && p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str) != Some(uid.as_str())
+        }) {
+            pod_terminated(&self.pods, p, true).await?;
+        }
         Ok(Action::requeue(Duration::from_millis(50)))
     }
 
@@ -555,9 +579,25 @@ impl Handler {
             return Ok(());
         }
         let target_pod = ms["targetPod"].as_str().unwrap_or_default();
+        let active: BTreeSet<String> = self
+            .vmims
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|m| !m.is_final())
+            .filter_map(|m| m.uid())
+            .collect();
         for p in launchers {
             let is_target = p.name_any() == target_pod
                 || p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str) == Some(uid);
+            // The target pod of a migration still under way is not ours to end.
+            if p.labels()
+                .get(MIGRATION_JOB_UID_LABEL)
+                .is_some_and(|u| active.contains(u))
+            {
+                continue;
+            }
             if succeeded && !is_target && node_of(p) != Some(node) {
                 // The source launcher: its domain left, virt-launcher exits.
                 pod_terminated(&self.pods, p, true).await?;
