@@ -106,13 +106,21 @@ if ! python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_S
   info "port ${COMMONGROUND_DEMO_EXTENDER_PORT:-18444} is taken; the extender uses $PORT"
 fi
 EXTENDER_URL=http://127.0.0.1:$PORT
-step "Starting the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler calling $EXTENDER_URL)"
+step "Starting the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler calling $EXTENDER_URL, KubeVirt's virt-controller)"
 up_out=$(e2e/cluster up --state-dir "$STATE" --extender-url "$EXTENDER_URL" 2> >(sed 's/^/   /' >&2)) ||
   die "e2e/cluster up failed"
 KUBECONFIG=$(sed -n 's/^KUBECONFIG=//p' <<<"$up_out")
 export KUBECONFIG
 [[ -f $KUBECONFIG ]] || die "no kubeconfig from e2e/cluster up"
 info "KUBECONFIG=$KUBECONFIG"
+# With KubeVirt's own virt-controller (the default; COMMONGROUND_VIRT_CONTROLLER=standin turns it
+# off) the stand-in plays only virt-handler and kubelet.
+STANDIN_ROLE=()
+if [[ $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("virt-controller-mode", ""))' \
+  "$STATE/state.json" 2>/dev/null) == real ]]; then
+  STANDIN_ROLE=(--handler-only)
+  info "KubeVirt: the real virt-controller ($(e2e/cluster status --state-dir "$STATE" | sed -n 's/.*version=//p'))"
+fi
 
 # --- 3. commonground and the KubeVirt stand-in ---------------------------------------------------
 step "Starting commonground (extender, controller) and the KubeVirt stand-in"
@@ -121,7 +129,7 @@ start extender "$BIN/commonground" extender --listen "127.0.0.1:$PORT" --distanc
 start controller "$BIN/commonground" controller --no-leader-election --health-addr 127.0.0.1:0 \
   --distances wg-east:wg-west=10 --migration-bandwidth 125000000
 start kubevirt-standin "$BIN/kubevirt-standin" --memory --memory-helper "$BIN/vm-memory" \
-  --memory-dies-with-standin --namespace "$NS" --resync-secs 2
+  --memory-dies-with-standin --namespace "$NS" --resync-secs 2 ${STANDIN_ROLE[@]+"${STANDIN_ROLE[@]}"}
 until_ok 30 "the extender" curl -sf "$EXTENDER_URL/healthz"
 
 # --- 4. a clean slate ----------------------------------------------------------------------------
@@ -143,6 +151,9 @@ info "clean"
 # --- 5. nodes and agents -------------------------------------------------------------------------
 step "Creating 4 fake nodes in 2 work groups, and one commonground agent per node"
 now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# cpu/memory/pods, plus what virt-handler's device plugins and a kubelet report (virt-launcher
+# pods request them).
+res='{"cpu":"16","memory":"64Gi","pods":"110","ephemeral-storage":"100Gi","devices.kubevirt.io/kvm":"1k","devices.kubevirt.io/tun":"1k","devices.kubevirt.io/vhost-net":"1k"}'
 for i in "${!NODES[@]}"; do
   n=${NODES[$i]} wg=${GROUPS_OF[$i]}
   cat <<EOF | k apply -f - >/dev/null
@@ -157,10 +168,11 @@ metadata:
     kubernetes.io/os: linux
     kubernetes.io/arch: amd64
     kubevirt.io/schedulable: "true"
+  annotations:
+    kubevirt.io/heartbeat: "$now"
 EOF
   k patch node "$n" --subresource=status --type=merge -p "{\"status\":{
-    \"capacity\":{\"cpu\":\"16\",\"memory\":\"64Gi\",\"pods\":\"110\"},
-    \"allocatable\":{\"cpu\":\"16\",\"memory\":\"64Gi\",\"pods\":\"110\"},
+    \"capacity\":$res, \"allocatable\":$res,
     \"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",
       \"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null
   # All fake nodes share this machine's /proc: --process-node-arg tells each agent which VM

@@ -28,6 +28,9 @@ pub const EXTENDER_ENV: &str = "COMMONGROUND_E2E_EXTENDER_URL";
 pub struct TestCluster {
     pub kubeconfig: PathBuf,
     pub extender_url: Option<String>,
+    /// Whether KubeVirt's own virt-controller runs (`e2e/cluster` default); when it does not
+    /// (`COMMONGROUND_VIRT_CONTROLLER=standin`), the stand-in plays it too.
+    pub real_virt_controller: bool,
     script: PathBuf,
 }
 
@@ -78,9 +81,19 @@ impl TestCluster {
             .lines()
             .find_map(|l| l.strip_prefix("KUBECONFIG="))
             .ok_or_else(|| anyhow!("no KUBECONFIG= line in `e2e/cluster up` output: {stdout}"))?;
+        let kubeconfig = PathBuf::from(kubeconfig.trim());
+        // `e2e/cluster` records which KubeVirt controller it runs in state.json beside the
+        // kubeconfig.
+        let state = kubeconfig.with_file_name("state.json");
+        let mode = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["virt-controller-mode"].as_str().map(String::from))
+            .unwrap_or_else(|| "standin".into());
         Ok(TestCluster {
-            kubeconfig: PathBuf::from(kubeconfig.trim()),
+            kubeconfig,
             extender_url: extender_url.map(String::from),
+            real_virt_controller: mode == "real",
             script,
         })
     }
@@ -201,6 +214,7 @@ impl TestNamespace {
     /// unschedulable timeout, no memory helpers.
     pub fn standin_config(&self) -> StandinConfig {
         StandinConfig {
+            role: self.standin_role(),
             namespace: Some(self.name.clone()),
             unschedulable_timeout: std::time::Duration::from_secs(30),
             resync: std::time::Duration::from_secs(5),
@@ -220,9 +234,21 @@ impl TestNamespace {
         }
     }
 
-    /// Starts the KubeVirt stand-in in-process, scoped to this namespace.
+    /// What the stand-in plays on this cluster: only virt-handler and kubelet when KubeVirt's
+    /// virt-controller runs.
+    pub fn standin_role(&self) -> standin::Role {
+        if self.cluster.real_virt_controller {
+            standin::Role::Handler
+        } else {
+            standin::Role::Full
+        }
+    }
+
+    /// Starts the KubeVirt stand-in in-process, scoped to this namespace, in the role the
+    /// cluster needs ([`standin_role`](Self::standin_role)).
     pub fn start_standin(&self, mut cfg: StandinConfig) -> StandinHandle {
         cfg.namespace = Some(self.name.clone());
+        cfg.role = self.standin_role();
         let client = self.client.clone();
         StandinHandle {
             task: tokio::spawn(async move {
@@ -352,9 +378,30 @@ async fn dump_namespace(client: &Client, ns: &str) -> String {
     out
 }
 
-/// Removes what a test left: VMIM finalizers (no stand-in is left to remove them), its fake
-/// nodes, its memory helpers and the namespace.
+/// Removes what a test left: VMIM and VMI finalizers (no stand-in is left to remove them, and
+/// virt-controller waits for a virt-handler to shut a VMI down), pods (no kubelet finishes a
+/// graceful delete), its fake nodes, its memory helpers and the namespace.
 async fn cleanup(client: &Client, ns: &str, nodes: &[String]) -> anyhow::Result<()> {
+    let vmis: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), ns);
+    for v in vmis.list(&ListParams::default()).await? {
+        if !v.finalizers().is_empty() {
+            let _ = vmis
+                .patch(
+                    &v.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let grace0 = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let _ = pods
+        .delete_collection(&grace0, &ListParams::default())
+        .await;
     let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(client.clone(), ns);
     for m in vmims.list(&ListParams::default()).await? {
         if !m.finalizers().is_empty() {

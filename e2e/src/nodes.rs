@@ -105,6 +105,11 @@ impl FakeNode {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 labels: Some(self.all_labels()),
+                // virt-handler's heartbeat (the stand-in refreshes it).
+                annotations: Some(BTreeMap::from([(
+                    "kubevirt.io/heartbeat".to_string(),
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                )])),
                 ..Default::default()
             },
             spec: Some(NodeSpec {
@@ -119,7 +124,12 @@ impl FakeNode {
             json!({"type": t, "status": s, "reason": reason, "lastHeartbeatTime": now,
                    "lastTransitionTime": now})
         };
-        let res = json!({"cpu": self.cpu, "memory": self.memory, "pods": self.pods});
+        // Besides cpu/memory/pods: the device-plugin resources virt-handler registers and the
+        // ephemeral storage a kubelet reports; virt-launcher pods request them.
+        let res = json!({"cpu": self.cpu, "memory": self.memory, "pods": self.pods,
+                         "ephemeral-storage": "100Gi",
+                         "devices.kubevirt.io/kvm": "1k", "devices.kubevirt.io/tun": "1k",
+                         "devices.kubevirt.io/vhost-net": "1k"});
         let status = json!({"status": {
             "capacity": res,
             "allocatable": res,

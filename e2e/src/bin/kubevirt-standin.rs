@@ -46,6 +46,10 @@ struct Args {
     /// Kill vm-memory processes when the stand-in exits (default: leave them for a restart)
     #[arg(long)]
     memory_dies_with_standin: bool,
+    /// Play only virt-handler and kubelet, for a cluster where KubeVirt's own virt-controller
+    /// runs (`e2e/cluster` default); without it the stand-in plays virt-controller too
+    #[arg(long, env = "COMMONGROUND_STANDIN_HANDLER_ONLY")]
+    handler_only: bool,
 }
 
 #[tokio::main]
@@ -84,6 +88,11 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let cfg = StandinConfig {
+        role: if args.handler_only {
+            standin::Role::Handler
+        } else {
+            standin::Role::Full
+        },
         namespace: args.namespace.clone(),
         bandwidth_bytes_per_sec: args.bandwidth_bytes_per_sec,
         time_scale: args.time_scale,

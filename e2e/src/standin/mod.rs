@@ -19,6 +19,7 @@
 //! Failure injection, by annotation on the VMIM (or, as a default for all its migrations, the
 //! VMI) — see the `ANN_*` constants.
 
+mod handler;
 pub mod pods;
 mod vmi;
 mod vmim;
@@ -83,8 +84,21 @@ pub struct MemoryConfig {
     pub die_with_parent: bool,
 }
 
+/// What the stand-in plays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// virt-controller, virt-handler and kubelet: the cluster runs no virt-controller
+    /// (`COMMONGROUND_VIRT_CONTROLLER=standin`).
+    #[default]
+    Full,
+    /// Only virt-handler and kubelet: KubeVirt's own virt-controller runs (see `handler`).
+    Handler,
+}
+
 #[derive(Clone, Debug)]
 pub struct StandinConfig {
+    /// What it plays (tests: from the cluster, see `TestNamespace::start_standin`).
+    pub role: Role,
     /// Only this namespace (None: all namespaces).
     pub namespace: Option<String>,
     /// Nominal migration bandwidth, bytes per second.
@@ -103,6 +117,7 @@ pub struct StandinConfig {
 impl Default for StandinConfig {
     fn default() -> Self {
         Self {
+            role: Role::Full,
             namespace: None,
             bandwidth_bytes_per_sec: 1.25e9, // 10 Gbit/s
             time_scale: 0.01,
@@ -236,7 +251,7 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Ctx>) -> Action {
+pub(crate) fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!(error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_millis(500))
 }
@@ -262,6 +277,14 @@ pub async fn run(client: Client, cfg: StandinConfig) -> anyhow::Result<()> {
     let vmis: Api<VirtualMachineInstance> = scoped(&client, &ns);
     let vmims: Api<VirtualMachineInstanceMigration> = scoped(&client, &ns);
     let pods: Api<Pod> = scoped(&client, &ns);
+    if ctx.cfg.role == Role::Handler {
+        let pool = ns.clone().map(|ns| (crate::POOL_LABEL.to_string(), ns));
+        let sweeper = sweep_memory(ctx.clone(), vmis.clone(), ns);
+        return tokio::select! {
+            r = handler::run(ctx.clone(), vmis, vmims, pods, pool) => r,
+            r = sweeper => r,
+        };
+    }
     let launcher_pods = watcher::Config::default().labels("kubevirt.io=virt-launcher");
 
     let vmi_ctrl = Controller::new(vmis.clone(), watcher::Config::default())
