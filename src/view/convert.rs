@@ -187,6 +187,31 @@ pub struct Placement {
     pub tolerations: Vec<Toleration>,
 }
 
+/// The planner's form of a Kubernetes node selector (a pod's required node affinity, a
+/// persistent volume's node affinity): its terms, of which a node must match one.
+pub fn node_selector_terms(
+    selector: &k8s_openapi::api::core::v1::NodeSelector,
+) -> Vec<NodeSelectorTerm> {
+    selector
+        .node_selector_terms
+        .iter()
+        .map(|t| NodeSelectorTerm {
+            match_expressions: t
+                .match_expressions
+                .iter()
+                .flatten()
+                .filter_map(requirement)
+                .collect(),
+            match_fields: t
+                .match_fields
+                .iter()
+                .flatten()
+                .filter_map(requirement)
+                .collect(),
+        })
+        .collect()
+}
+
 pub fn placement(
     node_selector: Option<&BTreeMap<String, String>>,
     affinity: Option<&k8s_openapi::api::core::v1::Affinity>,
@@ -198,25 +223,7 @@ pub fn placement(
             n.required_during_scheduling_ignored_during_execution
                 .as_ref()
         })
-        .map(|sel| {
-            sel.node_selector_terms
-                .iter()
-                .map(|t| NodeSelectorTerm {
-                    match_expressions: t
-                        .match_expressions
-                        .iter()
-                        .flatten()
-                        .filter_map(requirement)
-                        .collect(),
-                    match_fields: t
-                        .match_fields
-                        .iter()
-                        .flatten()
-                        .filter_map(requirement)
-                        .collect(),
-                })
-                .collect()
-        })
+        .map(node_selector_terms)
         .unwrap_or_default();
     let tolerations = tolerations
         .into_iter()

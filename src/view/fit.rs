@@ -20,9 +20,7 @@ use crate::plan::affinity::{
     excluded_domains, LabelSelector, PodAffinityTerm, PodOnNode, TermNamespaces,
 };
 use crate::plan::hardware::VOLUME_TOPOLOGY_LABELS;
-use crate::plan::{
-    NodeSelectorTerm, SelectorOperator, SelectorRequirement, VmRequest, VolumeConstraint,
-};
+use crate::plan::{SelectorOperator, SelectorRequirement, VmRequest, VolumeConstraint};
 
 /// Everything needed to complete VM requests, taken from the stores at one moment.
 pub struct FitContext {
@@ -192,25 +190,7 @@ pub fn volume_constraint(claim: &str, pv: &PersistentVolume) -> VolumeConstraint
         .as_ref()
         .and_then(|s| s.node_affinity.as_ref())
         .and_then(|a| a.required.as_ref())
-        .map(|sel| {
-            sel.node_selector_terms
-                .iter()
-                .map(|t| NodeSelectorTerm {
-                    match_expressions: t
-                        .match_expressions
-                        .iter()
-                        .flatten()
-                        .filter_map(convert::requirement)
-                        .collect(),
-                    match_fields: t
-                        .match_fields
-                        .iter()
-                        .flatten()
-                        .filter_map(convert::requirement)
-                        .collect(),
-                })
-                .collect()
-        })
+        .map(convert::node_selector_terms)
         .unwrap_or_default();
     let labels = pv.metadata.labels.clone().unwrap_or_default();
     let topology_labels = VOLUME_TOPOLOGY_LABELS
