@@ -487,10 +487,13 @@ impl Planner {
             ));
         }
         let mut hits = Vec::new();
-        let common: Vec<f64> = match summary {
+        let mut common: Vec<f64> = match summary {
             Some(s) => self.common_regions(s, &mut hits),
             None => vec![0.0; nodes.len()],
         };
+        if let Some(key) = self.vm_key_id(req) {
+            self.exclude_other_keys(key, &mut common, &mut notes);
+        }
 
         // 1. Minimum hardware configuration.
         let all: Vec<usize>;
@@ -642,6 +645,59 @@ impl Planner {
             load: r.load,
             has_digest: self.index.has_digest(r.node),
         }
+    }
+
+    /// The cluster key the VM's regions were identified under: that of the digest its
+    /// summary comes from, else the source node's.
+    fn vm_key_id(&self, req: &VmRequest) -> Option<&str> {
+        let digests = &self.snapshot.digests;
+        self.vm_home
+            .get(&req.vm)
+            .map(|&(d, _)| digests[d].key_id.as_str())
+            .or_else(|| {
+                digests
+                    .iter()
+                    .find(|d| d.node == req.source_node)
+                    .map(|d| d.key_id.as_str())
+            })
+            .filter(|k| !k.is_empty())
+    }
+
+    /// Identities made with different cluster keys never match, so a node whose agent runs
+    /// with another key (a rotation half done, a wrong Secret) would only look as if it held
+    /// nothing in common. Its memory in common is not counted, and a note names it and both
+    /// key ids, so the cause is visible rather than silent.
+    fn exclude_other_keys(&self, key: &str, common: &mut [f64], notes: &mut Vec<String>) {
+        let mut other: Vec<(&str, &str)> = Vec::new();
+        for d in &self.snapshot.digests {
+            if d.key_id.is_empty() || d.key_id == key {
+                continue;
+            }
+            if let Some(&i) = self.node_pos.get(&d.node) {
+                common[i] = 0.0;
+                other.push((d.node.as_str(), d.key_id.as_str()));
+            }
+        }
+        if other.is_empty() {
+            return;
+        }
+        const LISTED: usize = 5;
+        let listed: Vec<String> = other
+            .iter()
+            .take(LISTED)
+            .map(|(n, k)| format!("{n} (key id {k})"))
+            .collect();
+        let more = other.len().saturating_sub(LISTED);
+        notes.push(format!(
+            "digests made under another cluster key than the VM's (key id {key}) are not \
+             compared, so their memory in common is not counted: {}{}",
+            listed.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
     }
 
     /// Plans `req`: [`Planner::rank_nodes`] with every decision written out.

@@ -88,6 +88,15 @@ fn request(summary: &VmRegionSummary, source: &str) -> VmRequest {
 /// The migrating VM has regions 0..100; `common` says how many of them each node holds
 /// (node keys beyond the VM's are private to the node).
 fn cluster(nodes: &[(&str, &str, f64, u64)], distances: DistanceMatrix) -> (Planner, VmRequest) {
+    let (snap, req) = snapshot_of(nodes, distances);
+    (Planner::new(snap), req)
+}
+
+/// As [`cluster`], the snapshot before the planner is built.
+fn snapshot_of(
+    nodes: &[(&str, &str, f64, u64)],
+    distances: DistanceMatrix,
+) -> (ClusterSnapshot, VmRequest) {
     let the_vm = vm("mover", 0..100, 0);
     let mut snap = ClusterSnapshot {
         geometry: RegionGeometry::default(),
@@ -102,7 +111,7 @@ fn cluster(nodes: &[(&str, &str, f64, u64)], distances: DistanceMatrix) -> (Plan
         snap.nodes.push(n);
     }
     let req = request(&the_vm, nodes[0].0);
-    (Planner::new(snap), req)
+    (snap, req)
 }
 
 fn verdict_of<'a>(plan: &'a Plan, node: &str) -> &'a Verdict {
@@ -648,4 +657,46 @@ fn together_group_members_must_share_a_node() {
             .unwrap_err(),
         PlanError::EmptyGroup
     );
+}
+
+#[test]
+fn a_digest_made_under_another_cluster_key_counts_nothing_in_common_and_says_so() {
+    let (mut snap, req) = snapshot_of(
+        &[
+            ("src", "a", 0.1, 100),
+            ("n1", "a", 0.5, 30),
+            ("n2", "a", 0.5, 90),
+        ],
+        DistanceMatrix::default(),
+    );
+    // n2's agent runs with another key: its identities cannot match the VM's.
+    snap.digests
+        .iter_mut()
+        .find(|d| d.node == "n2")
+        .unwrap()
+        .key_id = "rotated".into();
+    let plan = Planner::new(snap)
+        .plan(&req, &PlanOptions::default())
+        .unwrap();
+    assert_eq!(chosen(&plan), "n1", "n2's 90 regions are not counted");
+    let n2 = plan.candidates.iter().find(|c| c.node == "n2").unwrap();
+    assert_eq!(n2.common_regions, 0.0);
+    let note = plan
+        .notes
+        .iter()
+        .find(|n| n.contains("another cluster key"))
+        .expect("a note names the node");
+    assert!(
+        note.contains("n2 (key id rotated)") && note.contains("key id test"),
+        "{note}"
+    );
+
+    // With one key everywhere nothing is excluded and no note is written.
+    let (planner, req) = cluster(
+        &[("src", "a", 0.1, 100), ("n2", "a", 0.5, 90)],
+        DistanceMatrix::default(),
+    );
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(chosen(&plan), "n2");
+    assert!(!plan.notes.iter().any(|n| n.contains("cluster key")));
 }
