@@ -150,6 +150,7 @@ async fn follow_member_that_touches_the_shared_memory_after_the_first_moved_join
                 target: None,
                 max_duration: None,
                 path_setup_budget: None,
+                follow_deadline: None,
                 group: Some(GroupMode::Follow),
                 dry_run: false,
             },

@@ -258,6 +258,7 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
                 target: None,
                 max_duration: None,
                 path_setup_budget: None,
+                follow_deadline: None,
                 group: None,
                 dry_run: false,
             },

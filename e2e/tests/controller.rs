@@ -37,6 +37,7 @@ fn vmm_spec(vmi: &str) -> VirtualMachineMigrationSpec {
         target: None,
         max_duration: None,
         path_setup_budget: None,
+        follow_deadline: None,
         group: None,
         dry_run: false,
     }

@@ -58,6 +58,7 @@ async fn controller_killed_mid_migration_finishes_with_exactly_one_kubevirt_migr
         target: None,
         max_duration: None,
         path_setup_budget: None,
+        follow_deadline: None,
         group: None,
         dry_run: false,
     };

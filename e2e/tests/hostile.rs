@@ -55,6 +55,7 @@ fn spec(vmi: &str) -> VirtualMachineMigrationSpec {
         target: None,
         max_duration: None,
         path_setup_budget: None,
+        follow_deadline: None,
         group: None,
         dry_run: false,
     }

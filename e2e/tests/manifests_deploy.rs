@@ -572,6 +572,7 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
                 target: None,
                 max_duration: None,
                 path_setup_budget: None,
+                follow_deadline: None,
                 group: None,
                 dry_run: true,
             },

@@ -75,6 +75,12 @@ pub struct VirtualMachineMigrationSpec {
     /// follow to the same node), `Together` (all move as one unit), `None` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupMode>,
+    /// With `group: Follow`: how long after the requested VM moved its members may still
+    /// follow (Go duration; default `30m`). When it passes, the request stops watching and a
+    /// `FollowDeadlinePassed` condition names the members left behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub follow_deadline: Option<String>,
     /// Plan only: stop at phase `Planned` and never create a KubeVirt migration.
     #[serde(default)]
     pub dry_run: bool,

@@ -78,6 +78,22 @@ pub fn rejected_spec_changed(
         && status.observed_generation != generation
 }
 
+/// Condition set when a `Follow` request stopped waiting for members at its deadline.
+pub const FOLLOW_DEADLINE_PASSED: &str = "FollowDeadlinePassed";
+
+/// With `group: Follow`: whether the time members may still follow has passed. `moved` is
+/// when the requested VM's migration ended (the request's `endTime`); without it the clock
+/// has not started.
+pub fn follow_deadline_passed(
+    moved: Option<&str>,
+    deadline: std::time::Duration,
+    now: crate::api::time::Timestamp,
+) -> bool {
+    moved
+        .and_then(crate::api::time::parse_rfc3339)
+        .is_some_and(|t| crate::api::time::elapsed(t, now) >= deadline)
+}
+
 /// The next step for a request; `vm` is the VMI's `namespace/name` for messages.
 pub fn next_step(
     spec: &VirtualMachineMigrationSpec,
@@ -87,10 +103,10 @@ pub fn next_step(
 ) -> Step {
     if status.phase == MigrationPhase::Succeeded
         && spec.group == Some(GroupMode::Follow)
-        && !status
-            .conditions
-            .iter()
-            .any(|c| c.r#type == "SharedTransferComplete" && c.status == "True")
+        && !status.conditions.iter().any(|c| {
+            (c.r#type == "SharedTransferComplete" || c.r#type == FOLLOW_DEADLINE_PASSED)
+                && c.status == "True"
+        })
     {
         return Step::FollowMembers;
     }
@@ -261,6 +277,7 @@ mod tests {
             target: None,
             max_duration: None,
             path_setup_budget: None,
+            follow_deadline: None,
             group: None,
             dry_run: false,
         }
@@ -583,5 +600,40 @@ mod tests {
         assert_eq!(reason, "OverBudget");
         assert!(message.contains("slow: setup too long"), "{message}");
         assert!(message.contains("estimate 95s"), "{message}");
+    }
+
+    #[test]
+    fn a_follow_request_stops_at_its_deadline_and_not_before() {
+        use crate::api::time::parse_rfc3339;
+        let now = parse_rfc3339("2026-01-01T01:00:00Z").unwrap();
+        let d = std::time::Duration::from_secs(30 * 60);
+        assert!(follow_deadline_passed(Some("2026-01-01T00:30:00Z"), d, now));
+        assert!(!follow_deadline_passed(
+            Some("2026-01-01T00:30:01Z"),
+            d,
+            now
+        ));
+        assert!(
+            !follow_deadline_passed(None, d, now),
+            "no end time: not started"
+        );
+        assert!(!follow_deadline_passed(Some("garbage"), d, now));
+
+        let mut s = spec();
+        s.group = Some(GroupMode::Follow);
+        let mut status = in_phase(MigrationPhase::Succeeded);
+        status.conditions.push(Condition {
+            r#type: FOLLOW_DEADLINE_PASSED.into(),
+            status: "True".into(),
+            reason: "DeadlinePassed".into(),
+            message: "vm2 left behind".into(),
+            last_transition_time: None,
+        });
+        assert_eq!(next_step(&s, &status, "ns/vm", &facts(None)), Step::Done);
+        s.follow_deadline = Some("99999999999999999999h".into());
+        assert!(
+            validate::migration_spec(&s).is_err(),
+            "an absurd deadline is invalid"
+        );
     }
 }

@@ -762,6 +762,41 @@ async fn follow_group(
         })
         .count();
     let complete = groups::follow_complete(still_on_source, groups::FOLLOW_REMAINING_THRESHOLD);
+    let deadline = super::validate::follow_deadline(&vmm.spec)
+        .unwrap_or(super::validate::DEFAULT_FOLLOW_DEADLINE);
+    if !complete
+        && decide::follow_deadline_passed(
+            status.end_time.as_deref(),
+            deadline,
+            time::Timestamp::now(),
+        )
+    {
+        let left: Vec<&str> = status
+            .members
+            .iter()
+            .filter(|m| m.kubevirt_migration.is_none())
+            .map(|m| m.name.as_str())
+            .collect();
+        let message = format!(
+            "stopped following after {}s: {} stayed on {source} ({})",
+            deadline.as_secs(),
+            left.len(),
+            left.join(", ")
+        );
+        set_condition(
+            &mut status.conditions,
+            condition(
+                decide::FOLLOW_DEADLINE_PASSED,
+                true,
+                "DeadlinePassed",
+                &message,
+            ),
+            &time::now_rfc3339(),
+        );
+        write_status(ctx, vmm, &status).await?;
+        event(ctx, vmm, true, "FollowDeadlinePassed", message).await;
+        return Ok(Action::await_change());
+    }
     set_condition(
         &mut status.conditions,
         condition(
@@ -854,6 +889,7 @@ mod tests {
                 target: None,
                 max_duration: None,
                 path_setup_budget: None,
+                follow_deadline: None,
                 group: None,
                 dry_run: false,
             },

@@ -340,6 +340,7 @@ mod tests {
                 target: None,
                 max_duration: None,
                 path_setup_budget: None,
+                follow_deadline: None,
                 group: None,
                 dry_run: false,
             },

@@ -354,6 +354,7 @@ fn move_request(policy: &RebalancePolicy, m: &Move, moves_so_far: u32) -> Virtua
             }),
             max_duration: None,
             path_setup_budget: None,
+            follow_deadline: None,
             group: None,
             dry_run: false,
         },

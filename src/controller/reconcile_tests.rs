@@ -451,3 +451,62 @@ async fn an_invalid_policy_gets_a_condition_once_and_is_not_retried() {
     reconcile_policy(&fake, &ctx, &serde_json::to_value(&after).unwrap()).await;
     assert!(fake.writes().is_empty(), "{:?}", fake.writes());
 }
+
+/// A `Follow` request whose VM moved from a to b at `ended`, with member vm2 still on a.
+fn following(ended: &str, deadline: Option<&str>) -> (Fixed, Value) {
+    let mut vmm = request(json!({
+        "phase": "Succeeded", "sourceNode": "a", "targetNode": "b",
+        "startTime": ended, "endTime": ended,
+        "members": [{"name": "vm2", "phase": "Waiting"}]
+    }));
+    vmm["spec"]["group"] = json!("Follow");
+    if let Some(d) = deadline {
+        vmm["spec"]["followDeadline"] = json!(d);
+    }
+    let fixed = Fixed {
+        nodes: objects(&[node("a"), node("b")]),
+        vmis: objects(&[vmi("vm1", "b"), vmi("vm2", "a")]),
+        vmms: objects(std::slice::from_ref(&vmm)),
+        ..Default::default()
+    };
+    (fixed, vmm)
+}
+
+#[tokio::test]
+async fn a_follow_request_past_its_deadline_names_the_members_left_behind_and_stops() {
+    let fake = FakeApi::new();
+    let (fixed, vmm) = following("2026-01-01T00:00:00Z", None);
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = after.status.clone().unwrap();
+    let passed = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == super::decide::FOLLOW_DEADLINE_PASSED)
+        .expect("deadline condition");
+    assert_eq!(passed.status, "True");
+    assert!(passed.message.contains("vm2"), "{}", passed.message);
+    // It no longer re-queues: the next reconcile writes nothing.
+    fake.forget_requests();
+    reconcile_request(&fake, &ctx, &serde_json::to_value(&after).unwrap()).await;
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn a_follow_request_within_its_deadline_keeps_waiting_for_members() {
+    let fake = FakeApi::new();
+    let (fixed, vmm) = following(&crate::api::time::now_rfc3339(), Some("1h"));
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = after.status.unwrap();
+    assert!(!status
+        .conditions
+        .iter()
+        .any(|c| c.r#type == super::decide::FOLLOW_DEADLINE_PASSED));
+    let shared = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "SharedTransferComplete")
+        .expect("progress condition");
+    assert_eq!(shared.status, "False");
+}

@@ -33,7 +33,20 @@ pub struct MigrationBudget {
     pub path_setup_budget: Option<Duration>,
 }
 
+/// How long members of a `Follow` group may still follow when the spec does not say.
+pub const DEFAULT_FOLLOW_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// `spec.followDeadline`, or its default.
+pub fn follow_deadline(spec: &VirtualMachineMigrationSpec) -> Result<Duration, SpecError> {
+    spec.follow_deadline
+        .as_deref()
+        .map_or(Ok(DEFAULT_FOLLOW_DEADLINE), |t| {
+            duration("spec.followDeadline", t)
+        })
+}
+
 pub fn migration_spec(spec: &VirtualMachineMigrationSpec) -> Result<MigrationBudget, SpecError> {
+    follow_deadline(spec)?;
     Ok(MigrationBudget {
         max_duration: spec
             .max_duration
@@ -96,6 +109,7 @@ mod tests {
             target: None,
             max_duration: max.map(str::to_string),
             path_setup_budget: setup.map(str::to_string),
+            follow_deadline: None,
             group: None,
             dry_run: false,
         }
