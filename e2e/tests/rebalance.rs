@@ -267,8 +267,9 @@ async fn load_override_annotation_pushes_a_vm_off_the_node() -> anyhow::Result<(
     let _standin = ns.start_standin(ns.standin_config());
     let (a, b) = (ns.node_name("a"), ns.node_name("b"));
     let vmis: Api<VirtualMachineInstance> = ns.api();
-    // Node a has CPU for two VMs only, so the next two start on b.
-    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1", "64Gi"))
+    // Node a has CPU for two VMs only, so the next two start on b. Each launcher pod asks
+    // for the VM's 500m plus KubeVirt's console-log sidecar (5m), so two need 1010m.
+    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1100m", "64Gi"))
         .await?;
     for (vms, node) in [(["vm-a", "vm-b"], &a), (["vm-c", "vm-d"], &b)] {
         if node == &b {
