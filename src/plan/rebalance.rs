@@ -786,14 +786,9 @@ mod tests {
         assert!(coefficient_of_variation(&[10.0, 0.0]) > 0.9);
     }
 
-    #[test]
-    fn load_override_sets_or_adds_and_moving_a_vm_still_lowers_the_load() {
-        assert_eq!(LoadOverride::parse("40"), Some(LoadOverride::Set(40.0)));
-        assert_eq!(LoadOverride::parse(" +15 "), Some(LoadOverride::Add(15.0)));
-        assert_eq!(LoadOverride::parse("-5"), Some(LoadOverride::Add(-5.0)));
-        assert_eq!(LoadOverride::parse("lots"), None);
-        assert_eq!(LoadOverride::parse("inf"), None);
-        let vm = |name: &str, cpu: f64| BalancingVm {
+    /// A movable VM whose load is CPU only.
+    fn cpu_vm(name: &str, cpu: f64) -> BalancingVm {
+        BalancingVm {
             vm: VmKey::new("ns", name),
             factors: LoadFactors {
                 cpu_cores: cpu,
@@ -802,7 +797,17 @@ mod tests {
             },
             target_load: None,
             movable: true,
-        };
+        }
+    }
+
+    #[test]
+    fn load_override_sets_or_adds_and_moving_a_vm_still_lowers_the_load() {
+        let vm = cpu_vm;
+        assert_eq!(LoadOverride::parse("40"), Some(LoadOverride::Set(40.0)));
+        assert_eq!(LoadOverride::parse(" +15 "), Some(LoadOverride::Add(15.0)));
+        assert_eq!(LoadOverride::parse("-5"), Some(LoadOverride::Add(-5.0)));
+        assert_eq!(LoadOverride::parse("lots"), None);
+        assert_eq!(LoadOverride::parse("inf"), None);
         let mut n = node("a", vec![vm("x", 10.0), vm("y", 5.0)]);
         n.apply_override(LoadOverride::Set(40.0));
         assert_eq!(n.load(), 40.0);
@@ -814,16 +819,7 @@ mod tests {
 
     #[test]
     fn an_overridden_node_sends_its_vms_away() {
-        let vm = |name: &str, cpu: f64| BalancingVm {
-            vm: VmKey::new("ns", name),
-            factors: LoadFactors {
-                cpu_cores: cpu,
-                io_bytes_per_second: 0.0,
-                memory_bytes: 0.0,
-            },
-            target_load: None,
-            movable: true,
-        };
+        let vm = cpu_vm;
         let mut a = node("a", vec![vm("a1", 10.0), vm("a2", 10.0)]);
         let b = node("b", vec![vm("b1", 10.0), vm("b2", 10.0)]);
         assert_eq!(a.load(), b.load());

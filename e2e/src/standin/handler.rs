@@ -40,7 +40,7 @@ use commonground::api::kubevirt::{
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -49,8 +49,8 @@ use serde_json::{json, Value};
 
 use super::vmi::wanted_nodes;
 use super::{
-    injected, pods, Ctx, Error, ANN_FAILURE_REASON, ANN_FAIL_AT_PERCENT, ANN_NOT_MIGRATABLE,
-    ANN_TRANSFER_SECONDS, VMI_NODE_LABEL,
+    grace0, ignore_404, injected, pods, Ctx, Error, ANN_FAILURE_REASON, ANN_FAIL_AT_PERCENT,
+    ANN_NOT_MIGRATABLE, ANN_TRANSFER_SECONDS, VMI_NODE_LABEL,
 };
 
 /// Label virt-controller puts on a VMI naming the migration's target node; the target
@@ -68,21 +68,6 @@ const TARGET_PORT: &str = "49152";
 /// never compare equal to its re-encoding and every such patch would be rejected.
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-fn grace0() -> DeleteParams {
-    DeleteParams {
-        grace_period_seconds: Some(0),
-        ..Default::default()
-    }
-}
-
-fn ignore_404<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn node_of(pod: &Pod) -> Option<&str> {

@@ -129,6 +129,23 @@ impl Default for StandinConfig {
     }
 }
 
+/// Delete at once (there is no kubelet to wait for).
+pub(crate) fn grace0() -> kube::api::DeleteParams {
+    kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    }
+}
+
+/// An object already gone counts as done.
+pub(crate) fn ignore_404<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("kubernetes API: {0}")]

@@ -8,14 +8,13 @@ use commonground::api::kubevirt::{
     LIVE_MIGRATABLE,
 };
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::vmi::{mark_pod_running, wanted_nodes};
+use super::{grace0, ignore_404};
 use super::{
     injected, now_rfc3339, pods, Ctx, Error, ABORTED_REASON, ANN_FAILURE_REASON,
     ANN_FAIL_AT_PERCENT, ANN_TARGET_UNSCHEDULABLE, ANN_TRANSFER_SECONDS, FIELD_MANAGER,
@@ -36,21 +35,6 @@ struct Migration {
     pods: Api<Pod>,
     /// The VMIM as last read or written.
     m: VirtualMachineInstanceMigration,
-}
-
-fn grace0() -> DeleteParams {
-    DeleteParams {
-        grace_period_seconds: Some(0),
-        ..Default::default()
-    }
-}
-
-fn ignore_404<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn parse_ts(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
