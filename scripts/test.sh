@@ -4,6 +4,9 @@
 # end-to-end suite against the real control plane (e2e/run-tests). Ends with the test
 # runner's summary.
 set -uo pipefail
+# A full run builds every test binary once: incremental data would only add gigabytes to
+# target/ (the clean-clone CI machine has little disk to spare).
+export CARGO_INCREMENTAL=0
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh || exit 1

@@ -103,6 +103,12 @@ impl TestCluster {
         client_from(&self.kubeconfig).await
     }
 
+    /// The API server's audit log (JSON lines, one per request stage): metadata of the
+    /// requests on nodes, VMIs and commonground's objects (`e2e/cluster`'s audit policy).
+    pub fn audit_log(&self) -> PathBuf {
+        self.kubeconfig.with_file_name("audit").join("audit.log")
+    }
+
     /// The tail of every component's log (`e2e/cluster logs`).
     pub fn logs(&self, lines: usize) -> String {
         match Command::new(&self.script)

@@ -366,3 +366,157 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
     }
     Ok(())
 }
+
+/// How long the agent runs at steady state (1 s interval) while its requests are counted.
+const STEADY_SECONDS: u64 = 15;
+
+/// One request from the API server's audit log.
+#[derive(Debug)]
+struct AuditedRequest {
+    verb: String,
+    resource: String,
+    /// Path and query, percent-decoded.
+    uri: String,
+    received: chrono::DateTime<chrono::Utc>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every request in the audit log (and its rotated backup) whose User-Agent contains
+/// `agent_of`, once each (a watch is logged when it starts and again when it ends).
+fn audited_requests(cluster: &TestCluster, agent_of: &str) -> anyhow::Result<Vec<AuditedRequest>> {
+    let dir = cluster.audit_log();
+    let dir = dir.parent().expect("the audit log is in a directory");
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !(name.starts_with("audit") && name.ends_with(".log")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a line cut by rotation
+            };
+            let ua = e["userAgent"].as_str().unwrap_or("");
+            if !ua.contains(agent_of)
+                || !seen.insert(e["auditID"].as_str().unwrap_or("").to_string())
+            {
+                continue;
+            }
+            out.push(AuditedRequest {
+                verb: e["verb"].as_str().unwrap_or("").into(),
+                resource: e["objectRef"]["resource"].as_str().unwrap_or("").into(),
+                uri: percent_decode(e["requestURI"].as_str().unwrap_or("")),
+                received: e["requestReceivedTimestamp"]
+                    .as_str()
+                    .unwrap_or("")
+                    .parse()?,
+            });
+        }
+    }
+    out.sort_by_key(|r| r.received);
+    Ok(out)
+}
+
+/// An agent costs the API server in proportion to its own node: from the API server's audit
+/// log, every request it made names its node (a label selector on VMIs, a field selector or
+/// the object's name on its Node and its NodeRegionDigest), nothing is listed cluster-wide,
+/// and at steady state it makes no request at all (the watches bring every change) and at
+/// most one write a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_asks_only_about_its_own_node_and_is_quiet_at_steady_state() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::get();
+    let ns = cluster.fresh_namespace("agent-req").await?;
+    let node = ns.node_name("quiet");
+    let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
+    let _ = digests.delete(&node, &DeleteParams::default()).await;
+    ns.create_fake_node(FakeNode::new(&node, "wg-1").capacity("8", "32Gi"))
+        .await?;
+    let agent = start_agent(&node);
+    let first = wait_for_object(&digests, &node, T, "the agent's first digest", |d| {
+        d.status.is_some()
+    })
+    .await;
+    if first.is_err() {
+        eprintln!("agent log:\n{}", agent.log_tail());
+    }
+    first?;
+    // The first publish and the watches' first lists are done; from here on is steady state.
+    let steady_from = chrono::Utc::now() + chrono::Duration::seconds(2);
+    tokio::time::sleep(Duration::from_secs(2 + STEADY_SECONDS)).await;
+    let steady_to = chrono::Utc::now();
+    drop(agent);
+
+    let requests = audited_requests(cluster, &format!("(node {node})"))?;
+    assert!(
+        !requests.is_empty(),
+        "no request of the agent in {} (is the User-Agent set?)",
+        cluster.audit_log().display()
+    );
+    let own_label = format!("labelSelector=kubevirt.io/nodeName={node}");
+    let own_field = format!("fieldSelector=metadata.name={node}");
+    let own_path = format!("/noderegiondigests/{node}");
+    for r in &requests {
+        let scoped = match (r.resource.as_str(), r.verb.as_str()) {
+            ("virtualmachineinstances", "list" | "watch") => r.uri.contains(&own_label),
+            ("nodes", "list" | "watch") => r.uri.contains(&own_field),
+            ("noderegiondigests", "list" | "watch") => {
+                r.uri.contains(&own_field) || r.uri.contains("limit=1")
+            }
+            ("noderegiondigests", "get" | "create" | "patch") => {
+                r.uri.split('?').next().unwrap_or("").contains(&own_path)
+            }
+            _ => false,
+        };
+        assert!(scoped, "a request not scoped to node {node}: {r:?}");
+    }
+    let crd_checks = requests
+        .iter()
+        .filter(|r| r.verb == "list" && r.uri.contains("limit=1"))
+        .count();
+    assert_eq!(crd_checks, 1, "one CRD check at start: {requests:#?}");
+
+    let steady: Vec<&AuditedRequest> = requests
+        .iter()
+        .filter(|r| r.received >= steady_from && r.received <= steady_to)
+        .collect();
+    let reads = steady
+        .iter()
+        .filter(|r| matches!(r.verb.as_str(), "get" | "list"))
+        .count();
+    let writes = steady
+        .iter()
+        .filter(|r| matches!(r.verb.as_str(), "create" | "patch" | "update"))
+        .count();
+    let watches = requests.iter().filter(|r| r.verb == "watch").count();
+    println!(
+        "agent API requests: {} in all ({watches} watches); over {STEADY_SECONDS} s at steady \
+         state (1 s interval): {reads} reads, {writes} writes",
+        requests.len()
+    );
+    assert_eq!(reads, 0, "reads at steady state: {steady:#?}");
+    // The publish gate writes at most once a minute unless the node's VMs change.
+    assert!(writes <= 1, "writes at steady state: {steady:#?}");
+    Ok(())
+}

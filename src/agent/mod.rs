@@ -11,6 +11,7 @@ pub mod discover;
 pub mod load;
 pub mod memory_reader;
 pub mod node_scanner;
+pub mod node_watch;
 pub mod proc_maps;
 pub mod publish;
 pub mod scan;
@@ -19,7 +20,6 @@ pub mod shared_memory;
 pub mod soft_dirty;
 pub mod vm_tracker;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,14 +27,13 @@ use std::time::{Duration, Instant};
 use kube::api::ListParams;
 use kube::Api;
 
-use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::NodeRegionDigest;
 use crate::plan::region::{ClusterKey, RegionGeometry, DEFAULT_REGION_PAGES};
-use crate::plan::VmKey;
 use crate::telemetry::{self, LogFormat, Readiness};
 
 use node_scanner::NodeScanner;
-use publish::{PublishDecision, PublishGate, REFRESH_ANNOTATION};
+use node_watch::{NodeWatches, OwnDigest};
+use publish::{PublishDecision, PublishGate};
 use vm_tracker::{RescanMode, RescanPolicy};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,69 +190,30 @@ async fn check_crd(digests: &Api<NodeRegionDigest>) -> Result<(), AgentError> {
     }
 }
 
-async fn vms_on_node(
-    api: &Api<VirtualMachineInstance>,
+/// Waits until the node's watches have their first lists (a scan before that would publish
+/// an empty node), saying every 30 s what is still missing. False when shut down first.
+async fn wait_for_watches(
+    watches: &NodeWatches,
     node: &str,
-) -> Result<BTreeSet<VmKey>, AgentError> {
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err("list VirtualMachineInstances".into()))?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|v| v.node_name() == Some(node))
-        .filter_map(|v| {
-            Some(VmKey::new(
-                v.metadata.namespace.clone()?,
-                v.metadata.name.clone()?,
-            ))
-        })
-        .collect())
-}
-
-/// What the agent needs of its Node object.
-#[derive(Debug, Default)]
-struct NodeFacts {
-    /// The work group label's value, "" when the label is missing.
-    work_group: String,
-    /// For the digest's owner reference.
-    uid: Option<String>,
-}
-
-/// Reads the node's work group and uid (empty when the node is missing or cannot be read;
-/// `quiet` logs that at debug level only, for the retries on each interval).
-async fn read_node(client: &kube::Client, node: &str, label: &str, quiet: bool) -> NodeFacts {
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    match nodes.get_opt(node).await {
-        Ok(Some(n)) => NodeFacts {
-            work_group: n
-                .metadata
-                .labels
-                .and_then(|l| l.get(label).cloned())
-                .unwrap_or_default(),
-            uid: n.metadata.uid,
-        },
-        Ok(None) if quiet => {
-            tracing::debug!(node, "node object still not found");
-            NodeFacts::default()
-        }
-        Ok(None) => {
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    let started = Instant::now();
+    let mut said = Instant::now();
+    while !watches.ready() {
+        if said.elapsed() >= Duration::from_secs(30) {
             tracing::warn!(
                 node,
-                "node object not found; work group left empty and the digest unowned until it appears"
+                waited_seconds = started.elapsed().as_secs(),
+                "still waiting for the first lists of this node's VMIs, Node and NodeRegionDigest"
             );
-            NodeFacts::default()
+            said = Instant::now();
         }
-        Err(e) if quiet => {
-            tracing::debug!(node, error = %e, "cannot read node");
-            NodeFacts::default()
-        }
-        Err(e) => {
-            tracing::warn!(node, error = %e, "cannot read node; work group left empty for now");
-            NodeFacts::default()
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shutdown.as_mut() => return false,
         }
     }
+    true
 }
 
 /// Runs the agent until SIGTERM.
@@ -277,7 +237,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if mode == RescanMode::Sampled {
         tracing::info!("kernel has no soft-dirty tracking: dirty rates from sampled pages, periodic full rescans");
     }
-    let client = kube::Client::try_default()
+    let client = crate::api::client::connect("agent", Some(&format!("node {}", args.node_name)))
         .await
         .map_err(kube_err("connect to the Kubernetes API".into()))?;
     let digests: Api<NodeRegionDigest> = Api::all(client.clone());
@@ -340,125 +300,124 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         _ => None,
     };
-    let facts = read_node(&client, &node, &args.work_group_label, false).await;
-    let wg = facts.work_group;
+    let shutdown = telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    let watches = NodeWatches::start(&client, &node);
+    if !wait_for_watches(&watches, &node, &mut shutdown).await {
+        health.abort();
+        tracing::info!("agent stopped before its first scan");
+        return Ok(());
+    }
+    let facts = watches.node_facts(&args.work_group_label);
+    if facts.uid.is_none() {
+        tracing::warn!(
+            node,
+            "node object not found; work group left empty and the digest unowned until it appears"
+        );
+    }
     let mut node_uid = facts.uid;
-    let vmis: Api<VirtualMachineInstance> = Api::all(client.clone());
     let mut scanner = Some(NodeScanner::new(
         node.clone(),
-        wg,
+        facts.work_group,
         geometry,
         key,
         mode,
         RescanPolicy::for_interval(interval),
     ));
     let mut gate = PublishGate::default();
-    let shutdown = telemetry::shutdown_signal();
-    tokio::pin!(shutdown);
     let node_arg = args.process_node_arg.clone();
     // Publish at once next time, whatever the gate says (the work group appeared).
     let mut force: Option<&'static str> = None;
     let mut published_once = false;
     loop {
         let started = Instant::now();
-        if node_uid.is_none() || scanner.as_ref().is_some_and(|s| s.work_group.is_empty()) {
-            // The Node may have been created (or labelled) after the agent started.
-            let facts = read_node(&client, &node, &args.work_group_label, true).await;
-            if node_uid.is_none() && facts.uid.is_some() {
-                tracing::info!(node, "node found: the digest is owned by it from now on");
-                force = Some("node found");
-            }
-            node_uid = facts.uid;
-            if let Some(s) = scanner.as_mut() {
-                if !facts.work_group.is_empty() && s.work_group.is_empty() {
-                    tracing::info!(node, work_group = %facts.work_group, "work group found");
-                    force = Some("work group found");
-                }
-                s.work_group = facts.work_group;
-            }
+        // The Node may have been created (or labelled) after the agent started; the watch
+        // brings it without a request.
+        let facts = watches.node_facts(&args.work_group_label);
+        if node_uid.is_none() && facts.uid.is_some() {
+            tracing::info!(node, "node found: the digest is owned by it from now on");
+            force = Some("node found");
         }
-        match vms_on_node(&vmis, &node).await {
-            Ok(on_node) => {
-                let mut s = scanner.take().expect("scanner is put back after each tick");
-                let node_arg = node_arg.clone();
-                let node_name = node.clone();
-                let s_back = tokio::task::spawn_blocking(move || {
-                    let procs = node_scanner::discover(
-                        node_arg.as_deref().map(|a| (a, node_name.as_str())),
+        if facts.uid.is_some() {
+            node_uid = facts.uid;
+        }
+        if let Some(s) = scanner.as_mut() {
+            if !facts.work_group.is_empty() && s.work_group.is_empty() {
+                tracing::info!(node, work_group = %facts.work_group, "work group found");
+                force = Some("work group found");
+            }
+            s.work_group = facts.work_group;
+        }
+        let on_node = watches.vms();
+        let mut s = scanner.take().expect("scanner is put back after each tick");
+        let node_arg = node_arg.clone();
+        let node_name = node.clone();
+        let s_back = tokio::task::spawn_blocking(move || {
+            let procs =
+                node_scanner::discover(node_arg.as_deref().map(|a| (a, node_name.as_str())));
+            s.tick(&procs, &on_node);
+            s
+        })
+        .await
+        .expect("scan task does not panic");
+        scan_seconds.observe(started.elapsed().as_secs_f64());
+        let inputs = s_back.inputs();
+        scanner = Some(s_back);
+        let refresh = match watches.own_digest() {
+            OwnDigest::Missing if published_once => {
+                // Deleted: by the garbage collector if the Node was, which may be back
+                // with a new uid (the Node watch has it).
+                node_uid = watches.node_facts(&args.work_group_label).uid;
+                force = Some("digest deleted");
+                None
+            }
+            OwnDigest::Present { refresh } => refresh,
+            OwnDigest::Missing | OwnDigest::Unknown => None,
+        };
+        let mut status = publish::build_bounded_status(&inputs);
+        status.relay = relay.clone();
+        let now = Instant::now();
+        let decision = match force {
+            Some(why) => PublishDecision::Immediate(why),
+            None => gate.decide(
+                &inputs.summary,
+                status.load.composite,
+                &status.memory_groups,
+                refresh.as_deref(),
+                now,
+            ),
+        };
+        let reason = match decision {
+            PublishDecision::Immediate(why) => Some(why),
+            PublishDecision::Changed => Some("changed"),
+            PublishDecision::Heartbeat => Some("heartbeat"),
+            PublishDecision::Skip => None,
+        };
+        if let Some(reason) = reason {
+            match publish::apply(&digests, &node, node_uid.as_deref(), &status).await {
+                Ok(()) => {
+                    published_once = true;
+                    tracing::info!(
+                        node,
+                        reason,
+                        vms = status.vm_count,
+                        "published NodeRegionDigest"
                     );
-                    s.tick(&procs, &on_node);
-                    s
-                })
-                .await
-                .expect("scan task does not panic");
-                scan_seconds.observe(started.elapsed().as_secs_f64());
-                let inputs = s_back.inputs();
-                scanner = Some(s_back);
-                let refresh = match digests.get_opt(&node).await {
-                    Ok(None) if published_once => {
-                        // Deleted: by the garbage collector if the Node was, which may be back
-                        // with a new uid. Read it again and publish at once.
-                        node_uid = read_node(&client, &node, &args.work_group_label, true)
-                            .await
-                            .uid;
-                        force = Some("digest deleted");
-                        None
-                    }
-                    Ok(d) => {
-                        d.and_then(|d| d.metadata.annotations?.get(REFRESH_ANNOTATION).cloned())
-                    }
-                    Err(e) => {
-                        tracing::warn!(node, error = %e, "cannot read own NodeRegionDigest");
-                        None
-                    }
-                };
-                let mut status = publish::build_bounded_status(&inputs);
-                status.relay = relay.clone();
-                let now = Instant::now();
-                let decision = match force {
-                    Some(why) => PublishDecision::Immediate(why),
-                    None => gate.decide(
-                        &inputs.summary,
+                    publishes.with_label_values(&[reason]).inc();
+                    force = None;
+                    gate.published(
+                        inputs.summary,
                         status.load.composite,
-                        &status.memory_groups,
-                        refresh.as_deref(),
+                        status.memory_groups.clone(),
+                        refresh,
                         now,
-                    ),
-                };
-                let reason = match decision {
-                    PublishDecision::Immediate(why) => Some(why),
-                    PublishDecision::Changed => Some("changed"),
-                    PublishDecision::Heartbeat => Some("heartbeat"),
-                    PublishDecision::Skip => None,
-                };
-                if let Some(reason) = reason {
-                    match publish::apply(&digests, &node, node_uid.as_deref(), &status).await {
-                        Ok(()) => {
-                            published_once = true;
-                            tracing::info!(
-                                node,
-                                reason,
-                                vms = status.vm_count,
-                                "published NodeRegionDigest"
-                            );
-                            publishes.with_label_values(&[reason]).inc();
-                            force = None;
-                            gate.published(
-                                inputs.summary,
-                                status.load.composite,
-                                status.memory_groups.clone(),
-                                refresh,
-                                now,
-                            );
-                            ready.set(true);
-                        }
-                        Err(e) => {
-                            tracing::warn!(node, error = %e, "cannot publish NodeRegionDigest")
-                        }
-                    }
+                    );
+                    ready.set(true);
+                }
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "cannot publish NodeRegionDigest")
                 }
             }
-            Err(e) => tracing::warn!(node, error = %e, "cannot list VMIs; skipping this interval"),
         }
         let next = started + interval;
         tokio::select! {

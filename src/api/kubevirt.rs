@@ -108,6 +108,11 @@ pub struct MigrationState {
     pub abort_requested: Option<bool>,
 }
 
+/// The label KubeVirt keeps on a VMI naming the node it runs on (virt-controller sets it when
+/// the launcher pod is scheduled and moves it after a migration); virt-handler watches its own
+/// node's VMIs by it, and so does the agent.
+pub const NODE_NAME_LABEL: &str = "kubevirt.io/nodeName";
+
 impl VirtualMachineInstance {
     pub fn condition_true(&self, kind: &str) -> bool {
         self.status.as_ref().is_some_and(|s| {

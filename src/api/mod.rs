@@ -5,6 +5,7 @@
 // kube-derive takes repeated `printcolumn`/`category` attributes by design.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod client;
 pub mod conditions;
 pub mod digest;
 pub mod kubevirt;

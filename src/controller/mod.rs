@@ -92,7 +92,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         .view
         .config()
         .map_err(|e| ControllerError::Config(e.to_string()))?;
-    let client = Client::try_default().await?;
+    let client = crate::api::client::connect("controller", None).await?;
 
     // A clear exit with an install hint when the CRDs are missing.
     let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());

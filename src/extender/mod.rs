@@ -93,7 +93,7 @@ pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
         (None, None) => None,
         _ => return Err(ExtenderError::TlsPair),
     };
-    let client = kube::Client::try_default().await?;
+    let client = crate::api::client::connect("extender", None).await?;
     let view = ClusterView::start(client, view_config);
     let ready = Readiness::default();
     let live = state::LiveState::spawn(view, Duration::from_millis(100), ready.clone());

@@ -80,8 +80,12 @@ struct Cached {
     planner: Arc<Planner>,
 }
 
-fn watch<K>(
+/// A reflector fed by a watch of `api` with `config` (the agent scopes its watches to its own
+/// node), and the stream that drives it: each event applied bumps `version`, each error is
+/// logged and retried with backoff.
+pub fn watch<K>(
     api: Api<K>,
+    config: watcher::Config,
     version: Arc<AtomicU64>,
 ) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
 where
@@ -95,7 +99,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    let stream = watcher(api, config)
         .default_backoff()
         .reflect(writer)
         .map(move |event| {
@@ -149,7 +153,8 @@ impl ClusterView {
         let mut tasks = Vec::new();
         macro_rules! watched {
             ($api:expr) => {{
-                let (store, stream) = watch($api, version.clone());
+                let config = watcher::Config::default().any_semantic();
+                let (store, stream) = watch($api, config, version.clone());
                 tasks.push(stream.boxed());
                 store
             }};
