@@ -45,6 +45,14 @@ pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> 
         .ok_or_else(|| ControllerError::MalformedObject(vmm.name_any()))?;
     let api: Api<VirtualMachineMigration> = Api::namespaced(ctx.client.clone(), &ns);
     update_queue_depth(&ctx);
+    if !needs_finalizer(&vmm) {
+        // A dry run makes nothing in the cluster, so deleting it has nothing to clean up:
+        // no finalizer, one write fewer per request (1,000 dry runs plan measurably faster).
+        if vmm.meta().deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        return apply(vmm, &ctx).await;
+    }
     finalizer(&api, FINALIZER, vmm, |event| async {
         match event {
             FinalizerEvent::Apply(vmm) => apply(vmm, &ctx).await,
@@ -57,6 +65,13 @@ pub async fn reconcile(vmm: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> 
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ControllerError::Finalizer(other.to_string()),
     })
+}
+
+/// Whether a request goes through the cleanup finalizer: every request that can make
+/// something (a KubeVirt migration, a path), and any request that already carries it (a dry
+/// run turned into a real one keeps it until its cleanup has run).
+pub fn needs_finalizer(vmm: &VirtualMachineMigration) -> bool {
+    !vmm.spec.dry_run || vmm.finalizers().iter().any(|f| f == FINALIZER)
 }
 
 impl Marked for VirtualMachineMigration {

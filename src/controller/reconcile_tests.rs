@@ -263,6 +263,31 @@ async fn a_dry_run_is_planned_and_nothing_is_made() {
 }
 
 #[tokio::test]
+async fn a_new_dry_run_gets_no_finalizer_and_is_planned_in_one_write() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["dryRun"] = json!(true);
+    vmm["metadata"]["finalizers"] = json!([]);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    assert_eq!(phase(&after), "Planned");
+    assert!(after.metadata.finalizers.unwrap_or_default().is_empty());
+    // One write to the request (its status) and its Event; no finalizer patch.
+    let writes = fake.writes();
+    let own: Vec<&String> = writes.iter().filter(|w| w.contains(VMMS)).collect();
+    assert_eq!(
+        own,
+        vec![&format!("PATCH {VMMS}/move/status")],
+        "{writes:?}"
+    );
+    // Turned into a real request, it gets the finalizer before anything is made.
+    let mut real = object::<VirtualMachineMigration>(&vmm);
+    assert!(!migration::needs_finalizer(&real));
+    real.spec.dry_run = false;
+    assert!(migration::needs_finalizer(&real));
+}
+
+#[tokio::test]
 async fn a_failed_status_write_is_an_error_for_the_retry_and_loses_nothing() {
     let fake = FakeApi::new();
     let vmm = request(Value::Null);

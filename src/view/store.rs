@@ -82,7 +82,7 @@ struct Cached {
 
 /// A reflector fed by a watch of `api` with `config` (the agent scopes its watches to its own
 /// node), and the stream that drives it: each event applied bumps `version`, each error is
-/// logged and retried with backoff.
+/// logged and retried with backoff. Cached objects carry no managedFields.
 pub fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -101,6 +101,9 @@ where
     let kind = K::kind(&()).to_string();
     let stream = watcher(api, config)
         .default_backoff()
+        // Nothing reads managedFields, and they are often the larger part of a Pod, Node or
+        // VMI: dropped before the object is cached.
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
         .map(move |event| {
             match event {
