@@ -574,7 +574,9 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
                 path_setup_budget: None,
                 follow_deadline: None,
                 group: None,
-                dry_run: true,
+                // Not a dry run: a dry run needs no cleanup and gets no finalizer. Its VMI
+                // does not exist, so it fails before anything is made.
+                dry_run: false,
             },
         ),
     )
