@@ -620,19 +620,7 @@ pub(crate) async fn reconcile_vmim(
         return Ok(Action::await_change());
     }
     let api: Api<VirtualMachineInstanceMigration> = ctx.api(&vmim.namespace().unwrap_or_default());
-    let mut fins = vmim.finalizers().to_vec();
-    fins.push(super::VMIM_FINALIZER.to_string());
-    let r = api
-        .patch(
-            &vmim.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {
-                "finalizers": fins,
-                "resourceVersion": vmim.resource_version(),
-            }})),
-        )
-        .await;
-    match r {
+    match super::add_vmim_finalizer(&api, &vmim).await {
         Ok(_) => Ok(Action::await_change()),
         Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
             Ok(Action::requeue(Duration::from_millis(50)))

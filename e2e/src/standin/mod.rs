@@ -137,6 +137,25 @@ pub(crate) fn grace0() -> kube::api::DeleteParams {
     }
 }
 
+/// Adds KubeVirt's VMIM finalizer (virt-api's in a real cluster), guarded by the VMIM's
+/// resourceVersion so that a stale copy is refused with 409 rather than overwriting.
+pub(crate) async fn add_vmim_finalizer(
+    api: &Api<VirtualMachineInstanceMigration>,
+    vmim: &VirtualMachineInstanceMigration,
+) -> Result<VirtualMachineInstanceMigration, kube::Error> {
+    let mut fins = vmim.finalizers().to_vec();
+    fins.push(VMIM_FINALIZER.to_string());
+    api.patch(
+        &vmim.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"metadata": {
+            "finalizers": fins,
+            "resourceVersion": vmim.resource_version(),
+        }})),
+    )
+    .await
+}
+
 /// An object already gone counts as done.
 pub(crate) fn ignore_404<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
     match r {

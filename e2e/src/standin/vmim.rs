@@ -459,19 +459,7 @@ pub(crate) async fn reconcile(
         return Ok(Action::await_change());
     }
     if !has_finalizer {
-        let mut fins = vmim.finalizers().to_vec();
-        fins.push(VMIM_FINALIZER.to_string());
-        mig.m = mig
-            .vmims
-            .patch(
-                &vmim.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {
-                    "finalizers": fins,
-                    "resourceVersion": vmim.resource_version(),
-                }})),
-            )
-            .await?;
+        mig.m = super::add_vmim_finalizer(&mig.vmims, &vmim).await?;
     }
     // Walk as far as the world allows now; each phase is its own write, so watchers see all.
     for _ in 0..16 {
