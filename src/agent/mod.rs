@@ -338,9 +338,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             tracing::info!(node, "node found: the digest is owned by it from now on");
             force = Some("node found");
         }
-        if facts.uid.is_some() {
-            node_uid = facts.uid;
-        }
+        // A deleted Node leaves the digest unowned (an owner that is gone would have the
+        // garbage collector delete every digest published); a new one owns it again.
+        node_uid = facts.uid;
         if let Some(s) = scanner.as_mut() {
             if !facts.work_group.is_empty() && s.work_group.is_empty() {
                 tracing::info!(node, work_group = %facts.work_group, "work group found");
@@ -365,9 +365,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         scanner = Some(s_back);
         let refresh = match watches.own_digest() {
             OwnDigest::Missing if published_once => {
-                // Deleted: by the garbage collector if the Node was, which may be back
-                // with a new uid (the Node watch has it).
-                node_uid = watches.node_facts(&args.work_group_label).uid;
+                // Deleted: by the garbage collector if the Node was (a Node back with a
+                // new uid is in `node_uid` already, from its watch).
                 force = Some("digest deleted");
                 None
             }
