@@ -88,8 +88,12 @@ impl NodeScanner {
             .filter(|(vm, t)| wanted.get(vm) != Some(&t.pid))
             .map(|(vm, _)| vm.clone())
             .collect();
+        let now = Instant::now();
         for vm in gone {
             tracing::info!(namespace = %vm.namespace, name = %vm.name, "VM left the node or its process changed");
+            if let Some(t) = self.vms.get(&vm) {
+                self.shared.member_left(&vm, t.pid, now);
+            }
             self.vms.remove(&vm);
             self.table.release(&vm);
         }
@@ -150,7 +154,7 @@ impl NodeScanner {
             .iter()
             .map(|(vm, pid)| ((*vm).clone(), *pid))
             .collect();
-        self.shared.arm(&pids, self.mode);
+        self.shared.arm(&pids, self.mode, Instant::now());
         if let Ok(c) = load::sample_node() {
             if let Some(prev) = &self.node_counters {
                 self.node_rates = load::node_rates(prev, &c);
