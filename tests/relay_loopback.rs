@@ -11,83 +11,8 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{certs, source_relay, target_relay};
-use commonground::plan::region::PAGE_SIZE;
-use commonground::relay::stream::fixtures::{multifd_stream, page, region_content, MainWriter};
-
-const REGION: usize = 16 * PAGE_SIZE;
-
-/// Memory of this process holding some regions' content, in a memfd mapping of its own as
-/// QEMU's guest RAM can be (a memory object the store's fallback rule takes for guest RAM;
-/// regions are cut from the mapping's start).
-struct Memory {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Memory {
-    fn new(regions: &[Vec<u8>]) -> Self {
-        let len = (regions.len().max(16)) * REGION;
-        // SAFETY: a fresh memfd of `len` bytes mapped shared and writable; the pointer is only
-        // used within the mapping's bounds and unmapped on drop.
-        let ptr = unsafe {
-            let fd = libc::memfd_create(c"cg-relay-test-ram".as_ptr(), 0);
-            assert!(fd >= 0, "memfd_create");
-            assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
-            libc::close(fd);
-            assert_ne!(p, libc::MAP_FAILED);
-            p as *mut u8
-        };
-        let mut m = Self { ptr, len };
-        for (i, r) in regions.iter().enumerate() {
-            m.region_mut(i).copy_from_slice(r);
-        }
-        m
-    }
-
-    fn region_mut(&mut self, i: usize) -> &mut [u8] {
-        assert!((i + 1) * REGION <= self.len);
-        // SAFETY: within the mapping, exclusively borrowed through `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * REGION), REGION) }
-    }
-}
-
-impl Drop for Memory {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-/// A guest of `regions` full regions; returns the stream and each region's content.
-fn guest(regions: u64, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut w = MainWriter::new();
-    w.ram_start(&[("pc.ram", regions * REGION as u64)]);
-    w.ram_part();
-    let mut contents = Vec::new();
-    for r in 0..regions {
-        let pages: Vec<_> = (0..16)
-            .map(|i| (i, page(seed + r * 16 + i as u64)))
-            .collect();
-        for (i, p) in &pages {
-            w.page("pc.ram", (r * 16 + *i as u64) * PAGE_SIZE as u64, p);
-        }
-        contents.push(region_content(&pages));
-    }
-    w.eos();
-    w.ram_end();
-    w.eos();
-    w.devices_and_eof();
-    (w.bytes, contents)
-}
+use common::{certs, guest, source_relay, target_relay, Memory};
+use commonground::relay::stream::fixtures::multifd_stream;
 
 /// A target relay on loopback whose store is this process's memory.
 fn local_target(dir: &std::path::Path, c: &common::Certs, extra: &[&str]) -> common::Relay {

@@ -8,13 +8,17 @@
 //! - [`rebuild`]: where the target rebuilds a region, verified, or asks for its bytes.
 //! - [`store`]: the target node's index of region identities to process memory.
 //! - [`source`], [`target`]: the two ends; [`tls`]: mutual TLS; [`net`]: sockets.
+//! - [`intercept`]: how KubeVirt's migration connections reach the source relay (nftables in
+//!   virt-handler's network namespace, owned by the agent so that it never outlives it).
 //!
 //! Everything but `source`, `target` and `net` is plain Rust without I/O. The relay knows no
 //! Kubernetes types.
 
+pub mod intercept;
 pub mod net;
 pub mod protocol;
 pub mod rebuild;
+pub mod routes;
 pub mod source;
 pub mod stats;
 pub mod store;
@@ -53,6 +57,8 @@ pub enum RelayError {
     Qemu(std::io::Error),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
 }
 
 impl RelayError {
@@ -187,11 +193,36 @@ pub struct SourceArgs {
     #[arg(long)]
     pub listen: String,
     /// The target relay (HOST:PORT).
-    #[arg(long)]
-    pub target_relay: String,
+    #[arg(
+        long,
+        required_unless_present = "intercept_netns",
+        conflicts_with = "intercept_netns"
+    )]
+    pub target_relay: Option<String>,
     /// The target QEMU's incoming address, which the target relay connects to.
-    #[arg(long)]
-    pub deliver_to: String,
+    #[arg(
+        long,
+        required_unless_present = "intercept_netns",
+        conflicts_with = "intercept_netns"
+    )]
+    pub deliver_to: Option<String>,
+    /// Intercept instead: listen (on --listen, a local HOST:PORT) inside this network
+    /// namespace (`/proc/PID/ns/net` of virt-handler, or `/run/netns/NAME`), and redirect there
+    /// the connections to each --route destination, for as long as this process lives.
+    #[arg(long, requires = "route")]
+    pub intercept_netns: Option<PathBuf>,
+    /// With --intercept-netns: DEST=RELAY, connections to DEST (HOST:PORT, the target
+    /// virt-handler's migration port) go through the target relay RELAY (HOST:PORT) and are
+    /// delivered to DEST. Repeatable.
+    #[arg(long, requires = "intercept_netns")]
+    pub route: Vec<String>,
+    /// The nft program that holds the interception rules.
+    #[arg(long, default_value = "nft")]
+    pub nft: String,
+    /// With --intercept-netns: each destination is redirected for at most this long unless
+    /// renewed (seconds; renewed at half of it while this process lives).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    pub redirect_timeout: u64,
     /// The name the target relay's certificate must carry.
     #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
     pub tls_server_name: String,
@@ -307,15 +338,95 @@ pub async fn start_node_target(
     })
 }
 
+/// The interception set up from the command line: the listener inside the namespace, the
+/// routes, and the table, renewed in the background while it lives.
+fn intercept_from_args(
+    a: &SourceArgs,
+    ns: &std::path::Path,
+) -> Result<
+    (
+        net::Listener,
+        routes::Routes,
+        Arc<std::sync::Mutex<intercept::OwnedTable>>,
+    ),
+    RelayError,
+> {
+    let netns = intercept::NetNs(ns.to_path_buf());
+    let listen: SocketAddr = a
+        .listen
+        .parse()
+        .map_err(|_| RelayError::Argument(format!("--listen {:?}: give HOST:PORT", a.listen)))?;
+    let table_routes = routes::InterceptRoutes::new(netns.clone());
+    let mut dests = Vec::new();
+    for r in &a.route {
+        let (dest, relay) = r
+            .split_once('=')
+            .ok_or_else(|| RelayError::Argument(format!("--route {r:?}: give DEST=RELAY")))?;
+        let dest: SocketAddr = dest
+            .parse()
+            .map_err(|_| RelayError::Argument(format!("--route {r:?}: DEST is not HOST:PORT")))?;
+        net::Endpoint::parse(relay)?;
+        table_routes.register(dest, &dest.to_string(), relay);
+        dests.push(dest);
+    }
+    let std_listener = netns.listen(listen)?;
+    let port = std_listener
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(listen.port());
+    let listener = net::Listener::Tcp(tokio::net::TcpListener::from_std(std_listener).map_err(
+        |e| RelayError::Listen {
+            addr: a.listen.clone(),
+            source: e,
+        },
+    )?);
+    let timeout = Duration::from_secs(a.redirect_timeout);
+    let mut table = intercept::OwnedTable::create(&netns, &a.nft, port)?;
+    table.redirect(&dests, timeout)?;
+    let table = Arc::new(std::sync::Mutex::new(table));
+    let renew = Arc::downgrade(&table);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(timeout / 2);
+        let Some(t) = renew.upgrade() else { return };
+        let renewed = t.lock().expect("table lock").redirect(&dests, timeout);
+        if let Err(e) = renewed {
+            tracing::error!(error = %e, "cannot renew the redirects; connections go direct once they expire");
+        }
+    });
+    Ok((listener, routes::Routes::Intercepted(table_routes), table))
+}
+
 pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     match args.side {
         Side::Source(a) => {
             let started = start(&a.common).await?;
-            let endpoint = net::Endpoint::parse(&a.listen)?;
-            let deliver_to = net::Endpoint::parse(&a.deliver_to)?;
+            let (listener, routes, table) = match &a.intercept_netns {
+                Some(ns) => {
+                    let (listener, routes, table) = intercept_from_args(&a, ns)?;
+                    (listener, routes, Some(table))
+                }
+                None => {
+                    let endpoint = net::Endpoint::parse(&a.listen)?;
+                    let (Some(target_relay), Some(deliver_to)) = (&a.target_relay, &a.deliver_to)
+                    else {
+                        return Err(RelayError::Argument(
+                            "give --target-relay and --deliver-to, or --intercept-netns".into(),
+                        ));
+                    };
+                    let route = routes::Route {
+                        migration: String::new(),
+                        target_relay: target_relay.clone(),
+                        deliver_to: net::Endpoint::parse(deliver_to)?,
+                    };
+                    (
+                        net::Listener::bind(&endpoint).await?,
+                        routes::Routes::Fixed(route),
+                        None,
+                    )
+                }
+            };
             let config = Arc::new(source::SourceConfig {
-                target_relay: a.target_relay.clone(),
-                deliver_to,
+                routes,
                 server_name: tls::server_name(&a.tls_server_name)?,
                 connector: tokio_rustls::TlsConnector::from(tls::client_config(&a.common.tls)?),
                 window_kib: source::window_kib(a.window_mib, started.namer.region_bytes()),
@@ -323,13 +434,16 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
                 stats_json: a.common.stats_json.clone(),
                 metrics: started.metrics,
             });
-            let listener = net::Listener::bind(&endpoint).await?;
-            tracing::info!(listen = %listener.local_addr(), target_relay = %a.target_relay, deliver_to = %a.deliver_to, "relay source ready");
+            tracing::info!(listen = %listener.local_addr(), target_relay = ?a.target_relay, deliver_to = ?a.deliver_to, intercept_netns = ?a.intercept_netns, routes = a.route.len(), "relay source ready");
             started.ready.set(true);
-            tokio::select! {
+            let result = tokio::select! {
                 r = source::serve(listener, config) => r,
                 _ = tokio::signal::ctrl_c() => Ok(()),
-            }
+            };
+            // The redirects end with the table (and, if this process is killed instead, with
+            // its nft child).
+            drop(table);
+            result
         }
         Side::Target(a) => {
             let started = start(&a.common).await?;

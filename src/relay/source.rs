@@ -8,6 +8,12 @@
 //! connection is closed, so QEMU reports a failed migration and the guest keeps running on
 //! the source. Nothing is ever dropped silently: an unacknowledged reference is kept until the
 //! target confirms it.
+//!
+//! Fail open, for connections intercepted from virt-handler ([`Routes::Intercepted`]): one with
+//! no registered migration, or whose migration's first connection could not open the relay
+//! path, is delivered straight to where it was going, from virt-handler's namespace, so the
+//! migration goes as it would have without the relay. Every connection of a migration takes
+//! the same way: the first one decides.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -19,8 +25,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use super::net::{ByteCounter, Conn, Counted, Endpoint, Listener};
+use super::intercept::{original_destination, ruleset::BYPASS_MARK};
+use super::net::{ByteCounter, Conn, Counted, Listener};
 use super::protocol::{Frame, PROTOCOL_VERSION};
+use super::routes::{Decision, Route, Routes};
 use super::stats::{reason_kind, MigrationStats, RelayMetrics};
 use super::store::IdSet;
 use super::stream::{Holds, Piece, RegionNamer, SourceStream};
@@ -32,8 +40,7 @@ const FILTER_WAIT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 256 << 10;
 
 pub struct SourceConfig {
-    pub target_relay: String,
-    pub deliver_to: Endpoint,
+    pub routes: Routes,
     pub server_name: rustls::pki_types::ServerName<'static>,
     pub connector: TlsConnector,
     pub namer: Arc<RegionNamer>,
@@ -51,42 +58,51 @@ impl Holds for FilterSet {
     }
 }
 
+/// How a migration's connections go, decided by its first one.
+#[derive(Clone)]
+enum Way {
+    /// Through the relays, with the regions the target holds.
+    Relay(Arc<FilterSet>),
+    /// Straight to their destination (intercepted connections only).
+    Direct,
+}
+
 /// One migration: the connections accepted while another of it was open.
 struct Session {
     id: u64,
     started: Instant,
     next_index: AtomicU32,
     active: AtomicUsize,
-    filter: watch::Sender<Option<Arc<FilterSet>>>,
+    way: watch::Sender<Option<Way>>,
     stats: Mutex<MigrationStats>,
 }
 
+/// The open sessions, by migration.
 #[derive(Default)]
 struct Sessions {
-    current: Mutex<Option<Arc<Session>>>,
+    open: Mutex<BTreeMap<String, Arc<Session>>>,
 }
 
 impl Sessions {
-    fn join(&self) -> (Arc<Session>, u32) {
-        let mut current = self.current.lock().expect("sessions lock");
-        let session = match current.as_ref() {
-            Some(s) if s.active.load(Ordering::SeqCst) > 0 => s.clone(),
-            _ => {
-                let s = Arc::new(Session {
+    fn join(&self, migration: &str) -> (Arc<Session>, u32) {
+        let mut open = self.open.lock().expect("sessions lock");
+        open.retain(|_, s| s.active.load(Ordering::SeqCst) > 0);
+        let session = open
+            .entry(migration.to_string())
+            .or_insert_with(|| {
+                Arc::new(Session {
                     id: rand::random(),
                     started: Instant::now(),
                     next_index: AtomicU32::new(0),
                     active: AtomicUsize::new(0),
-                    filter: watch::channel(None).0,
+                    way: watch::channel(None).0,
                     stats: Mutex::new(MigrationStats {
                         side: "source",
                         ..Default::default()
                     }),
-                });
-                *current = Some(s.clone());
-                s
-            }
-        };
+                })
+            })
+            .clone();
         session.active.fetch_add(1, Ordering::SeqCst);
         let index = session.next_index.fetch_add(1, Ordering::SeqCst);
         (session, index)
@@ -96,12 +112,43 @@ impl Sessions {
 pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), RelayError> {
     let sessions = Arc::new(Sessions::default());
     loop {
-        let conn = listener.accept().await.map_err(RelayError::Accept)?;
-        let (session, index) = sessions.join();
+        let (conn, original) = match (&listener, config.routes.intercepted()) {
+            (Listener::Tcp(l), Some(_)) => {
+                let (s, _) = l.accept().await.map_err(RelayError::Accept)?;
+                s.set_nodelay(true).ok();
+                let original = s
+                    .local_addr()
+                    .and_then(|local| original_destination(&s, local));
+                (Box::new(s) as Box<dyn Conn>, Some(original))
+            }
+            _ => (listener.accept().await.map_err(RelayError::Accept)?, None),
+        };
+        let route = match config.routes.decide(original) {
+            Decision::Relay(route) => route,
+            Decision::Direct { to, why } => {
+                tracing::info!(to = %to, why, "connection delivered direct");
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let outcome = deliver_direct(conn, to, &config).await;
+                    count(&config, "direct", &outcome);
+                });
+                continue;
+            }
+            Decision::Close { why } => {
+                tracing::warn!(why = %why, "connection closed");
+                count(&config, "failed", &Err::<(), _>(RelayError::Peer(why)));
+                continue;
+            }
+        };
+        let (session, index) = sessions.join(&route.migration);
         let config = config.clone();
         tokio::spawn(async move {
-            let outcome = relay_connection(conn, &session, index, &config).await;
-            let label = if outcome.is_ok() { "ok" } else { "failed" };
+            let outcome = relay_connection(conn, &session, index, &route, &config).await;
+            let label = match &outcome {
+                Ok(Way::Relay(_)) => "ok",
+                Ok(Way::Direct) => "direct",
+                Err(_) => "failed",
+            };
             config
                 .metrics
                 .connections
@@ -120,6 +167,42 @@ pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), 
             }
         });
     }
+}
+
+fn count<T>(config: &SourceConfig, label: &str, outcome: &Result<T, RelayError>) {
+    let label = if outcome.is_ok() { label } else { "failed" };
+    if let Err(e) = outcome {
+        tracing::warn!(error = %e, "direct delivery failed");
+    }
+    config
+        .metrics
+        .connections
+        .with_label_values(&["source", label])
+        .inc();
+}
+
+/// Delivers `conn` to `to` from the intercepted namespace, bytes untouched, with the mark the
+/// interception rules let through.
+async fn deliver_direct(
+    mut conn: Box<dyn Conn>,
+    to: std::net::SocketAddr,
+    config: &SourceConfig,
+) -> Result<(), RelayError> {
+    let Some(routes) = config.routes.intercepted() else {
+        return Err(RelayError::Peer(
+            "direct delivery needs an intercepted namespace".into(),
+        ));
+    };
+    let netns = routes.netns.clone();
+    let std = tokio::task::spawn_blocking(move || netns.connect(to, BYPASS_MARK, CONNECT_TIMEOUT))
+        .await
+        .map_err(|e| RelayError::Peer(format!("connecting to {to}: {e}")))?
+        .map_err(|e| RelayError::Peer(e.to_string()))?;
+    let mut out = TcpStream::from_std(std).map_err(RelayError::peer_io)?;
+    tokio::io::copy_bidirectional(&mut conn, &mut out)
+        .await
+        .map_err(RelayError::peer_io)?;
+    Ok(())
 }
 
 fn finish_session(session: &Session, config: &SourceConfig) {
@@ -150,10 +233,11 @@ async fn relay_connection(
     qemu: Box<dyn Conn>,
     session: &Arc<Session>,
     index: u32,
+    route: &Route,
     config: &SourceConfig,
-) -> Result<(), RelayError> {
+) -> Result<Way, RelayError> {
     let counter = ByteCounter::default();
-    let result = relay_inner(qemu, session, index, config, &counter).await;
+    let result = relay_inner(qemu, session, index, route, config, &counter).await;
     let wire = counter.total();
     config
         .metrics
@@ -164,17 +248,39 @@ async fn relay_connection(
     result
 }
 
-async fn relay_inner(
-    qemu: Box<dyn Conn>,
-    session: &Arc<Session>,
+type PeerReader =
+    FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<Counted<TcpStream>>>>;
+type PeerWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Counted<TcpStream>>>;
+
+/// Opens the mutual-TLS connection to the target relay and says which connection this is.
+async fn connect_peer(
+    session: &Session,
     index: u32,
+    route: &Route,
     config: &SourceConfig,
     counter: &ByteCounter,
-) -> Result<(), RelayError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&config.target_relay))
-        .await
-        .map_err(|_| RelayError::Peer(format!("connecting to {} timed out", config.target_relay)))?
-        .map_err(|e| RelayError::Peer(format!("connecting to {}: {e}", config.target_relay)))?;
+) -> Result<(PeerReader, PeerWriter), RelayError> {
+    let relay = &route.target_relay;
+    let tcp = match config.routes.intercepted() {
+        // From the intercepted namespace, over the network virt-handler itself uses.
+        Some(r) => {
+            let to: std::net::SocketAddr = relay.parse().map_err(|_| {
+                RelayError::Peer(format!("target relay {relay:?} is not HOST:PORT"))
+            })?;
+            let netns = r.netns.clone();
+            let std = tokio::task::spawn_blocking(move || {
+                netns.connect(to, BYPASS_MARK, CONNECT_TIMEOUT)
+            })
+            .await
+            .map_err(|e| RelayError::Peer(format!("connecting to {relay}: {e}")))?
+            .map_err(|e| RelayError::Peer(e.to_string()))?;
+            TcpStream::from_std(std).map_err(RelayError::peer_io)?
+        }
+        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(relay))
+            .await
+            .map_err(|_| RelayError::Peer(format!("connecting to {relay} timed out")))?
+            .map_err(|e| RelayError::Peer(format!("connecting to {relay}: {e}")))?,
+    };
     tcp.set_nodelay(true).ok();
     let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -185,63 +291,114 @@ async fn relay_inner(
     )
     .await
     .map_err(|_| RelayError::Peer("TLS handshake timed out".into()))?
-    .map_err(|e| RelayError::Peer(format!("TLS handshake with {}: {e}", config.target_relay)))?;
+    .map_err(|e| RelayError::Peer(format!("TLS handshake with {relay}: {e}")))?;
     let (tls_r, mut tls_w) = tokio::io::split(tls);
-    let mut frames = FrameReader::new(tls_r);
-
     let mut hello = Vec::new();
     Frame::Hello {
         version: PROTOCOL_VERSION,
         session: session.id,
         index,
-        deliver_to: config.deliver_to.to_string(),
+        deliver_to: route.deliver_to.to_string(),
     }
     .encode(&mut hello);
     tls_w.write_all(&hello).await.map_err(RelayError::peer_io)?;
     tls_w.flush().await.map_err(RelayError::peer_io)?;
+    Ok((FrameReader::new(tls_r), tls_w))
+}
 
-    let filter = if index == 0 {
-        let mut ids = IdSet::default();
-        loop {
-            match frames.next().await? {
-                Some(Frame::Filter { ids: chunk, last }) => {
-                    let room = MAX_FILTER_IDS.saturating_sub(ids.len());
-                    if chunk.len() > room {
-                        tracing::warn!(limit = MAX_FILTER_IDS, "target relay names more regions than the filter keeps; the rest go as bytes");
-                    }
-                    ids.extend(chunk.into_iter().take(room));
-                    if last {
-                        break;
-                    }
+/// The first connection's filter: the regions the target holds.
+async fn read_filter(frames: &mut PeerReader) -> Result<IdSet, RelayError> {
+    let mut ids = IdSet::default();
+    loop {
+        match frames.next().await? {
+            Some(Frame::Filter { ids: chunk, last }) => {
+                let room = MAX_FILTER_IDS.saturating_sub(ids.len());
+                if chunk.len() > room {
+                    tracing::warn!(limit = MAX_FILTER_IDS, "target relay names more regions than the filter keeps; the rest go as bytes");
                 }
-                Some(Frame::Refused(why)) => {
-                    session
-                        .filter
-                        .send_replace(Some(Arc::new(FilterSet(IdSet::default()))));
-                    return Err(RelayError::Peer(format!("target relay refused: {why}")));
-                }
-                other => {
-                    session
-                        .filter
-                        .send_replace(Some(Arc::new(FilterSet(IdSet::default()))));
-                    return Err(RelayError::Peer(format!(
-                        "expected the target's filter, got {}",
-                        frame_name(other.as_ref())
-                    )));
+                ids.extend(chunk.into_iter().take(room));
+                if last {
+                    return Ok(ids);
                 }
             }
+            Some(Frame::Refused(why)) => {
+                return Err(RelayError::Peer(format!("target relay refused: {why}")));
+            }
+            other => {
+                return Err(RelayError::Peer(format!(
+                    "expected the target's filter, got {}",
+                    frame_name(other.as_ref())
+                )));
+            }
         }
-        tracing::info!(session = %format!("{:016x}", session.id), regions = ids.len(), "target relay holds regions");
-        let f = Arc::new(FilterSet(ids));
-        session.filter.send_replace(Some(f.clone()));
-        f
-    } else {
-        let mut rx = session.filter.subscribe();
-        let got = match tokio::time::timeout(FILTER_WAIT, rx.wait_for(|f| f.is_some())).await {
-            Ok(Ok(f)) => f.clone(),
-            _ => None,
+    }
+}
+
+/// The way this connection goes, and the open relay path if it goes through the relays. The
+/// first connection decides for the whole migration.
+async fn choose_way(
+    session: &Session,
+    index: u32,
+    route: &Route,
+    config: &SourceConfig,
+    counter: &ByteCounter,
+) -> Result<(Way, Option<(PeerReader, PeerWriter)>), RelayError> {
+    let fails_open = config.routes.intercepted().is_some();
+    let peer = connect_peer(session, index, route, config, counter).await;
+    if index == 0 {
+        let opened = match peer {
+            Ok((mut frames, w)) => read_filter(&mut frames).await.map(|ids| (ids, frames, w)),
+            Err(e) => Err(e),
         };
-        got.unwrap_or_else(|| Arc::new(FilterSet(IdSet::default())))
+        return match opened {
+            Ok((ids, frames, w)) => {
+                tracing::info!(session = %format!("{:016x}", session.id), regions = ids.len(), "target relay holds regions");
+                let way = Way::Relay(Arc::new(FilterSet(ids)));
+                session.way.send_replace(Some(way.clone()));
+                Ok((way, Some((frames, w))))
+            }
+            Err(e) if fails_open => {
+                tracing::warn!(session = %format!("{:016x}", session.id), error = %e, "relay path unavailable; the migration goes direct");
+                session.way.send_replace(Some(Way::Direct));
+                Ok((Way::Direct, None))
+            }
+            Err(e) => {
+                session
+                    .way
+                    .send_replace(Some(Way::Relay(Arc::new(FilterSet(IdSet::default())))));
+                Err(e)
+            }
+        };
+    }
+    let mut rx = session.way.subscribe();
+    let decided = match tokio::time::timeout(FILTER_WAIT, rx.wait_for(|w| w.is_some())).await {
+        Ok(Ok(w)) => w.clone(),
+        _ => None,
+    };
+    match decided.unwrap_or_else(|| Way::Relay(Arc::new(FilterSet(IdSet::default())))) {
+        Way::Direct => Ok((Way::Direct, None)),
+        way => Ok((way, Some(peer?))),
+    }
+}
+
+async fn relay_inner(
+    qemu: Box<dyn Conn>,
+    session: &Arc<Session>,
+    index: u32,
+    route: &Route,
+    config: &SourceConfig,
+    counter: &ByteCounter,
+) -> Result<Way, RelayError> {
+    let (way, peer) = choose_way(session, index, route, config, counter).await?;
+    let (filter, (frames, tls_w)) = match (way, peer) {
+        (Way::Relay(filter), Some(peer)) => (filter, peer),
+        _ => {
+            let to = route.deliver_to.to_string().parse().map_err(|_| {
+                RelayError::Peer(format!("cannot deliver direct to {}", route.deliver_to))
+            })?;
+            deliver_direct(qemu, to, config).await?;
+            return Ok(Way::Direct);
+        }
     };
 
     let (qemu_r, qemu_w) = tokio::io::split(qemu);
@@ -279,7 +436,7 @@ async fn relay_inner(
         .await
         .map_err(|e| RelayError::Peer(format!("target reader: {e}")))?;
     let _ = writer.await;
-    back_result
+    back_result.map(|()| Way::Relay(filter))
 }
 
 /// Reads QEMU until it closes its side, sending what the stream parser makes of it.

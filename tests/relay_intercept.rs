@@ -1,0 +1,395 @@
+//! Interception in real network namespaces: a "handler" namespace (where virt-handler would
+//! run) and a "target" namespace joined by a veth pair, both made by this test (root, `ip` and
+//! `nft` from iproute2 and nftables). A connection from the handler namespace to a redirected
+//! target port reaches the relay's socket with its original destination; every other
+//! connection, and every connection once the table's owner is gone or a destination expired,
+//! goes direct. And the relay pair in that path: KubeVirt's connection crosses the relays with
+//! references for what the target holds, and goes direct, byte for byte, when the source relay
+//! is killed or the target relay cannot be reached.
+
+#[path = "relay/common.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use commonground::relay::intercept::ruleset::BYPASS_MARK;
+use commonground::relay::intercept::{original_destination, InterceptError, NetNs, OwnedTable};
+
+const NFT: &str = "nft";
+const TARGET_IP: &str = "10.234.0.2";
+const RELAY_PORT: u16 = 7443;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip runs (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {} (these tests need root, iproute2 and nftables: scripts/setup.sh installs them)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Two namespaces and a veth pair between them, removed on drop.
+struct Pair {
+    handler: String,
+    target: String,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Pair {
+        let id = format!("{}{tag}", std::process::id() % 100_000);
+        let p = Pair {
+            handler: format!("cg-ix-h{id}"),
+            target: format!("cg-ix-t{id}"),
+        };
+        let (vh, vt) = (format!("cgh{id}"), format!("cgt{id}"));
+        ip(&["netns", "add", &p.handler]);
+        ip(&["netns", "add", &p.target]);
+        ip(&[
+            "link", "add", &vh, "netns", &p.handler, "type", "veth", "peer", "name", &vt, "netns",
+            &p.target,
+        ]);
+        for (ns, dev, addr) in [
+            (&p.handler, &vh, "10.234.0.1/30"),
+            (&p.target, &vt, "10.234.0.2/30"),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        p
+    }
+
+    fn ns(name: &str) -> NetNs {
+        NetNs(format!("/run/netns/{name}").into())
+    }
+
+    fn handler_ns(&self) -> NetNs {
+        Self::ns(&self.handler)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.handler, &self.target] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A server on `listener` that answers every connection with `<name> <original destination>`.
+fn serve(listener: std::net::TcpListener, name: &'static str) {
+    listener.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let local = c.local_addr().unwrap();
+            // A connection that was not redirected has no original destination (no NAT
+            // entry): it was going where it arrived.
+            let dst = match original_destination(&c, local) {
+                Ok(a) => a.to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => local.to_string(),
+                Err(e) => format!("error {e}"),
+            };
+            let _ = writeln!(c, "{name} {dst}");
+        }
+    });
+}
+
+/// Connects from the handler namespace to `to` and returns the first line the server sends.
+fn ask(from: &NetNs, to: &str) -> String {
+    let to: SocketAddr = to.parse().unwrap();
+    from.run_in(move || {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        line.trim().to_string()
+    })
+    .unwrap()
+}
+
+/// A pair with the target's servers on ports 4444 and 4445 and the relay's socket on
+/// 127.0.0.1:7443 in the handler namespace.
+fn set_up(tag: &str) -> Pair {
+    let p = Pair::new(tag);
+    let t = Pair::ns(&p.target);
+    for port in [4444, 4445] {
+        serve(
+            t.listen(format!("{TARGET_IP}:{port}").parse().unwrap())
+                .unwrap(),
+            "direct",
+        );
+    }
+    let relay = p
+        .handler_ns()
+        .listen(format!("127.0.0.1:{RELAY_PORT}").parse().unwrap())
+        .unwrap();
+    serve(relay, "relay");
+    p
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not after 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tables_in(ns: &str) -> String {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns, NFT, "list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn redirected_connections_reach_the_relay_with_their_destination_and_fail_open_when_the_owner_dies()
+{
+    let p = set_up("a");
+    let h = p.handler_ns();
+    let direct = format!("direct {TARGET_IP}:4444");
+    assert_eq!(ask(&h, "10.234.0.2:4444"), direct, "no table: direct");
+
+    let mut table = OwnedTable::create(&h, NFT, RELAY_PORT).unwrap();
+    assert_eq!(
+        ask(&h, "10.234.0.2:4444"),
+        direct,
+        "a table with no destination redirects nothing"
+    );
+    let target: SocketAddr = "10.234.0.2:4444".parse().unwrap();
+    table.redirect(&[target], Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        table.targets().unwrap().into_iter().collect::<Vec<_>>(),
+        vec![target]
+    );
+    assert_eq!(
+        ask(&h, "10.234.0.2:4444"),
+        "relay 10.234.0.2:4444",
+        "redirected, and the relay learns where the connection was going"
+    );
+    assert_eq!(
+        ask(&h, "10.234.0.2:4445"),
+        format!("direct {TARGET_IP}:4445"),
+        "other ports go direct"
+    );
+    // The relay's own connections from the namespace carry the bypass mark and go direct.
+    let own = h
+        .connect(target, BYPASS_MARK, Duration::from_secs(3))
+        .unwrap();
+    own.set_nonblocking(false).unwrap();
+    own.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut line = String::new();
+    BufReader::new(own).read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        direct,
+        "the relay's own connection is not redirected"
+    );
+    // Adding it again only refreshes its timeout.
+    table.redirect(&[target], Duration::from_secs(90)).unwrap();
+    table.release(&[target]).unwrap();
+    assert_eq!(ask(&h, "10.234.0.2:4444"), direct, "released: direct");
+    // Releasing what is not there is not an error.
+    table.release(&[target]).unwrap();
+
+    // The owner dies without a word (an agent killed by the kernel): the kernel drops the
+    // table with it, and the next connection goes direct.
+    table.redirect(&[target], Duration::from_secs(60)).unwrap();
+    assert_eq!(ask(&h, "10.234.0.2:4444"), "relay 10.234.0.2:4444");
+    // SAFETY: signals the nft process this test started.
+    unsafe { libc::kill(table.owner_pid(), libc::SIGKILL) };
+    wait_until("the table goes with its owner", || {
+        !tables_in(&p.handler).contains("commonground_relay")
+    });
+    assert_eq!(ask(&h, "10.234.0.2:4444"), direct, "the owner died: direct");
+    assert!(matches!(
+        table.redirect(&[target], Duration::from_secs(60)),
+        Err(InterceptError::Nft(_))
+    ));
+    drop(table);
+
+    // A new agent starts clean.
+    let mut again = OwnedTable::create(&h, NFT, RELAY_PORT).unwrap();
+    again.redirect(&[target], Duration::from_secs(60)).unwrap();
+    assert_eq!(ask(&h, "10.234.0.2:4444"), "relay 10.234.0.2:4444");
+    drop(again);
+    wait_until("a dropped table is removed", || {
+        !tables_in(&p.handler).contains("commonground_relay")
+    });
+    assert_eq!(ask(&h, "10.234.0.2:4444"), direct);
+}
+
+#[test]
+fn a_destination_expires_on_its_own_and_a_second_owner_is_refused() {
+    let p = set_up("b");
+    let h = p.handler_ns();
+    let mut table = OwnedTable::create(&h, NFT, RELAY_PORT).unwrap();
+    let target: SocketAddr = "10.234.0.2:4444".parse().unwrap();
+    table.redirect(&[target], Duration::from_secs(1)).unwrap();
+    assert_eq!(ask(&h, "10.234.0.2:4444"), "relay 10.234.0.2:4444");
+    wait_until("the destination expires", || {
+        table.targets().unwrap().is_empty()
+    });
+    assert_eq!(
+        ask(&h, "10.234.0.2:4444"),
+        format!("direct {TARGET_IP}:4444")
+    );
+
+    // Another agent serving the same namespace cannot take the table over.
+    match OwnedTable::create(&h, NFT, RELAY_PORT) {
+        Err(InterceptError::Refused(why)) => {
+            assert!(why.contains("Operation not permitted"), "{why}")
+        }
+        other => panic!("a second owner: {other:?}"),
+    }
+    // The first one still works.
+    table.redirect(&[target], Duration::from_secs(60)).unwrap();
+    assert_eq!(ask(&h, "10.234.0.2:4444"), "relay 10.234.0.2:4444");
+}
+
+/// The target virt-handler's migration port in the target namespace: accepts connections one
+/// after the other and passes on what each delivered.
+fn fake_handler(ns: &NetNs, addr: &str, connections: usize) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let listener = ns.listen(addr.parse().unwrap()).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let _ = tx.send(got);
+        }
+    });
+    rx
+}
+
+/// The source virt-handler: from its namespace, sends `bytes` to `to`, closes its side and
+/// waits for the other side to close.
+fn migrate(from: &NetNs, to: &str, bytes: Vec<u8>) {
+    let to: SocketAddr = to.parse().unwrap();
+    from.run_in(move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    })
+    .unwrap();
+}
+
+/// `commonground relay source` intercepting in the pair's handler namespace, routing the
+/// target's port 4444 through `target_relay`.
+fn intercepting_source(
+    dir: &std::path::Path,
+    p: &Pair,
+    c: &common::Certs,
+    target_relay: &str,
+) -> common::Relay {
+    common::spawn_relay(
+        dir,
+        None,
+        "source",
+        format!("127.0.0.1:{RELAY_PORT}").parse().unwrap(),
+        (&c.client_cert, &c.client_key, &c.ca),
+        vec![
+            "--intercept-netns".into(),
+            format!("/run/netns/{}", p.handler),
+            "--route".into(),
+            format!("{TARGET_IP}:4444={target_relay}"),
+        ],
+    )
+}
+
+#[test]
+fn a_kubevirt_connection_crosses_the_relays_and_goes_direct_once_the_source_relay_is_killed() {
+    let p = Pair::new("c");
+    let (h, t) = (p.handler_ns(), Pair::ns(&p.target));
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::certs(dir.path(), "ca");
+    let (stream, contents) = common::guest(64, 7);
+    let held: Vec<_> = contents.iter().step_by(2).cloned().collect();
+    let _memory = common::Memory::new(&held);
+    let target = common::target_relay(
+        dir.path(),
+        Some(&p.target),
+        TARGET_IP,
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let delivered = fake_handler(&t, "10.234.0.2:4444", 2);
+    let mut source = intercepting_source(dir.path(), &p, &c, &target.addr.to_string());
+
+    migrate(&h, "10.234.0.2:4444", stream.clone());
+    let got = delivered
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "nothing delivered; source log:\n{}\ntarget log:\n{}",
+                source.log_text(),
+                target.log_text()
+            )
+        });
+    assert!(got == stream, "delivered bytes differ from the stream");
+    let s = source.wait_stats(1);
+    assert_eq!(
+        s["regions_referenced"].as_u64(),
+        Some(32),
+        "half the regions cross as references: {s}"
+    );
+    let wire = s["bytes_on_wire"].as_u64().unwrap();
+    println!(
+        "intercepted stream {} B, on the wire {wire} B ({:.1}%)",
+        stream.len(),
+        100.0 * wire as f64 / stream.len() as f64
+    );
+    assert!(wire < stream.len() as u64 * 55 / 100, "{s}");
+
+    // SIGKILL: no cleanup runs, the kernel drops the table with the relay's nft child.
+    let _ = source.child.kill();
+    let _ = source.child.wait();
+    wait_until("the table goes with the relay", || {
+        !tables_in(&p.handler).contains("commonground_relay")
+    });
+    migrate(&h, "10.234.0.2:4444", stream.clone());
+    let got = delivered
+        .recv_timeout(Duration::from_secs(30))
+        .expect("delivered direct");
+    assert!(got == stream, "the direct migration delivered other bytes");
+}
+
+#[test]
+fn an_unreachable_target_relay_sends_the_migration_direct_byte_for_byte() {
+    let p = Pair::new("d");
+    let (h, t) = (p.handler_ns(), Pair::ns(&p.target));
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::certs(dir.path(), "ca");
+    let (stream, _) = common::guest(16, 3);
+    let delivered = fake_handler(&t, "10.234.0.2:4444", 1);
+    // Nothing listens on the target relay's port.
+    let source = intercepting_source(dir.path(), &p, &c, "10.234.0.2:7999");
+    migrate(&h, "10.234.0.2:4444", stream.clone());
+    let got = delivered
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("nothing delivered; source log:\n{}", source.log_text()));
+    assert!(got == stream, "delivered bytes differ from the stream");
+    assert!(
+        source.log_text().contains("the migration goes direct"),
+        "{}",
+        source.log_text()
+    );
+}
