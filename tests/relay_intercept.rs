@@ -393,3 +393,162 @@ fn an_unreachable_target_relay_sends_the_migration_direct_byte_for_byte() {
         source.log_text()
     );
 }
+
+/// A process standing for virt-handler inside `ns`: its network namespace is where the path
+/// opens. Killed on drop.
+struct FakeHandler(std::process::Child);
+
+impl FakeHandler {
+    fn start(ns: &str) -> FakeHandler {
+        FakeHandler(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "sleep", "600"])
+                .spawn()
+                .expect("sleep runs in the namespace"),
+        )
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for FakeHandler {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn counter(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// The agent's relay path on two "nodes" (two virt-handler namespaces): the source's outgoing
+/// migration, once taken, crosses both relay ends with references for what the target holds;
+/// once let go, and after the path is closed, it goes direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
+    use commonground::relay::path::{NodePath, PathConfig};
+    use commonground::relay::target::{StoreSource, TargetConfig};
+    let p = Pair::new("e");
+    let (h, t) = (p.handler_ns(), Pair::ns(&p.target));
+    let (src_handler, dst_handler) = (
+        FakeHandler::start(&p.handler),
+        FakeHandler::start(&p.target),
+    );
+    // Both processes are in their namespaces once `ip netns exec` has exec'd sleep.
+    wait_until("the fake handlers are in their namespaces", || {
+        [src_handler.pid(), dst_handler.pid()].iter().all(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::certs(dir.path(), "ca");
+    let (stream, contents) = common::guest(64, 11);
+    let held: Vec<_> = contents.iter().step_by(2).cloned().collect();
+    let _memory = common::Memory::new(&held);
+
+    let registry = prometheus::Registry::new();
+    let tls = commonground::relay::tls::TlsArgs {
+        tls_cert: c.server_cert.clone(),
+        tls_key: c.server_key.clone(),
+        tls_ca: c.ca.clone(),
+    };
+    let (_, parts) = commonground::relay::start_node_target(
+        commonground::relay::NodeRelay {
+            listen: "127.0.0.1:0".into(),
+            advertise: "127.0.0.1:1".into(),
+            tls,
+            region_pages: 16,
+            node: "unused".into(),
+            process_node_arg: None,
+        },
+        commonground::plan::region::ClusterKey::development(),
+        &registry,
+    )
+    .await
+    .unwrap();
+    // The target's store is this process's memory.
+    let target = TargetConfig {
+        acceptor: parts.target.acceptor.clone(),
+        namer: parts.target.namer.clone(),
+        store_source: StoreSource::Pids(vec![std::process::id() as i32]),
+        store_max_age: Duration::from_secs(60),
+        stats_json: None,
+        metrics: parts.target.metrics.clone(),
+        deliver_netns: None,
+    };
+    let config = PathConfig {
+        relay_port: 7443,
+        intercept_port: 7444,
+        nft: NFT.into(),
+        redirect_timeout: Duration::from_secs(60),
+    };
+    let mut src = NodePath::open(
+        src_handler.pid(),
+        config.clone(),
+        parts.source.clone(),
+        &target,
+    )
+    .unwrap();
+    let _dst = NodePath::open(dst_handler.pid(), config, parts.source.clone(), &target).unwrap();
+    let delivered = fake_handler(&t, "10.234.0.2:4444", 3);
+    let dest: SocketAddr = "10.234.0.2:4444".parse().unwrap();
+    let run = |stream: Vec<u8>| {
+        let h = h.clone();
+        tokio::task::spawn_blocking(move || migrate(&h, "10.234.0.2:4444", stream))
+    };
+
+    src.apply(&[(dest, "m-1".into(), "10.234.0.2:7443".into())], &[])
+        .unwrap();
+    run(stream.clone()).await.unwrap();
+    let got = delivered
+        .recv_timeout(Duration::from_secs(60))
+        .expect("delivered through the relays");
+    assert!(got == stream, "delivered bytes differ from the stream");
+    let referenced = counter(
+        &registry,
+        "commonground_relay_regions_total",
+        &[("side", "source"), ("outcome", "referenced")],
+    );
+    assert_eq!(referenced, 32, "half the regions crossed as references");
+
+    // Let go: the next migration to the same port goes direct.
+    src.apply(&[], &[dest]).unwrap();
+    assert!(src.current().is_empty());
+    run(stream.clone()).await.unwrap();
+    assert!(delivered.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
+    assert_eq!(
+        counter(
+            &registry,
+            "commonground_relay_regions_total",
+            &[("side", "source"), ("outcome", "referenced")]
+        ),
+        referenced,
+        "the direct migration did not cross the relays"
+    );
+
+    // Taken again, then the path closes (the agent stops): the table goes, migrations go direct.
+    src.apply(&[(dest, "m-2".into(), "10.234.0.2:7443".into())], &[])
+        .unwrap();
+    drop(src);
+    wait_until("the table goes with the path", || {
+        !tables_in(&p.handler).contains("commonground_relay")
+    });
+    run(stream.clone()).await.unwrap();
+    assert!(delivered.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
+}

@@ -10,10 +10,12 @@ pub mod dirty_sampler;
 pub mod discover;
 pub mod load;
 pub mod memory_reader;
+pub mod migration_path;
 pub mod node_scanner;
 pub mod node_watch;
 pub mod proc_maps;
 pub mod publish;
+pub mod relay_path;
 pub mod scan;
 pub mod shared_access;
 pub mod shared_memory;
@@ -22,6 +24,8 @@ pub mod vm_tracker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::ListParams;
@@ -145,6 +149,40 @@ pub struct AgentArgs {
     pub relay_tls_key: Option<PathBuf>,
     #[arg(long, env = "COMMONGROUND_RELAY_TLS_CA")]
     pub relay_tls_ca: Option<PathBuf>,
+    /// Put the relay in KubeVirt's migration path (chart `relay.inMigrationPath`): open both
+    /// relay ends in this node's virt-handler network namespace and redirect its outgoing
+    /// migrations' memory streams through them. Needs KubeVirt's migration TLS off
+    /// (`disableTLS: true`), hostPID, and CAP_NET_ADMIN and CAP_SYS_ADMIN.
+    #[arg(long, env = "COMMONGROUND_RELAY_IN_PATH", requires = "relay_listen")]
+    pub relay_in_path: bool,
+    /// The target end's port in virt-handler's namespace (on every address).
+    #[arg(long, env = "COMMONGROUND_RELAY_PATH_PORT", default_value_t = 7443)]
+    pub relay_path_port: u16,
+    /// The source end's port in virt-handler's namespace (on 127.0.0.1), where the redirected
+    /// connections arrive.
+    #[arg(
+        long,
+        env = "COMMONGROUND_RELAY_INTERCEPT_PORT",
+        default_value_t = 7444
+    )]
+    pub relay_intercept_port: u16,
+    /// Seconds a redirect lasts unless renewed (renewed at half of it while the agent lives).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    pub relay_redirect_timeout: u64,
+    /// The nft program that holds the interception rules.
+    #[arg(long, env = "COMMONGROUND_NFT", default_value = "nft")]
+    pub nft: String,
+}
+
+/// Background tasks aborted when this is dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// The cluster key from `path`, or the development key with a loud warning.
@@ -300,6 +338,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         _ => None,
     };
+    let (mut relay, relay_parts) = match relay {
+        Some((endpoint, parts)) => (Some(endpoint), Some(parts)),
+        None => (None, None),
+    };
     let shutdown = telemetry::shutdown_signal();
     tokio::pin!(shutdown);
     let watches = NodeWatches::start(&client, &node);
@@ -308,6 +350,33 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         tracing::info!("agent stopped before its first scan");
         return Ok(());
     }
+    // The relay in KubeVirt's path: its own loop, dropped (and the path with it) on exit.
+    let in_path = Arc::new(AtomicBool::new(false));
+    let _path_task = match (&relay_parts, args.relay_in_path) {
+        (Some(parts), true) => {
+            let (kubevirts, s) = crate::view::store::watch(
+                Api::<crate::api::kubevirt::KubeVirt>::all(client.clone()),
+                kube::runtime::watcher::Config::default(),
+                Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            );
+            let kv_task = tokio::spawn(futures::StreamExt::for_each(s, |_| async {}));
+            let path_task = tokio::spawn(relay_path::run(
+                node.clone(),
+                watches.vmi_store(),
+                kubevirts,
+                crate::relay::path::PathConfig {
+                    relay_port: args.relay_path_port,
+                    intercept_port: args.relay_intercept_port,
+                    nft: args.nft.clone(),
+                    redirect_timeout: Duration::from_secs(args.relay_redirect_timeout),
+                },
+                parts.clone(),
+                in_path.clone(),
+            ));
+            Some(AbortOnDrop(vec![kv_task, path_task]))
+        }
+        _ => None,
+    };
     let facts = watches.node_facts(&args.work_group_label);
     if facts.uid.is_none() {
         tracing::warn!(
@@ -373,6 +442,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             OwnDigest::Present { refresh } => refresh,
             OwnDigest::Missing | OwnDigest::Unknown => None,
         };
+        if let Some(r) = relay.as_mut() {
+            let now_in_path = in_path.load(Ordering::SeqCst);
+            if r.in_migration_path != now_in_path {
+                r.in_migration_path = now_in_path;
+                force.get_or_insert("relay path changed");
+            }
+        }
         let mut status = publish::build_bounded_status(&inputs);
         status.relay = relay.clone();
         let now = Instant::now();

@@ -99,6 +99,11 @@ impl NodeWatches {
             && listed(self.digests.wait_until_ready().now_or_never())
     }
 
+    /// The store of this node's VMIs (shared with the relay path's loop).
+    pub fn vmi_store(&self) -> Store<VirtualMachineInstance> {
+        self.vmis.clone()
+    }
+
     /// The VMs KubeVirt runs on this node.
     pub fn vms(&self) -> BTreeSet<VmKey> {
         vms_on_node(&self.vmis.state(), &self.node)

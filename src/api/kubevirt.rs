@@ -106,6 +106,13 @@ pub struct MigrationState {
     pub migration_uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_requested: Option<bool>,
+    /// The address the target virt-handler listens on for this migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node_address: Option<String>,
+    /// The target virt-handler's ports for this migration: node port (as text) -> the
+    /// launcher-side port it forwards to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_direct_migration_node_ports: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 /// The label KubeVirt keeps on a VMI naming the node it runs on (virt-controller sets it when
@@ -218,6 +225,13 @@ pub struct MigrationConfiguration {
     pub bandwidth_per_migration: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Plain TCP between the virt-handlers instead of KubeVirt's TLS (the relay needs it).
+    #[serde(
+        default,
+        rename = "disableTLS",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disable_tls: Option<bool>,
 }
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -16,6 +16,7 @@
 
 pub mod intercept;
 pub mod net;
+pub mod path;
 pub mod protocol;
 pub mod rebuild;
 pub mod routes;
@@ -297,11 +298,18 @@ pub struct NodeRelay {
     pub process_node_arg: Option<String>,
 }
 
+/// What the agent needs to open the relay in KubeVirt's path later (see [`path`]).
+#[derive(Clone)]
+pub struct NodeRelayParts {
+    pub target: Arc<target::TargetConfig>,
+    pub source: path::SourceParts,
+}
+
 pub async fn start_node_target(
     relay: NodeRelay,
     key: crate::plan::region::ClusterKey,
     registry: &prometheus::Registry,
-) -> Result<crate::api::digest::RelayEndpoint, RelayError> {
+) -> Result<(crate::api::digest::RelayEndpoint, NodeRelayParts), RelayError> {
     let NodeRelay {
         listen,
         advertise,
@@ -312,17 +320,30 @@ pub async fn start_node_target(
     } = relay;
     let endpoint = net::Endpoint::parse(&listen)?;
     net::Endpoint::parse(&advertise)?;
+    let namer = Arc::new(stream::RegionNamer::new(key, region_pages));
+    let metrics = stats::RelayMetrics::new(registry);
     let config = Arc::new(target::TargetConfig {
         acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(&tls)?),
-        namer: Arc::new(stream::RegionNamer::new(key, region_pages)),
+        namer: namer.clone(),
         store_source: target::StoreSource::Node {
             node,
             process_node_arg,
         },
         store_max_age: Duration::from_secs(10),
         stats_json: None,
-        metrics: stats::RelayMetrics::new(registry),
+        metrics: metrics.clone(),
+        deliver_netns: None,
     });
+    let parts = NodeRelayParts {
+        target: config.clone(),
+        source: path::SourceParts {
+            connector: tokio_rustls::TlsConnector::from(tls::client_config(&tls)?),
+            server_name: tls::server_name(tls::DEFAULT_SERVER_NAME)?,
+            window_kib: source::window_kib(64, namer.region_bytes()),
+            namer,
+            metrics,
+        },
+    };
     let listener = net::Listener::bind(&endpoint).await?;
     tracing::info!(listen = %listener.local_addr(), advertise = %advertise, "relay target ready");
     tokio::spawn(async move {
@@ -330,12 +351,15 @@ pub async fn start_node_target(
             tracing::error!(error = %e, "relay target stopped");
         }
     });
-    Ok(crate::api::digest::RelayEndpoint {
-        address: advertise,
-        protocol_version: protocol::PROTOCOL_VERSION as u32,
-        region_pages,
-        in_migration_path: false,
-    })
+    Ok((
+        crate::api::digest::RelayEndpoint {
+            address: advertise,
+            protocol_version: protocol::PROTOCOL_VERSION as u32,
+            region_pages,
+            in_migration_path: false,
+        },
+        parts,
+    ))
 }
 
 /// The interception set up from the command line: the listener inside the namespace, the
@@ -467,6 +491,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
                 store_max_age: Duration::from_secs(a.store_max_age),
                 stats_json: a.common.stats_json.clone(),
                 metrics: started.metrics,
+                deliver_netns: None,
             });
             let listener = net::Listener::bind(&endpoint).await?;
             tracing::info!(listen = %listener.local_addr(), "relay target ready");

@@ -50,6 +50,9 @@ pub struct TargetConfig {
     pub store_max_age: Duration,
     pub stats_json: Option<std::path::PathBuf>,
     pub metrics: RelayMetrics,
+    /// Deliver from inside this network namespace (the target virt-handler's, when the relay
+    /// is in KubeVirt's path) instead of the relay's own.
+    pub deliver_netns: Option<super::intercept::NetNs>,
 }
 
 struct Session {
@@ -181,6 +184,7 @@ async fn connect_in_order(
     session: &Session,
     index: u32,
     to: &Endpoint,
+    netns: Option<&super::intercept::NetNs>,
 ) -> std::io::Result<Box<dyn Conn>> {
     let deadline = tokio::time::Instant::now() + ORDER_WAIT;
     loop {
@@ -196,12 +200,37 @@ async fn connect_in_order(
             break;
         }
     }
-    let conn = to.connect().await;
+    let conn = match (netns, to) {
+        (Some(ns), Endpoint::Tcp(addr)) => connect_in(ns, addr).await,
+        _ => to.connect().await,
+    };
     session
         .connected
         .fetch_max(index.saturating_add(1), Ordering::SeqCst);
     session.turn.notify_waiters();
     conn
+}
+
+/// Connects to `addr` from inside `ns`.
+async fn connect_in(ns: &super::intercept::NetNs, addr: &str) -> std::io::Result<Box<dyn Conn>> {
+    let to: std::net::SocketAddr = addr.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr:?} is not HOST:PORT"),
+        )
+    })?;
+    let ns = ns.clone();
+    let std = tokio::task::spawn_blocking(move || {
+        ns.connect(
+            to,
+            super::intercept::ruleset::BYPASS_MARK,
+            Duration::from_secs(10),
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)?;
+    Ok(Box::new(tokio::net::TcpStream::from_std(std)?))
 }
 
 async fn current_store(shared: &Shared, config: &TargetConfig) -> Arc<ContentStore> {
@@ -248,7 +277,7 @@ async fn deliver<R: AsyncRead + Unpin + Send + 'static, W: AsyncWrite + Unpin + 
     config: &Arc<TargetConfig>,
 ) -> Result<(), RelayError> {
     let to = Endpoint::parse(deliver_to)?;
-    let qemu = match connect_in_order(session, index, &to).await {
+    let qemu = match connect_in_order(session, index, &to, config.deliver_netns.as_ref()).await {
         Ok(q) => q,
         Err(e) => {
             let why = format!("cannot reach QEMU at {to}: {e}");
