@@ -20,11 +20,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/x86_64-unknown-linux-musl/release/commonground /out/commonground \
  && /out/commonground --version
 
-# --- run: nothing but the binary ---------------------------------------------------------
-# distroless/static: CA certificates, /etc/passwd with nonroot (65532), no shell.
-FROM gcr.io/distroless/static-debian12:nonroot
+# --- run: the binary and nft -------------------------------------------------------------
+# Debian slim with nftables: the agent's relay in KubeVirt's path holds its interception rules
+# through an `nft -i` process (the rules are owned by it and vanish with it). Nothing else is
+# added; every component runs the one static binary.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/commonground /usr/local/bin/commonground
-# The agent overrides this with runAsUser: 0 (it needs CAP_SYS_PTRACE over QEMU processes);
+# The agent overrides this with runAsUser: 0 (it needs CAP_SYS_PTRACE over QEMU processes, and
+# NET_ADMIN and SYS_ADMIN for the relay in KubeVirt's path);
 # controller and extender run as 65532.
 USER 65532:65532
 EXPOSE 8080 8081 8888

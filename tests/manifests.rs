@@ -531,3 +531,60 @@ fn reference_docs_are_fresh() {
     }
     assert!(stale.is_empty(), "stale: {stale:?}; {RERENDER}");
 }
+
+/// The agent gains NET_ADMIN and SYS_ADMIN, the path flags and the KubeVirt CR read only when
+/// the relay is put in KubeVirt's path; by default it has SYS_PTRACE alone.
+#[test]
+fn the_relay_path_adds_its_capabilities_only_when_enabled() {
+    let helm = Command::new(root().join("scripts/helm.sh"))
+        .output()
+        .expect("running scripts/helm.sh");
+    assert!(
+        helm.status.success(),
+        "no helm: {}",
+        String::from_utf8_lossy(&helm.stderr)
+    );
+    let helm = String::from_utf8(helm.stdout).unwrap().trim().to_string();
+    let render = |sets: &[&str]| {
+        let mut cmd = Command::new(&helm);
+        cmd.args(["template", "cg", "charts/commonground", "--namespace", "cg"])
+            .args(["--kube-version", "1.33.0"])
+            .current_dir(root());
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().expect("running helm");
+        assert!(
+            out.status.success(),
+            "helm template {sets:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = render(&[]);
+    let relay = render(&["relay.enabled=true"]);
+    let path = render(&["relay.enabled=true", "relay.inMigrationPath=true"]);
+    for text in [&plain, &relay] {
+        assert!(text.contains("- SYS_PTRACE"));
+        assert!(!text.contains("- NET_ADMIN"), "NET_ADMIN without the path");
+        assert!(!text.contains("- SYS_ADMIN"));
+        assert!(!text.contains("--relay-in-path"));
+        assert!(!text.contains("migration TLS is off (KubeVirt CR)"));
+    }
+    for needle in [
+        "- NET_ADMIN",
+        "- SYS_ADMIN",
+        "- --relay-in-path",
+        "- --relay-path-port=7443",
+        "- --relay-intercept-port=7444",
+        "migration TLS is off (KubeVirt CR)",
+    ] {
+        assert!(
+            path.contains(needle),
+            "{needle} missing with the relay path"
+        );
+    }
+    // The path without the relay itself does nothing.
+    let alone = render(&["relay.inMigrationPath=true"]);
+    assert!(!alone.contains("--relay-in-path") && !alone.contains("- NET_ADMIN"));
+}
