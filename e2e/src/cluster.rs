@@ -103,6 +103,19 @@ impl TestCluster {
         client_from(&self.kubeconfig).await
     }
 
+    /// The directory of the control plane's binaries (kube-scheduler, kubectl, ...), as
+    /// `e2e/cluster` records it in state.json beside the kubeconfig.
+    pub fn bin_dir(&self) -> anyhow::Result<PathBuf> {
+        let state = self.kubeconfig.with_file_name("state.json");
+        let text = std::fs::read_to_string(&state)
+            .with_context(|| format!("reading {}", state.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        v["bindir"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("no bindir in {}", state.display()))
+    }
+
     /// The API server's audit log (JSON lines, one per request stage): metadata of the
     /// requests on nodes, VMIs and commonground's objects (`e2e/cluster`'s audit policy).
     pub fn audit_log(&self) -> PathBuf {

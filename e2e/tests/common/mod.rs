@@ -56,13 +56,19 @@ pub struct Component {
 
 impl Component {
     pub fn start(args: &[&str], log_name: &str) -> Component {
+        Self::start_program(&commonground_bin(), args, log_name)
+    }
+
+    /// Any program (an upstream component such as kube-scheduler), with the test cluster's
+    /// kubeconfig in `KUBECONFIG` and its stderr in the log.
+    pub fn start_program(program: &std::path::Path, args: &[&str], log_name: &str) -> Component {
         let cluster = commonground_e2e::TestCluster::get();
         let log = std::env::temp_dir().join(format!(
             "commonground-e2e-{log_name}-{}.log",
             std::process::id()
         ));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(commonground_bin());
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -75,7 +81,9 @@ impl Component {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("commonground starts");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
         Component { child, log }
     }
 
