@@ -262,18 +262,7 @@ fn a_destination_expires_on_its_own_and_a_second_owner_is_refused() {
 fn fake_handler(ns: &NetNs, addr: &str, connections: usize) -> std::sync::mpsc::Receiver<Vec<u8>> {
     let listener = ns.listen(addr.parse().unwrap()).unwrap();
     listener.set_nonblocking(false).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for _ in 0..connections {
-            let Ok((mut s, _)) = listener.accept() else {
-                return;
-            };
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            let _ = tx.send(got);
-        }
-    });
-    rx
+    common::collect_deliveries(listener, connections)
 }
 
 /// The source virt-handler: from its namespace, sends `bytes` to `to`, closes its side and

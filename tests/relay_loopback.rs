@@ -24,18 +24,7 @@ fn local_target(dir: &std::path::Path, c: &common::Certs, extra: &[&str]) -> com
 fn fake_target(connections: usize) -> (String, mpsc::Receiver<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for _ in 0..connections {
-            let Ok((mut s, _)) = listener.accept() else {
-                return;
-            };
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            let _ = tx.send(got);
-        }
-    });
-    (addr, rx)
+    (addr, common::collect_deliveries(listener, connections))
 }
 
 /// The source QEMU: sends a stream, closes its side, waits for the other side to close.

@@ -293,3 +293,24 @@ pub fn guest(regions: u64, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
     w.devices_and_eof();
     (w.bytes, contents)
 }
+
+/// A target QEMU (or target virt-handler port) of consecutive migrations on `listener`: accepts
+/// connections one after the other and passes on what each delivered.
+pub fn collect_deliveries(
+    listener: TcpListener,
+    connections: usize,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let _ = tx.send(got);
+        }
+    });
+    rx
+}
