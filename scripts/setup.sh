@@ -9,7 +9,8 @@ say() { echo "[setup] $*" >&2; }
 
 # Debian packages the harness and tests use.
 need=()
-for pair in openssl:openssl curl:curl bc:bc python3:python3 gcc:gcc cpio:cpio; do
+# ip and nft: the relay tests build network namespaces and interception rules.
+for pair in openssl:openssl curl:curl bc:bc python3:python3 gcc:gcc cpio:cpio ip:iproute2 nft:nftables; do
   cmd=${pair%%:*} pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
