@@ -641,13 +641,30 @@ Referenced:           16 kB
         assert_eq!(g[0].objects, vec![OBJ, other]);
     }
 
+    /// A MAP_SHARED, writable mapping of `len` bytes of `file` (unmapped by the caller).
+    fn map_shared(file: &std::fs::File, len: usize) -> *mut libc::c_void {
+        use std::os::fd::AsRawFd;
+        // SAFETY: maps a file the test owns for its duration; the caller unmaps it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        addr
+    }
+
     /// The kernel behaviour the signal rests on, on this process's own MAP_SHARED mapping of a
     /// /dev/shm file: after the clear nothing reads as accessed, then exactly the pages read or
     /// written do, although every page was just used (its translation cached). Sampled mode's
     /// clear, as on kernels without soft-dirty tracking.
     #[test]
     fn clear_refs_then_referenced_counts_exactly_the_pages_touched() {
-        use std::os::fd::AsRawFd;
         const PAGES: usize = 16;
         let file = tempfile::Builder::new()
             .prefix("cg-shared-access-")
@@ -656,18 +673,7 @@ Referenced:           16 kB
             .expect("a file to map");
         let len = PAGES * PAGE_SIZE;
         file.as_file().set_len(len as u64).unwrap();
-        // SAFETY: maps a file we own for the duration of the test; unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_file().as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
+        let addr = map_shared(file.as_file(), len);
         let page = |i: usize| (addr as *mut u8).wrapping_add(i * PAGE_SIZE);
         let touch_all = || {
             for i in 0..PAGES {
@@ -715,7 +721,6 @@ Referenced:           16 kB
     /// reads as accessed. Two mappings in one process stand for two processes here.
     #[test]
     fn unmapping_touched_shared_pages_marks_them_accessed_for_the_other_mappings() {
-        use std::os::fd::AsRawFd;
         const PAGES: usize = 8;
         let file = tempfile::Builder::new()
             .prefix("cg-shared-exit-")
@@ -724,22 +729,10 @@ Referenced:           16 kB
             .expect("a file to map");
         let len = PAGES * PAGE_SIZE;
         file.as_file().set_len(len as u64).unwrap();
-        let map = || {
-            // SAFETY: maps a file we own for the duration of the test; unmapped below.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    file.as_file().as_raw_fd(),
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            addr
-        };
-        let (leaving, staying) = (map(), map());
+        let (leaving, staying) = (
+            map_shared(file.as_file(), len),
+            map_shared(file.as_file(), len),
+        );
         let touch = |addr: *mut libc::c_void| {
             for i in 0..PAGES {
                 // SAFETY: inside the mapping.
