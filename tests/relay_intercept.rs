@@ -324,15 +324,7 @@ fn a_kubevirt_connection_crosses_the_relays_and_goes_direct_once_the_source_rela
     let mut source = intercepting_source(dir.path(), &p, &c, &target.addr.to_string());
 
     migrate(&h, "10.234.0.2:4444", stream.clone());
-    let got = delivered
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            panic!(
-                "nothing delivered; source log:\n{}\ntarget log:\n{}",
-                source.log_text(),
-                target.log_text()
-            )
-        });
+    let got = common::next_delivery(&delivered, 60, &[&source, &target]);
     assert!(got == stream, "delivered bytes differ from the stream");
     let s = source.wait_stats(1);
     assert_eq!(
@@ -530,6 +522,33 @@ async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
         referenced,
         "the direct migration did not cross the relays"
     );
+
+    // The target end delivers only to its own namespace's addresses: a route that names
+    // another (here the source's own address) is refused there, and the migration goes direct.
+    assert!(t.is_local("10.234.0.2".parse().unwrap()).unwrap());
+    assert!(!t.is_local("10.234.0.1".parse().unwrap()).unwrap());
+    let foreign = fake_handler(&h, "10.234.0.1:5555", 1);
+    let elsewhere: SocketAddr = "10.234.0.1:5555".parse().unwrap();
+    src.apply(&[(elsewhere, "m-x".into(), "10.234.0.2:7443".into())], &[])
+        .unwrap();
+    {
+        let h = h.clone();
+        let stream = stream.clone();
+        tokio::task::spawn_blocking(move || migrate(&h, "10.234.0.1:5555", stream))
+            .await
+            .unwrap();
+    }
+    assert!(foreign.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
+    assert_eq!(
+        counter(
+            &registry,
+            "commonground_relay_regions_total",
+            &[("side", "source"), ("outcome", "referenced")]
+        ),
+        referenced,
+        "a refused delivery crossed no references"
+    );
+    src.apply(&[], &[elsewhere]).unwrap();
 
     // Taken again, then the path closes (the agent stops): the table goes, migrations go direct.
     src.apply(&[(dest, "m-2".into(), "10.234.0.2:7443".into())], &[])

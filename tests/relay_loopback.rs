@@ -99,15 +99,7 @@ fn memory_changed_since_the_index_is_resent_and_delivery_stays_exact() {
         memory.region_mut(i)[123] ^= 0x5a;
     }
     finish(send(source.addr, &stream));
-    let got = delivered
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            panic!(
-                "nothing delivered; source log:\n{}\ntarget log:\n{}",
-                source.log_text(),
-                target.log_text()
-            )
-        });
+    let got = common::next_delivery(&delivered, 60, &[&source, &target]);
     assert!(got == stream);
     let t = target.wait_stats(2);
     assert_eq!(num(&t, "regions_referenced"), 16, "{t}");

@@ -156,7 +156,7 @@ pub struct AgentArgs {
     #[arg(long, env = "COMMONGROUND_RELAY_IN_PATH", requires = "relay_listen")]
     pub relay_in_path: bool,
     /// The target end's port in virt-handler's namespace (on every address).
-    #[arg(long, env = "COMMONGROUND_RELAY_PATH_PORT", default_value_t = 7443)]
+    #[arg(long, env = "COMMONGROUND_RELAY_PATH_PORT", default_value_t = 7443, value_parser = clap::value_parser!(u16).range(1..))]
     pub relay_path_port: u16,
     /// The source end's port in virt-handler's namespace (on 127.0.0.1), where the redirected
     /// connections arrive.
@@ -338,6 +338,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         _ => None,
     };
+    if args.relay_in_path && args.relay_path_port == args.relay_intercept_port {
+        return Err(AgentError::Argument(format!(
+            "--relay-path-port and --relay-intercept-port are both {}: give two ports",
+            args.relay_path_port
+        )));
+    }
     let (mut relay, relay_parts) = match relay {
         Some((endpoint, parts)) => (Some(endpoint), Some(parts)),
         None => (None, None),

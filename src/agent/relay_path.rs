@@ -23,8 +23,8 @@ use crate::relay::path::{NodePath, PathConfig};
 use crate::relay::NodeRelayParts;
 
 const LOOK_EVERY: Duration = Duration::from_millis(250);
-/// How often virt-handler's pid is looked up again while the path is open (it is also looked
-/// up as soon as its process is gone).
+/// How often virt-handler's pid is looked up again, and a path that could not open is tried
+/// again (it is also looked up as soon as its process is gone).
 const HANDLER_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs until the task is aborted. `open_flag` is set while the path is open.
@@ -38,7 +38,9 @@ pub async fn run(
 ) {
     let mut path: Option<NodePath> = None;
     let mut last_reason = String::new();
-    let mut handler_checked = Instant::now() - HANDLER_RECHECK;
+    // When virt-handler is looked up (and the path opened) next: at once at start, then at
+    // most every HANDLER_RECHECK, so a path that cannot open is not retried in a hot loop.
+    let mut next_check = Instant::now();
     let mut renewed = Instant::now();
     let mut say = |reason: String, path_open: bool| {
         if reason != last_reason {
@@ -58,20 +60,27 @@ pub async fn run(
             path = None;
             open_flag.store(false, Ordering::SeqCst);
             say(why.to_string(), false);
+            // Looked at again as soon as KubeVirt allows it.
+            next_check = Instant::now();
             continue;
         }
         let gone = path
             .as_ref()
             .is_some_and(|p| !std::path::Path::new(&format!("/proc/{}", p.handler_pid())).exists());
-        if path.is_none() || gone || handler_checked.elapsed() >= HANDLER_RECHECK {
-            handler_checked = Instant::now();
+        if gone || Instant::now() >= next_check {
+            next_check = Instant::now() + HANDLER_RECHECK;
             let procs = host_processes();
             let pid = virt_handler_pid(procs.iter().map(|(p, c)| (*p, c.as_str())));
             match pid {
                 Ok(Some(pid)) if path.as_ref().map(NodePath::handler_pid) == Some(pid) => {}
                 Ok(Some(pid)) => {
                     path = None;
-                    match NodePath::open(pid, config.clone(), parts.source.clone(), &parts.target) {
+                    // Opening talks to `nft` and waits for it (at most seconds): off the
+                    // runtime's other tasks.
+                    let opened = tokio::task::block_in_place(|| {
+                        NodePath::open(pid, config.clone(), parts.source.clone(), &parts.target)
+                    });
+                    match opened {
                         Ok(p) => {
                             path = Some(p);
                             say(
@@ -125,10 +134,10 @@ pub async fn run(
             .collect();
         let mut result = Ok(());
         if !add.is_empty() || !remove.is_empty() {
-            result = p.apply(&add, &remove);
+            result = tokio::task::block_in_place(|| p.apply(&add, &remove));
         } else if renewed.elapsed() >= config.redirect_timeout / 2 {
             renewed = Instant::now();
-            result = p.renew();
+            result = tokio::task::block_in_place(|| p.renew());
         }
         if let Err(e) = result {
             path = None;

@@ -641,6 +641,27 @@ Referenced:           16 kB
         assert_eq!(g[0].objects, vec![OBJ, other]);
     }
 
+    /// A file of `len` bytes to map: in /dev/shm (shared memory) where there is one.
+    fn shared_file(prefix: &str, len: usize) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempfile_in("/dev/shm")
+            .or_else(|_| tempfile::NamedTempFile::new())
+            .expect("a file to map");
+        file.as_file().set_len(len as u64).unwrap();
+        file
+    }
+
+    /// The memory object of this process's mapping that starts at `addr`.
+    fn object_at(pid: i32, addr: *mut libc::c_void) -> ObjectId {
+        super::super::proc_maps::read_maps(pid)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.start == addr as u64)
+            .map(|m| (m.dev_major, m.dev_minor, m.inode))
+            .expect("the mapping is listed")
+    }
+
     /// A MAP_SHARED, writable mapping of `len` bytes of `file` (unmapped by the caller).
     fn map_shared(file: &std::fs::File, len: usize) -> *mut libc::c_void {
         use std::os::fd::AsRawFd;
@@ -666,13 +687,8 @@ Referenced:           16 kB
     #[test]
     fn clear_refs_then_referenced_counts_exactly_the_pages_touched() {
         const PAGES: usize = 16;
-        let file = tempfile::Builder::new()
-            .prefix("cg-shared-access-")
-            .tempfile_in("/dev/shm")
-            .or_else(|_| tempfile::NamedTempFile::new())
-            .expect("a file to map");
         let len = PAGES * PAGE_SIZE;
-        file.as_file().set_len(len as u64).unwrap();
+        let file = shared_file("cg-shared-access-", len);
         let addr = map_shared(file.as_file(), len);
         let page = |i: usize| (addr as *mut u8).wrapping_add(i * PAGE_SIZE);
         let touch_all = || {
@@ -683,13 +699,7 @@ Referenced:           16 kB
         };
         touch_all();
         let pid = std::process::id() as i32;
-        let object = super::super::proc_maps::read_maps(pid)
-            .unwrap()
-            .into_iter()
-            .find(|m| m.start == addr as u64)
-            .map(|m| (m.dev_major, m.dev_minor, m.inode))
-            .expect("the mapping is listed");
-        let objects = BTreeSet::from([object]);
+        let objects = BTreeSet::from([object_at(pid, addr)]);
         // Several rounds: a translation left in the TLB would make some of them miss.
         for round in 0..20 {
             touch_all();
@@ -722,13 +732,8 @@ Referenced:           16 kB
     #[test]
     fn unmapping_touched_shared_pages_marks_them_accessed_for_the_other_mappings() {
         const PAGES: usize = 8;
-        let file = tempfile::Builder::new()
-            .prefix("cg-shared-exit-")
-            .tempfile_in("/dev/shm")
-            .or_else(|_| tempfile::NamedTempFile::new())
-            .expect("a file to map");
         let len = PAGES * PAGE_SIZE;
-        file.as_file().set_len(len as u64).unwrap();
+        let file = shared_file("cg-shared-exit-", len);
         let (leaving, staying) = (
             map_shared(file.as_file(), len),
             map_shared(file.as_file(), len),
@@ -743,13 +748,7 @@ Referenced:           16 kB
         };
         touch(staying);
         let pid = std::process::id() as i32;
-        let object = super::super::proc_maps::read_maps(pid)
-            .unwrap()
-            .into_iter()
-            .find(|m| m.start == staying as u64)
-            .map(|m| (m.dev_major, m.dev_minor, m.inode))
-            .expect("the mapping is listed");
-        let objects = BTreeSet::from([object]);
+        let objects = BTreeSet::from([object_at(pid, staying)]);
         clear_accessed(pid, RescanMode::Sampled).unwrap();
         assert_eq!(read_referenced(pid, &objects).unwrap(), 0);
         // The leaving mapping touches every page, then goes away.

@@ -389,8 +389,10 @@ fn intercept_from_args(
         let dest: SocketAddr = dest
             .parse()
             .map_err(|_| RelayError::Argument(format!("--route {r:?}: DEST is not HOST:PORT")))?;
-        net::Endpoint::parse(relay)?;
-        table_routes.register(dest, &dest.to_string(), relay);
+        let relay: SocketAddr = relay
+            .parse()
+            .map_err(|_| RelayError::Argument(format!("--route {r:?}: RELAY is not IP:PORT")))?;
+        table_routes.register(dest, &dest.to_string(), &relay.to_string());
         dests.push(dest);
     }
     let std_listener = netns.listen(listen)?;

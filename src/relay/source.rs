@@ -129,14 +129,19 @@ pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), 
                 tracing::info!(to = %to, why, "connection delivered direct");
                 let config = config.clone();
                 tokio::spawn(async move {
-                    let outcome = deliver_direct(conn, to, &config).await;
-                    count(&config, "direct", &outcome);
+                    match deliver_direct(conn, to, &config).await {
+                        Ok(()) => count(&config, "direct"),
+                        Err(e) => {
+                            tracing::warn!(to = %to, error = %e, "direct delivery failed");
+                            count(&config, "failed");
+                        }
+                    }
                 });
                 continue;
             }
             Decision::Close { why } => {
                 tracing::warn!(why = %why, "connection closed");
-                count(&config, "failed", &Err::<(), _>(RelayError::Peer(why)));
+                count(&config, "failed");
                 continue;
             }
         };
@@ -169,11 +174,7 @@ pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), 
     }
 }
 
-fn count<T>(config: &SourceConfig, label: &str, outcome: &Result<T, RelayError>) {
-    let label = if outcome.is_ok() { label } else { "failed" };
-    if let Err(e) = outcome {
-        tracing::warn!(error = %e, "direct delivery failed");
-    }
+fn count(config: &SourceConfig, label: &str) {
     config
         .metrics
         .connections
@@ -193,12 +194,11 @@ async fn deliver_direct(
             "direct delivery needs an intercepted namespace".into(),
         ));
     };
-    let netns = routes.netns.clone();
-    let std = tokio::task::spawn_blocking(move || netns.connect(to, BYPASS_MARK, CONNECT_TIMEOUT))
+    let mut out = routes
+        .netns
+        .connect_async(to, BYPASS_MARK, CONNECT_TIMEOUT)
         .await
-        .map_err(|e| RelayError::Peer(format!("connecting to {to}: {e}")))?
         .map_err(|e| RelayError::Peer(e.to_string()))?;
-    let mut out = TcpStream::from_std(std).map_err(RelayError::peer_io)?;
     tokio::io::copy_bidirectional(&mut conn, &mut out)
         .await
         .map_err(RelayError::peer_io)?;
@@ -267,14 +267,10 @@ async fn connect_peer(
             let to: std::net::SocketAddr = relay.parse().map_err(|_| {
                 RelayError::Peer(format!("target relay {relay:?} is not HOST:PORT"))
             })?;
-            let netns = r.netns.clone();
-            let std = tokio::task::spawn_blocking(move || {
-                netns.connect(to, BYPASS_MARK, CONNECT_TIMEOUT)
-            })
-            .await
-            .map_err(|e| RelayError::Peer(format!("connecting to {relay}: {e}")))?
-            .map_err(|e| RelayError::Peer(e.to_string()))?;
-            TcpStream::from_std(std).map_err(RelayError::peer_io)?
+            r.netns
+                .connect_async(to, BYPASS_MARK, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| RelayError::Peer(e.to_string()))?
         }
         None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(relay))
             .await

@@ -211,7 +211,9 @@ async fn connect_in_order(
     conn
 }
 
-/// Connects to `addr` from inside `ns`.
+/// Connects to `addr` from inside `ns`, which must be one of that namespace's own addresses:
+/// in KubeVirt's path the target relay delivers only to its own virt-handler, whatever a peer
+/// names.
 async fn connect_in(ns: &super::intercept::NetNs, addr: &str) -> std::io::Result<Box<dyn Conn>> {
     let to: std::net::SocketAddr = addr.parse().map_err(|_| {
         std::io::Error::new(
@@ -219,18 +221,23 @@ async fn connect_in(ns: &super::intercept::NetNs, addr: &str) -> std::io::Result
             format!("{addr:?} is not HOST:PORT"),
         )
     })?;
-    let ns = ns.clone();
-    let std = tokio::task::spawn_blocking(move || {
-        ns.connect(
-            to,
-            super::intercept::ruleset::BYPASS_MARK,
-            Duration::from_secs(10),
-        )
-    })
-    .await
-    .map_err(std::io::Error::other)?
-    .map_err(std::io::Error::other)?;
-    Ok(Box::new(tokio::net::TcpStream::from_std(std)?))
+    let check = ns.clone();
+    let local = tokio::task::spawn_blocking(move || check.is_local(to.ip()))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+    if !local {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{to} is not an address of virt-handler's namespace"),
+        ));
+    }
+    let mark = super::intercept::ruleset::BYPASS_MARK;
+    let s = ns
+        .connect_async(to, mark, Duration::from_secs(10))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Box::new(s))
 }
 
 async fn current_store(shared: &Shared, config: &TargetConfig) -> Arc<ContentStore> {

@@ -314,3 +314,22 @@ pub fn collect_deliveries(
     });
     rx
 }
+
+/// The next delivery on `rx` within `secs`, or a panic that shows the relays' logs.
+pub fn next_delivery(
+    rx: &std::sync::mpsc::Receiver<Vec<u8>>,
+    secs: u64,
+    relays: &[&Relay],
+) -> Vec<u8> {
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| {
+            let logs: Vec<String> = relays
+                .iter()
+                .map(|r| format!("{}:\n{}", r.log.display(), r.log_text()))
+                .collect();
+            panic!(
+                "nothing delivered within {secs} s; relay logs:\n{}",
+                logs.join("\n")
+            )
+        })
+}

@@ -93,6 +93,39 @@ impl NetNs {
         })
     }
 
+    /// Whether `ip` is an address of this namespace (a socket can be bound to it).
+    pub fn is_local(&self, ip: std::net::IpAddr) -> Result<bool, InterceptError> {
+        self.run_in(move || match TcpListener::bind(SocketAddr::new(ip, 0)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => Ok(false),
+            Err(e) => Err(e),
+        })?
+        .map_err(|e| InterceptError::Namespace {
+            path: self.0.clone(),
+            what: format!("bind to {ip}: {e}"),
+        })
+    }
+
+    /// [`Self::connect`] from async code (on a blocking thread), as a tokio stream.
+    pub async fn connect_async(
+        &self,
+        to: SocketAddr,
+        mark: u32,
+        timeout: std::time::Duration,
+    ) -> Result<tokio::net::TcpStream, InterceptError> {
+        let ns = self.clone();
+        let std = tokio::task::spawn_blocking(move || ns.connect(to, mark, timeout))
+            .await
+            .map_err(|e| InterceptError::Namespace {
+                path: self.0.clone(),
+                what: format!("connect to {to}: {e}"),
+            })??;
+        tokio::net::TcpStream::from_std(std).map_err(|e| InterceptError::Namespace {
+            path: self.0.clone(),
+            what: format!("connect to {to}: {e}"),
+        })
+    }
+
     /// Makes `cmd` start inside this namespace (the namespace file is opened now; the child
     /// enters it between fork and exec).
     pub fn command(&self, program: &str) -> Result<std::process::Command, InterceptError> {

@@ -75,43 +75,37 @@ fn element(addr: &SocketAddr) -> String {
     format!("{} . {}", addr.ip(), addr.port())
 }
 
+/// `<verb> element` of `addr` in its family's set, with `extra` after the element.
+fn element_command(verb: &str, addr: &SocketAddr, extra: &str) -> String {
+    format!(
+        "{verb} element inet {TABLE} {} {{ {}{extra} }}\n",
+        set_of(addr),
+        element(addr)
+    )
+}
+
 /// Commands that start redirecting new connections to `targets`, each for at most `timeout`
 /// (whole seconds, at least one). An element already there gets the new timeout.
 pub fn add_targets(targets: &[SocketAddr], timeout: Duration) -> String {
     let secs = timeout.as_secs().max(1);
-    let mut s = String::new();
-    for t in targets {
-        // Deleting first refreshes the timeout of an element added before (`add` keeps the old
-        // one); a missing element makes `nft -i` print an error and go on.
-        let _ = writeln!(
-            s,
-            "delete element inet {TABLE} {} {{ {} }}",
-            set_of(t),
-            element(t)
-        );
-        let _ = writeln!(
-            s,
-            "add element inet {TABLE} {} {{ {} timeout {secs}s }}",
-            set_of(t),
-            element(t)
-        );
-    }
-    s
+    // Deleting first refreshes the timeout of an element added before (`add` keeps the old
+    // one); a missing element makes `nft -i` print an error and go on.
+    targets
+        .iter()
+        .map(|t| {
+            element_command("delete", t, "")
+                + &element_command("add", t, &format!(" timeout {secs}s"))
+        })
+        .collect()
 }
 
 /// Commands that stop redirecting new connections to `targets` (connections already redirected
 /// keep going: NAT is decided once per connection).
 pub fn remove_targets(targets: &[SocketAddr]) -> String {
-    let mut s = String::new();
-    for t in targets {
-        let _ = writeln!(
-            s,
-            "delete element inet {TABLE} {} {{ {} }}",
-            set_of(t),
-            element(t)
-        );
-    }
-    s
+    targets
+        .iter()
+        .map(|t| element_command("delete", t, ""))
+        .collect()
 }
 
 /// The arguments of `nft` that list one of the two sets as JSON.
