@@ -536,24 +536,8 @@ fn reference_docs_are_fresh() {
 /// the relay is put in KubeVirt's path; by default it has SYS_PTRACE alone.
 #[test]
 fn the_relay_path_adds_its_capabilities_only_when_enabled() {
-    let helm = Command::new(root().join("scripts/helm.sh"))
-        .output()
-        .expect("running scripts/helm.sh");
-    assert!(
-        helm.status.success(),
-        "no helm: {}",
-        String::from_utf8_lossy(&helm.stderr)
-    );
-    let helm = String::from_utf8(helm.stdout).unwrap().trim().to_string();
     let render = |sets: &[&str]| {
-        let mut cmd = Command::new(&helm);
-        cmd.args(["template", "cg", "charts/commonground", "--namespace", "cg"])
-            .args(["--kube-version", "1.33.0"])
-            .current_dir(root());
-        for s in sets {
-            cmd.args(["--set", s]);
-        }
-        let out = cmd.output().expect("running helm");
+        let out = helm_template(sets);
         assert!(
             out.status.success(),
             "helm template {sets:?}: {}",
@@ -587,4 +571,122 @@ fn the_relay_path_adds_its_capabilities_only_when_enabled() {
     // The path without the relay itself does nothing.
     let alone = render(&["relay.inMigrationPath=true"]);
     assert!(!alone.contains("--relay-in-path") && !alone.contains("- NET_ADMIN"));
+}
+
+/// `helm template cg charts/commonground --namespace cg --set ...` (helm from scripts/helm.sh).
+fn helm_template(sets: &[&str]) -> std::process::Output {
+    let helm = Command::new(root().join("scripts/helm.sh"))
+        .output()
+        .expect("running scripts/helm.sh");
+    assert!(
+        helm.status.success(),
+        "no helm: {}",
+        String::from_utf8_lossy(&helm.stderr)
+    );
+    let helm = String::from_utf8(helm.stdout).unwrap().trim().to_string();
+    let mut cmd = Command::new(&helm);
+    cmd.args(["template", "cg", "charts/commonground", "--namespace", "cg"])
+        .args(["--kube-version", "1.33.0"])
+        .current_dir(root());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.output().expect("running helm")
+}
+
+/// The documents of a rendered chart whose `kind:` is `kind` (top-level line).
+fn documents_of_kind<'a>(rendered: &'a str, kind: &str) -> Vec<&'a str> {
+    let line = format!("\nkind: {kind}\n");
+    rendered
+        .split("\n---")
+        .filter(|d| d.contains(&line))
+        .collect()
+}
+
+/// scheduler.deploy adds a second kube-scheduler (Deployment, configuration, ServiceAccount,
+/// Kubernetes' scheduler roles, its own Lease) whose single profile calls the extender for
+/// every pod it gets; nothing of it without the option, and it refuses to render without the
+/// extender it exists for.
+#[test]
+fn the_second_scheduler_is_rendered_only_with_scheduler_deploy() {
+    let ok = |sets: &[&str]| {
+        let out = helm_template(sets);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = ok(&[]);
+    assert!(!plain.contains("component: scheduler"));
+    assert!(!plain.contains("schedulerName: commonground-scheduler"));
+
+    let with = ok(&["scheduler.deploy=true"]);
+    let scheduler = |kind: &str| -> Vec<&str> {
+        documents_of_kind(&with, kind)
+            .into_iter()
+            .filter(|d| d.contains("app.kubernetes.io/component: scheduler"))
+            .collect()
+    };
+    let deployment = scheduler("Deployment");
+    assert_eq!(deployment.len(), 1);
+    for needle in [
+        "name: cg-commonground-scheduler\n",
+        "serviceAccountName: cg-commonground-scheduler",
+        "- kube-scheduler",
+        "- --config=/etc/commonground-scheduler/config.yaml",
+        "image: \"registry.k8s.io/kube-scheduler:",
+        "checksum/config:",
+    ] {
+        assert!(
+            deployment[0].contains(needle),
+            "{needle} missing:\n{}",
+            deployment[0]
+        );
+    }
+    let config = scheduler("ConfigMap");
+    assert_eq!(config.len(), 1);
+    let config = config[0];
+    for needle in [
+        "- schedulerName: commonground-scheduler",
+        "leaderElect: true",
+        "resourceName: commonground-scheduler",
+        "resourceNamespace: cg",
+        "urlPrefix: \"http://cg-commonground-extender.cg.svc:8888\"",
+        "nodeCacheCapable: true",
+    ] {
+        assert!(config.contains(needle), "{needle} missing:\n{config}");
+    }
+    // Every pod this scheduler gets opted in: none is kept from the extender.
+    assert!(!config.contains("managedResources:"), "{config}");
+    assert!(
+        !config.contains("kubeconfig:"),
+        "in-cluster configuration expected"
+    );
+    let bindings = scheduler("ClusterRoleBinding");
+    for role in ["system:kube-scheduler", "system:volume-scheduler"] {
+        assert!(
+            bindings
+                .iter()
+                .any(|b| b.contains(&format!("name: {role}\n"))),
+            "no binding to {role}"
+        );
+    }
+    let role = scheduler("Role");
+    assert!(role.len() == 1 && role[0].contains("resourceNames: [\"commonground-scheduler\"]"));
+    let role_bindings = scheduler("RoleBinding");
+    assert!(role_bindings
+        .iter()
+        .any(|b| b.contains("namespace: kube-system")
+            && b.contains("name: extension-apiserver-authentication-reader")));
+    assert_eq!(scheduler("ServiceAccount").len(), 1);
+
+    let renamed = ok(&["scheduler.deploy=true", "scheduler.name=vm-scheduler"]);
+    assert!(renamed.contains("- schedulerName: vm-scheduler"));
+
+    let refused = helm_template(&["scheduler.deploy=true", "extender.enabled=false"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("scheduler.deploy needs extender.enabled"));
 }

@@ -7,8 +7,7 @@
 //! cluster-wide setting, these tests bring up a control plane of their own (state dir under
 //! `target/`), so other e2e suites sharing the default cluster never depend on this process.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -29,6 +28,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+
+mod common;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -125,7 +126,7 @@ fn start_extender() -> anyhow::Result<SocketAddr> {
     // Ready once its watches have delivered the first full lists.
     let deadline = std::time::Instant::now() + T;
     loop {
-        if let Ok((200, _)) = http(addr, "GET", "/readyz", b"") {
+        if let Ok((200, _)) = common::http(addr, "GET", "/readyz", b"") {
             eprintln!("extender ready on {addr} (log: {})", log.display());
             return Ok(addr);
         }
@@ -137,30 +138,6 @@ fn start_extender() -> anyhow::Result<SocketAddr> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A minimal HTTP/1.0 exchange (the e2e crate has no HTTP client).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 fn vm_summary(vm: VmKey, keys: std::ops::Range<u64>) -> VmRegionSummary {
@@ -312,7 +289,7 @@ async fn until_extender_sees(
         let body = body.clone();
         let ok = &ok;
         async move {
-            let (status, text) = http(addr, "POST", &format!("/{verb}"), &body)?;
+            let (status, text) = common::http(addr, "POST", &format!("/{verb}"), &body)?;
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             Ok((status == 200 && ok(&v)).then_some(()))
         }

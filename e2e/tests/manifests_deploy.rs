@@ -21,9 +21,11 @@ use anyhow::{anyhow, bail, Context};
 use commonground_e2e::{wait_for, FakeNode, TestCluster, TestNamespace};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::Api;
 use serde_json::Value;
+
+mod common;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -450,22 +452,93 @@ async fn components_come_up_from_the_manifests_as_their_service_accounts() -> an
     result
 }
 
+/// The rendered object of `kind` for `component` (its `app.kubernetes.io/component` label).
+fn find_component<'a>(
+    applied: &'a [Value],
+    kind: &str,
+    component: &str,
+) -> anyhow::Result<&'a Value> {
+    applied
+        .iter()
+        .find(|o| {
+            o["kind"] == kind && o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        })
+        .ok_or_else(|| anyhow!("the chart rendered no {kind} for the {component}"))
+}
+
+fn service_account_of(obj: &Value) -> String {
+    obj["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Starts one of our components (controller, extender or agent) as a local process from its
+/// rendered workload `obj`, authenticated as the workload's ServiceAccount, on a free loopback
+/// port; returns it with its readiness URL and its arguments. `key_file` stands in for the
+/// agent's mounted cluster key.
+async fn start_component(
+    ns: &TestNamespace,
+    bin: &Path,
+    dir: &Path,
+    obj: &Value,
+    component: &str,
+    node: &str,
+    key_file: Option<&Path>,
+) -> anyhow::Result<(Component, String, Vec<String>)> {
+    let pod_name = format!("{component}-0");
+    let (args, env) = container(
+        obj,
+        &[
+            ("metadata.name", pod_name.as_str()),
+            ("spec.nodeName", node),
+        ],
+    );
+    let port = free_port();
+    let args = match component {
+        "extender" => override_flags(args, &[("--listen", format!("127.0.0.1:{port}"))]),
+        "agent" => override_flags(
+            args,
+            &[
+                ("--health-addr", format!("127.0.0.1:{port}")),
+                (
+                    "--key-file",
+                    key_file
+                        .context("the agent needs the cluster key file")?
+                        .display()
+                        .to_string(),
+                ),
+                ("--interval", "1".into()),
+            ],
+        ),
+        _ => override_flags(args, &[("--health-addr", format!("127.0.0.1:{port}"))]),
+    };
+    let probe = format!("http://127.0.0.1:{port}/readyz");
+    let kubeconfig = kubeconfig_for(ns, &service_account_of(obj), dir).await?;
+    let log = dir.join(format!("{component}.log"));
+    let err = dir.join(format!("{component}.err"));
+    let child = Command::new(bin)
+        .args(&args)
+        .envs(env)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("starting {} {args:?}", bin.display()))?;
+    Ok((
+        Component {
+            name: component.to_string(),
+            child,
+            log: err,
+        },
+        probe,
+        args,
+    ))
+}
+
 async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result<()> {
-    let find = |kind: &str, component: &str| -> anyhow::Result<&Value> {
-        applied
-            .iter()
-            .find(|o| {
-                o["kind"] == kind
-                    && o["metadata"]["labels"]["app.kubernetes.io/component"] == component
-            })
-            .ok_or_else(|| anyhow!("the chart rendered no {kind} for the {component}"))
-    };
-    let sa_of = |o: &Value| {
-        o["spec"]["template"]["spec"]["serviceAccountName"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     let bin = commonground_binary()?;
     let dir = tempfile_dir(&ns.name)?;
     let node = ns.node_name("agent");
@@ -491,58 +564,9 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
         ("Deployment", "extender"),
         ("DaemonSet", "agent"),
     ] {
-        let obj = find(kind, component)?;
-        let pod_name = format!("{component}-0");
-        let (args, env) = container(
-            obj,
-            &[
-                ("metadata.name", pod_name.as_str()),
-                ("spec.nodeName", node.as_str()),
-            ],
-        );
-        let port = free_port();
-        let (args, probe) = match component {
-            "extender" => (
-                override_flags(args, &[("--listen", format!("127.0.0.1:{port}"))]),
-                format!("http://127.0.0.1:{port}/readyz"),
-            ),
-            "agent" => (
-                override_flags(
-                    args,
-                    &[
-                        ("--health-addr", format!("127.0.0.1:{port}")),
-                        ("--key-file", key_file.display().to_string()),
-                        ("--interval", "1".into()),
-                    ],
-                ),
-                format!("http://127.0.0.1:{port}/readyz"),
-            ),
-            _ => (
-                override_flags(args, &[("--health-addr", format!("127.0.0.1:{port}"))]),
-                format!("http://127.0.0.1:{port}/readyz"),
-            ),
-        };
-        let kubeconfig = kubeconfig_for(ns, &sa_of(obj), &dir).await?;
-        let log = dir.join(format!("{component}.log"));
-        let child = Command::new(&bin)
-            .args(&args)
-            .envs(env)
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(dir.join(format!("{component}.err")))?)
-            .spawn()
-            .with_context(|| format!("starting {} {args:?}", bin.display()))?;
-        started.push((
-            Component {
-                name: component.to_string(),
-                child,
-                log: dir.join(format!("{component}.err")),
-            },
-            probe,
-            args,
-        ));
+        let obj = find_component(applied, kind, component)?;
+        started
+            .push(start_component(ns, &bin, &dir, obj, component, &node, Some(&key_file)).await?);
     }
     for (c, probe, args) in &mut started {
         ready(c, probe)
@@ -643,4 +667,357 @@ fn tempfile_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("commonground-e2e-{name}"));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+// --- the second scheduler (scheduler.deploy) -------------------------------------------
+
+/// Deletes what a rendered release put outside its namespace: its cluster-scoped RBAC and the
+/// scheduler's RoleBinding in kube-system.
+fn delete_outside_namespace(cluster: &TestCluster, applied: &[Value]) {
+    let mut args: Vec<String> = applied
+        .iter()
+        .filter(|o| o["metadata"]["namespace"].is_null())
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or_default().to_lowercase(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .filter(|r| r.starts_with("clusterrole"))
+        .collect();
+    if args.is_empty() {
+        return;
+    }
+    let Ok(kubectl) = kubectl() else { return };
+    let _ = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["delete", "--ignore-not-found"])
+        .args(&args)
+        .output();
+    args.clear();
+    for o in applied {
+        if o["metadata"]["namespace"] == "kube-system" {
+            args.push(format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or_default().to_lowercase(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    if !args.is_empty() {
+        let _ = Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args(["delete", "--ignore-not-found", "-n", "kube-system"])
+            .args(&args)
+            .output();
+    }
+}
+
+/// Starts the chart's second kube-scheduler as a local process: the harness's kube-scheduler
+/// binary with the rendered Deployment's command line and the rendered ConfigMap's
+/// configuration, authenticated as the chart's scheduler ServiceAccount (so its RBAC is what
+/// is tested). Only what cannot hold outside a pod changes: the configuration file's path,
+/// the kubeconfig (in a pod: the ServiceAccount's in-cluster configuration), the extender's
+/// address (in a pod: the extender Service) and the port.
+async fn start_chart_scheduler(
+    ns: &TestNamespace,
+    dir: &Path,
+    applied: &[Value],
+    extender_url: &str,
+) -> anyhow::Result<Component> {
+    let deployment = find_component(applied, "Deployment", "scheduler")?;
+    let config_map = find_component(applied, "ConfigMap", "scheduler")?;
+    let kubeconfig = kubeconfig_for(ns, &service_account_of(deployment), dir).await?;
+    let text = config_map["data"]["config.yaml"]
+        .as_str()
+        .context("the scheduler ConfigMap has no config.yaml")?;
+    let mut config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).context("the scheduler configuration is not YAML")?;
+    config["clientConnection"] = serde_yaml_ng::from_str(&format!(
+        "{{kubeconfig: {:?}}}",
+        kubeconfig.display().to_string()
+    ))?;
+    let extenders = config["extenders"]
+        .as_sequence_mut()
+        .context("the scheduler configuration calls no extender")?;
+    assert_eq!(extenders.len(), 1, "one extender: commonground's");
+    extenders[0]["urlPrefix"] = extender_url.into();
+    let config_file = dir.join("scheduler-config.yaml");
+    std::fs::write(&config_file, serde_yaml_ng::to_string(&config)?)?;
+
+    let command: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .context("the scheduler Deployment has no command")?
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    assert_eq!(command.first().map(String::as_str), Some("kube-scheduler"));
+    let mut args = override_flags(
+        command[1..].to_vec(),
+        &[
+            ("--config", config_file.display().to_string()),
+            ("--secure-port", free_port().to_string()),
+        ],
+    );
+    // In a pod these come from the in-cluster configuration too.
+    for flag in ["--authentication-kubeconfig", "--authorization-kubeconfig"] {
+        args.push(format!("{flag}={}", kubeconfig.display()));
+    }
+    args.push("--bind-address=127.0.0.1".into());
+    let binary = ns.cluster.bin_dir()?.join("kube-scheduler");
+    let err = dir.join("scheduler.err");
+    let child = Command::new(&binary)
+        .args(&args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("starting {} {args:?}", binary.display()))?;
+    Ok(Component {
+        name: "scheduler".into(),
+        child,
+        log: err,
+    })
+}
+
+/// The reporting controller of the `Scheduled` Event about `pod`: the scheduler that bound it.
+async fn bound_by(ns: &TestNamespace, pod: &str) -> anyhow::Result<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    wait_for(
+        &format!("the Scheduled Event of pod {pod}"),
+        Duration::from_secs(60),
+        || async {
+            let list = events.list(&Default::default()).await?;
+            Ok(list.items.into_iter().find_map(|e| {
+                (e.reason.as_deref() == Some("Scheduled")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+                .then(|| e.reporting_controller.unwrap_or_default())
+            }))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_charts_second_scheduler_places_migration_targets_through_the_extender(
+) -> anyhow::Result<()> {
+    let cluster = TestCluster::get();
+    let ns = cluster.fresh_namespace("chart-sched").await?;
+    let yaml = render_chart(
+        &ns.name,
+        &ns.name,
+        &["scheduler.deploy=true", "controller.enabled=false"],
+    )?;
+    let applied = kubectl_apply(cluster, &yaml, false).context("applying the rendered chart")?;
+    let result = run_second_scheduler(&ns, &applied).await;
+    delete_outside_namespace(cluster, &applied);
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(tempfile_dir(&ns.name)?);
+    }
+    result
+}
+
+async fn run_second_scheduler(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result<()> {
+    use commonground::api::kubevirt::{
+        VirtualMachineInstance, VirtualMachineInstanceMigration, CREATED_BY_LABEL,
+        MIGRATION_JOB_UID_LABEL,
+    };
+    use commonground_e2e::wait_for_object;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    const SCHEDULER: &str = "commonground-scheduler";
+    const T: Duration = Duration::from_secs(90);
+
+    let dir = tempfile_dir(&ns.name)?;
+    let bin = commonground_binary()?;
+    let (mut extender, probe, args) = start_component(
+        ns,
+        &bin,
+        &dir,
+        find_component(applied, "Deployment", "extender")?,
+        "extender",
+        "",
+        None,
+    )
+    .await?;
+    ready(&mut extender, &probe)
+        .await
+        .with_context(|| format!("the extender did not become ready with {args:?}"))?;
+    let extender_url = probe.trim_end_matches("/readyz").to_string();
+    let scheduler = start_chart_scheduler(ns, &dir, applied, &extender_url).await?;
+    // It schedules once it leads: its own Lease, in the release namespace (the chart's Role).
+    let leases: Api<Lease> = ns.api();
+    wait_for_object(
+        &leases,
+        SCHEDULER,
+        T,
+        "the second scheduler's Lease held",
+        |l| {
+            l.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_ref())
+                .is_some()
+        },
+    )
+    .await
+    .with_context(|| format!("kube-scheduler log:\n{}", scheduler.log_tail()))?;
+
+    let _standin = ns.start_standin(ns.standin_config());
+    let mut nodes = Vec::new();
+    for s in ["a", "b", "c"] {
+        let n = ns.node_name(s);
+        ns.create_fake_node(FakeNode::new(&n, "wg-1")).await?;
+        nodes.push(n);
+    }
+    // The VM opts in; virt-controller copies the name to its launcher and target pods.
+    let mut vmi = ns.vmi("vm", "1Gi", "1");
+    vmi.spec.scheduler_name = Some(SCHEDULER.into());
+    ns.create_vmi(vmi).await?;
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    let vmi = wait_for_object(&vmis, "vm", T, "VMI Running", |v| {
+        v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await
+    .with_context(|| format!("kube-scheduler log:\n{}", scheduler.log_tail()))?;
+    let source = vmi.node_name().context("the VMI runs nowhere")?.to_string();
+    let pods: Api<Pod> = ns.api();
+    let launcher = pods
+        .list(&ListParams::default().labels(&format!(
+            "{CREATED_BY_LABEL}={}",
+            vmi.uid().unwrap_or_default()
+        )))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no launcher pod")?;
+    assert_eq!(
+        launcher
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduler_name.as_deref()),
+        Some(SCHEDULER)
+    );
+    assert_eq!(bound_by(ns, &launcher.name_any()).await?, SCHEDULER);
+
+    // Memory in common: "rich" holds 90% of the VM's regions but is half full, "poor" is
+    // empty and holds 5%. kube-scheduler's own scoring prefers the empty node; only the
+    // extender makes the rich one win.
+    let others: Vec<&String> = nodes.iter().filter(|n| **n != source).collect();
+    let (rich, poor) = (others[0].clone(), others[1].clone());
+    let regions = 2000;
+    let memory = regions * commonground::plan::region::RegionGeometry::default().region_bytes();
+    let content = common::keys(0, regions);
+    common::publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![common::vm_summary(&ns.name, "vm", memory, &content)],
+        &[],
+    )
+    .await?;
+    common::publish_digest(
+        &ns.client,
+        &rich,
+        "wg-1",
+        vec![common::vm_summary(
+            &ns.name,
+            "twin",
+            memory,
+            &content[..1800],
+        )],
+        &[],
+    )
+    .await?;
+    let poor_content = [&content[1900..], &common::keys(10_000, 4000)[..]].concat();
+    common::publish_digest(
+        &ns.client,
+        &poor,
+        "wg-1",
+        vec![common::vm_summary(&ns.name, "other", memory, &poor_content)],
+        &[],
+    )
+    .await?;
+    let filler: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "filler"},
+        "spec": {"nodeName": rich, "containers": [{"name": "c", "image": "registry.invalid/filler",
+                 "resources": {"requests": {"cpu": "8", "memory": "32Gi"}}}]}
+    }))?;
+    pods.create(&PostParams::default(), &filler).await?;
+
+    // An ordinary pod on the same nodes stays with the default scheduler, which has no
+    // extender in this cluster.
+    let ordinary: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ordinary"},
+        "spec": {"nodeSelector": {commonground_e2e::POOL_LABEL: ns.name},
+                 "containers": [{"name": "c", "image": "registry.invalid/ordinary",
+                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}
+    }))?;
+    pods.create(&PostParams::default(), &ordinary).await?;
+    assert_eq!(bound_by(ns, "ordinary").await?, "default-scheduler");
+
+    // Let the extender's view catch up with the digests before migrating (it is fed by
+    // watches): ask it as kube-scheduler will.
+    let body = serde_json::to_vec(&serde_json::json!({
+        "Pod": {"metadata": {"name": "probe", "namespace": ns.name,
+            "labels": {MIGRATION_JOB_UID_LABEL: "probe", CREATED_BY_LABEL: vmi.uid()}}},
+        "NodeNames": [source, rich, poor]
+    }))?;
+    let addr: std::net::SocketAddr = extender_url.trim_start_matches("http://").parse()?;
+    wait_for("the extender to rank the rich node first", T, || {
+        let body = body.clone();
+        let rich = rich.clone();
+        async move {
+            let (_, text) = common::http(addr, "POST", "/prioritize", &body)?;
+            let answer: Value = serde_json::from_str(&text).unwrap_or_default();
+            Ok(answer
+                .as_array()
+                .is_some_and(|l| {
+                    l.iter()
+                        .any(|h| h["Host"] == rich.as_str() && h["Score"] == 10)
+                })
+                .then_some(()))
+        }
+    })
+    .await
+    .with_context(|| format!("extender log:\n{}", extender.log_tail()))?;
+
+    // A migration as a drain makes it: KubeVirt's target pod carries the VM's schedulerName,
+    // so the second scheduler places it, through the extender.
+    ns.create_vmim("drain-vm", "vm", &[]).await?;
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    let done = wait_for_object(&vmims, "drain-vm", T, "VMIM final", |m| m.is_final())
+        .await
+        .with_context(|| format!("kube-scheduler log:\n{}", scheduler.log_tail()))?;
+    assert_eq!(done.phase(), Some("Succeeded"), "{}", ns.dump().await);
+    let target = pods
+        .list(&ListParams::default().labels(MIGRATION_JOB_UID_LABEL))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("no migration target pod")?;
+    let spec = target.spec.as_ref().context("target pod without spec")?;
+    assert_eq!(spec.scheduler_name.as_deref(), Some(SCHEDULER));
+    assert_eq!(bound_by(ns, &target.name_any()).await?, SCHEDULER);
+    let target_node = spec.node_name.clone().context("target pod not bound")?;
+    // KubeVirt's required anti-affinity to the source holds, and the extender's choice won.
+    assert_ne!(target_node, source, "target pod placed on the source node");
+    assert_eq!(target_node, rich, "{}", ns.dump().await);
+    let filters = common::extender_filter_calls(addr)?;
+    assert!(
+        filters >= 2,
+        "the extender answered {filters} filter calls (launcher and target expected)"
+    );
+    let log = std::fs::read_to_string(&scheduler.log)?;
+    assert!(
+        !log.contains("forbidden"),
+        "kube-scheduler was refused:\n{log}"
+    );
+    Ok(())
 }

@@ -21,7 +21,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -198,35 +198,6 @@ async fn create_pods(
     Ok(())
 }
 
-/// `GET path` on the extender: its status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    Ok((status, body.unwrap_or_default()))
-}
-
-/// The extender's filter requests answered so far (`commonground_extender_requests_total`).
-fn extender_filters(addr: SocketAddr) -> anyhow::Result<u64> {
-    let (_, text) = http_get(addr, "/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.starts_with("commonground_extender_requests_total{") && l.contains("verb=\"filter\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
-}
-
 struct Run {
     kind: PodKind,
     with_extender: bool,
@@ -276,7 +247,7 @@ async fn run(
         .context("pod watch ended before its first list")?;
 
     let filters_before = match extender {
-        Some(a) => extender_filters(a)?,
+        Some(a) => common::extender_filter_calls(a)?,
         None => 0,
     };
     let config_path = std::env::temp_dir().join(format!("commonground-bench-{scheduler}.yaml"));
@@ -320,7 +291,7 @@ async fn run(
     let last = bound.values().max().copied().expect("pods");
     let span = last.duration_since(first).as_secs_f64().max(1e-3);
     let extender_filters = match extender {
-        Some(a) => extender_filters(a)? - filters_before,
+        Some(a) => common::extender_filter_calls(a)? - filters_before,
         None => 0,
     };
     Ok(Run {
@@ -356,7 +327,7 @@ async fn bench_scheduler_throughput_with_and_without_the_extender() -> anyhow::R
         "bench-extender",
     );
     let ready_by = Instant::now() + Duration::from_secs(120);
-    while !matches!(http_get(addr, "/readyz"), Ok((200, _))) {
+    while !matches!(common::http(addr, "GET", "/readyz", b""), Ok((200, _))) {
         if Instant::now() > ready_by {
             bail!("extender not ready after 120 s:\n{}", ext.log_tail());
         }

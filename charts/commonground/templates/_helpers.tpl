@@ -109,3 +109,35 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/*
+The `extenders:` entry of a KubeSchedulerConfiguration that calls the commonground extender.
+Call with (dict "root" $ "managedResources" LIST): with a list, only pods requesting one of
+those resources reach the extender; with an empty list, every pod the scheduler schedules.
+*/}}
+{{- define "commonground.schedulerExtenders" -}}
+{{- $root := .root -}}
+{{- $s := $root.Values.extender.scheduler -}}
+extenders:
+  - urlPrefix: {{ include "commonground.extenderUrlPrefix" $root | quote }}
+    filterVerb: filter
+    prioritizeVerb: prioritize
+    weight: {{ $s.weight }}
+    # Node names only: the extender keeps its own watch-fed node cache (as in
+    # deploy/scheduler/kube-scheduler-config.yaml).
+    nodeCacheCapable: true
+    enableHTTPS: {{ $root.Values.extender.tls.enabled }}
+    {{- if and $root.Values.extender.tls.enabled $s.caData }}
+    tlsConfig:
+      caData: {{ $s.caData | b64enc | quote }}
+    {{- end }}
+    httpTimeout: {{ $s.httpTimeout }}
+    ignorable: {{ $s.ignorable }}
+    {{- with .managedResources }}
+    managedResources:
+      {{- range . }}
+      - name: {{ . | quote }}
+        ignoredByScheduler: false
+      {{- end }}
+    {{- end }}
+{{- end -}}

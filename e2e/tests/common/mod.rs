@@ -298,3 +298,47 @@ pub fn ensure_controller_for_process() {
         rx.recv().expect("controller started");
     });
 }
+
+/// A minimal HTTP/1.0 exchange with one of our components on loopback (the e2e crate has no
+/// HTTP client): the status code and the body.
+pub fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The filter requests the extender at `addr` answered so far
+/// (`commonground_extender_requests_total`).
+pub fn extender_filter_calls(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let (_, text) = http(addr, "GET", "/metrics", b"")?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("commonground_extender_requests_total{") && l.contains("verb=\"filter\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
