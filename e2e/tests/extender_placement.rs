@@ -33,6 +33,9 @@ mod common;
 
 const T: Duration = Duration::from_secs(60);
 
+/// The work groups of the long-distance test: wg-near is nearer the source's wg-src than wg-far.
+const DISTANCES: &str = "wg-src:wg-near=10,wg-src:wg-far=20,wg-near:wg-far=10";
+
 /// The extender's address, started once per test process (with the cluster that calls it).
 fn extender() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
@@ -91,6 +94,9 @@ fn start_extender() -> anyhow::Result<SocketAddr> {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(&binary);
         cmd.args(["extender", "--listen", &addr.to_string()])
+            // The long-distance rule for the migrations the extender places, with distances
+            // for the work-group test (the other tests' nodes are all in wg-1).
+            .args(["--default-scope", "cluster", "--distances", DISTANCES])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
@@ -407,5 +413,87 @@ async fn a_memory_group_member_follows_its_group_rather_than_the_memory() -> any
     .await?;
     let target = drain_and_target_node(&s).await?;
     assert_eq!(target, s.poor, "{}", s.ns.dump().await);
+    Ok(())
+}
+
+/// A VM summary sketched at one region in 16, as agents publish them (`held` of the
+/// `regions` the VM has, by index; the same index is the same content on every node).
+fn sampled_summary(ns: &str, name: &str, regions: u64, held: u64) -> VmRegionSummary {
+    let keys = common::keys(0, held);
+    VmRegionSummary {
+        vm: VmKey::new(ns, name),
+        memory_bytes: regions * RegionGeometry::default().region_bytes(),
+        regions,
+        zero_regions: 0,
+        sketch: RegionSketch::from_keys(KEY_SPACE / 16, keys),
+        dirty_rate: 0.0,
+        working_set_bytes: 0,
+        load: 0.1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_migration_goes_to_the_nearer_of_two_work_groups_within_the_sampling_error(
+) -> anyhow::Result<()> {
+    let ext = extender();
+    let ns = TestCluster::get_with_extender(Some(&format!("http://{ext}")))
+        .fresh_namespace("ext-near")
+        .await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    // The VM starts on the only node, then two work groups appear: wg-far holds 90% of its
+    // memory, wg-near (nearer the source's wg-src) 88.75%. About 25 of the ~2,000 sampled
+    // regions apart, well within the sampling error: a tie, and the nearer work group wins.
+    let source = ns.node_name("src");
+    ns.create_fake_node(FakeNode::new(&source, "wg-src"))
+        .await?;
+    ns.create_vmi(ns.vmi("vm", "1Gi", "1")).await?;
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    let vmi = wait_for_object(&vmis, "vm", T, "VMI Running", |v| {
+        v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await?;
+    assert_eq!(vmi.node_name(), Some(source.as_str()));
+    let (near, far) = (ns.node_name("near"), ns.node_name("far"));
+    ns.create_fake_node(FakeNode::new(&near, "wg-near")).await?;
+    ns.create_fake_node(FakeNode::new(&far, "wg-far")).await?;
+    let regions = 32_000;
+    for (node, group, name, held) in [
+        (&source, "wg-src", "vm", regions),
+        (&far, "wg-far", "twin-far", 28_800),
+        (&near, "wg-near", "twin-near", 28_400),
+    ] {
+        common::publish_digest(
+            &ns.client,
+            node,
+            group,
+            vec![sampled_summary(&ns.name, name, regions, held)],
+            &[],
+        )
+        .await?;
+    }
+    // (Here `rich` and `poor` are just the two candidates, in the order the probe lists them.)
+    let s = Setup {
+        source: source.clone(),
+        rich: near.clone(),
+        poor: far.clone(),
+        vmi,
+        ns,
+        _standin,
+    };
+    let near_first = near.clone();
+    until_extender_sees(
+        &s,
+        "prioritize",
+        "the extender to rank the nearer work group first",
+        |v| {
+            v.as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|h| h["Host"] == near_first.as_str() && h["Score"] == 10)
+            })
+        },
+    )
+    .await?;
+    let target = drain_and_target_node(&s).await?;
+    assert_eq!(target, near, "{}", s.ns.dump().await);
     Ok(())
 }

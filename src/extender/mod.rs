@@ -82,9 +82,31 @@ pub struct ExtenderArgs {
     /// `httpTimeout`.
     #[arg(long, env = "COMMONGROUND_REQUEST_TIMEOUT_MS", default_value_t = 4000)]
     pub request_timeout_ms: u64,
+    /// Where migrations the extender places (drains, evictions, `virtctl migrate`) may go:
+    /// `work-group` stays in the source's work group when it has a candidate; `cluster`
+    /// applies the long-distance rule (the work group holding most of the VM's memory wins,
+    /// and work groups within the sampling error of each other go to the nearest).
+    #[arg(long, env = "COMMONGROUND_DEFAULT_SCOPE", value_enum, default_value_t = ScopeArg::WorkGroup)]
+    pub default_scope: ScopeArg,
 }
 
 /// Runs the extender until SIGTERM or Ctrl-C.
+/// `--default-scope` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScopeArg {
+    WorkGroup,
+    Cluster,
+}
+
+impl From<ScopeArg> for crate::plan::planner::Scope {
+    fn from(s: ScopeArg) -> Self {
+        match s {
+            ScopeArg::WorkGroup => Self::WorkGroup,
+            ScopeArg::Cluster => Self::Cluster,
+        }
+    }
+}
+
 pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
     crate::telemetry::init_logging(args.log_format);
     let view_config = args.view.config()?;
@@ -96,7 +118,12 @@ pub async fn run(args: ExtenderArgs) -> Result<(), ExtenderError> {
     let client = crate::api::client::connect("extender", None).await?;
     let view = ClusterView::start(client, view_config);
     let ready = Readiness::default();
-    let live = state::LiveState::spawn(view, Duration::from_millis(100), ready.clone());
+    let live = state::LiveState::spawn(
+        view,
+        args.default_scope.into(),
+        Duration::from_millis(100),
+        ready.clone(),
+    );
     let metrics = Arc::new(metrics::ExtenderMetrics::new()?);
     let config = server::ServerConfig {
         filter_verb: args.filter_verb,

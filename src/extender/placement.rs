@@ -257,6 +257,7 @@ pub fn place<'s>(
     let opts = PlanOptions {
         // A pin to a node the view does not know yet is applied by name in the filter.
         pinned_node: pin.clone().filter(|p| planner.node_position(p).is_some()),
+        scope: state.scope,
         ..PlanOptions::default()
     };
     let positions: Vec<Option<usize>> = names.iter().map(|n| planner.node_position(n)).collect();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
 use crate::api::migration::MEMORY_GROUP_LABEL;
 use crate::api::VirtualMachineMigration;
+use crate::plan::planner::Scope;
 use crate::plan::{Planner, VmKey, VmRequest};
 use crate::telemetry::Readiness;
 use crate::view::{convert, ClusterView};
@@ -45,6 +46,8 @@ pub struct ClusterState {
     pins: HashMap<VmKey, String>,
     /// The other members of each VM's memory group (label or agent-detected).
     group_members: HashMap<VmKey, BTreeSet<VmKey>>,
+    /// The scope of the migrations the extender places (`--default-scope`).
+    pub scope: Scope,
 }
 
 impl ClusterState {
@@ -61,6 +64,7 @@ impl ClusterState {
             migrations: HashMap::new(),
             pins: HashMap::new(),
             group_members: HashMap::new(),
+            scope: Scope::default(),
         };
         let mut labelled: BTreeMap<(String, String), Vec<VmKey>> = BTreeMap::new();
         for vmi in vmis {
@@ -228,7 +232,7 @@ impl LiveState {
     /// Waits for the view's first full lists in the background, then rebuilds the state
     /// every time the view's planner changes (checked every `tick`). Sets `ready` once the
     /// first state is in place.
-    pub fn spawn(view: ClusterView, tick: Duration, ready: Readiness) -> Self {
+    pub fn spawn(view: ClusterView, scope: Scope, tick: Duration, ready: Readiness) -> Self {
         let live = LiveState::default();
         let slot = live.current.clone();
         tokio::spawn(async move {
@@ -247,7 +251,9 @@ impl LiveState {
                     if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &planner)) {
                         return None;
                     }
-                    Some((planner.clone(), ClusterState::from_view(&view, planner)))
+                    let mut state = ClusterState::from_view(&view, planner.clone());
+                    state.scope = scope;
+                    Some((planner, state))
                 })
                 .await;
                 match built {

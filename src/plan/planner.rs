@@ -3,7 +3,8 @@
 //! 1. Minimum hardware filter (seed 000, claim 1) → candidates, each left-out node with a reason.
 //! 2. Work group (seed 002): scope `WorkGroup` keeps the source's work group when it has a
 //!    candidate; scope `Cluster` scores every work group by the VM regions available in it,
-//!    the highest wins and a tie goes to the work group nearest the source.
+//!    the highest wins and a tie goes to the work group nearest the source. Estimates within
+//!    the sketches' sampling error of the highest count as a tie ([`nearest_of_near_ties`]).
 //! 3. Inside the work group, [`rank`](super::rank) (seed 000: most regions in common, then load).
 //! 4. Bytes to move = memory - common - zero.
 
@@ -15,7 +16,7 @@ use super::cluster::{ClusterSnapshot, VmKey, VmRegionSummary, VmRequest};
 use super::hardware::{check_node, FilterReason};
 use super::overlap_index::OverlapIndex;
 use super::rank::{extender_scores_of, why_lost, Scored};
-use super::sketch::RegionSketch;
+use super::sketch::{RegionSketch, KEY_SPACE};
 use super::workgroups::DistanceError;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,9 @@ pub struct WorkGroupScore {
     pub work_group: String,
     /// Estimated VM regions available somewhere in the work group (source node excluded).
     pub regions_available: f64,
+    /// One standard error of `regions_available` from the sketches' sampling (0 when every
+    /// region is sampled).
+    pub regions_error: f64,
     pub distance: f64,
     pub candidates: usize,
     pub chosen: bool,
@@ -303,7 +307,13 @@ impl Planner {
     }
 
     /// Estimated VM regions available in each work group, the source node left out.
-    fn work_group_regions(&self, summary: &VmRegionSummary, source: usize) -> Vec<f64> {
+    /// For each work group: the estimated VM regions available in it, and the estimate's
+    /// standard error. The estimate is the fraction of the VM's sampled regions found in the
+    /// group, times its nonzero regions; a sampled fraction `f` of `m` samples taken at rate
+    /// `p` has the binomial error `sqrt(f(1-f)/m)`, shrunk by `sqrt(1-p)` because the sample
+    /// is drawn from a finite set (at `p = 1` every region is looked at and nothing is left
+    /// to chance).
+    fn work_group_regions(&self, summary: &VmRegionSummary, source: usize) -> Vec<(f64, f64)> {
         let g = self.groups.len();
         let mut threshold = vec![u64::MAX; g];
         for i in 0..self.index.node_count() {
@@ -350,10 +360,13 @@ impl Planner {
                     summary.sketch.count_below(threshold[grp])
                 };
                 if sampled == 0 {
-                    0.0
-                } else {
-                    hits[grp] as f64 / sampled as f64 * nonzero
+                    return (0.0, 0.0);
                 }
+                let m = sampled as f64;
+                let f = hits[grp] as f64 / m;
+                let rate = threshold[grp].min(summary.sketch.threshold()) as f64 / KEY_SPACE as f64;
+                let error = (f * (1.0 - f) / m * (1.0 - rate).max(0.0)).sqrt() * nonzero;
+                (f * nonzero, error)
             })
             .collect()
     }
@@ -550,7 +563,7 @@ impl Planner {
         // The second pass over the posting lists is only needed when work groups compete.
         let group_regions = match summary {
             Some(s) if use_cluster_rule => self.work_group_regions(s, source),
-            _ => vec![0.0; self.groups.len()],
+            _ => vec![(0.0, 0.0); self.groups.len()],
         };
         // Distances once per work group (NaN where the matrix cannot say and no rule needs it).
         let mut group_distance = vec![f64::NAN; self.groups.len()];
@@ -563,7 +576,8 @@ impl Planner {
             group_distance[gi] = distance_to(name)?;
             work_groups.push(WorkGroupScore {
                 work_group: name.clone(),
-                regions_available: group_regions[gi],
+                regions_available: group_regions[gi].0,
+                regions_error: group_regions[gi].1,
                 distance: group_distance[gi],
                 candidates: group_candidates[gi],
                 chosen: false,
@@ -576,7 +590,11 @@ impl Planner {
                 .then(a.distance.total_cmp(&b.distance))
                 .then_with(|| a.work_group.cmp(&b.work_group))
         });
-        if !use_cluster_rule {
+        if use_cluster_rule {
+            if let Some(note) = nearest_of_near_ties(&mut work_groups) {
+                notes.push(note);
+            }
+        } else {
             // Source work group first, the others in the long-distance order behind it.
             if let Some(pos) = work_groups
                 .iter()
@@ -804,6 +822,44 @@ impl Planner {
             notes,
         })
     }
+}
+
+/// How many standard errors apart two work groups' estimates may be and still count as a
+/// tie (about 95% of sampling noise).
+pub const TIE_STANDARD_ERRORS: f64 = 2.0;
+
+/// The long-distance rule's tie: `groups` is sorted by estimated regions available, highest
+/// first. Every group whose estimate is within the sampling error of the leader's (the
+/// difference below [`TIE_STANDARD_ERRORS`] standard errors of the difference) is as good as
+/// the leader, and the nearest of them to the source wins: it moves to the front. Exact
+/// equality is the case of no sampling (error 0). Returns a note when the near-tie changed
+/// the winner.
+fn nearest_of_near_ties(groups: &mut [WorkGroupScore]) -> Option<String> {
+    let leader = groups.first()?;
+    let tied = |w: &WorkGroupScore| {
+        let margin = TIE_STANDARD_ERRORS * leader.regions_error.hypot(w.regions_error);
+        leader.regions_available - w.regions_available <= margin
+    };
+    // The sort already put exact ties in distance order; only a nearer near-tie moves.
+    let (pos, nearest) = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| tied(w))
+        .min_by(|(_, a), (_, b)| a.distance.total_cmp(&b.distance))?;
+    if pos == 0 || nearest.distance >= leader.distance {
+        return None;
+    }
+    let note = format!(
+        "work groups {} ({:.0} regions) and {} ({:.0}) are within the sampling error of each \
+         other: the nearer, {}, wins",
+        leader.work_group,
+        leader.regions_available,
+        nearest.work_group,
+        nearest.regions_available,
+        nearest.work_group
+    );
+    groups[..=pos].rotate_right(1);
+    Some(note)
 }
 
 #[cfg(test)]

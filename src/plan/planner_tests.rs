@@ -255,6 +255,119 @@ fn rule5_cluster_scope_highest_work_group_score_wins_even_when_far() {
     );
 }
 
+/// Region keys spread over the key space, so a sampling threshold keeps a fair share.
+fn spread(range: std::ops::Range<u64>) -> Vec<u64> {
+    range
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24) % KEY_SPACE)
+        .collect()
+}
+
+/// A VM and nodes sketched at one region in 16, as agents publish them.
+fn sampled_cluster(b_holds: u64, c_holds: u64) -> (Planner, VmRegionSummary) {
+    let sampled = |name: &str, keys: Vec<u64>| {
+        let mut v = vm(name, [], 0);
+        v.sketch = RegionSketch::from_keys(KEY_SPACE / 16, keys);
+        v.regions = 32_000;
+        v.memory_bytes = v.regions * region_bytes();
+        v
+    };
+    let the_vm = sampled("mover", spread(0..32_000));
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, held) in [
+        ("src", "a", 32_000),
+        ("b1", "b", b_holds),
+        ("c1", "c", c_holds),
+    ] {
+        let n = node(name, group, 0.3);
+        let resident = sampled(&format!("resident-{name}"), spread(0..held));
+        snap.digests.push(NodeRegionSummary {
+            node: name.into(),
+            work_group: group.into(),
+            geometry: RegionGeometry::default(),
+            key_id: "test".into(),
+            sketch: resident.sketch.clone(),
+            vms: vec![resident],
+        });
+        snap.nodes.push(n);
+    }
+    (Planner::new(snap), the_vm)
+}
+
+#[test]
+fn rule5_cluster_scope_near_tie_within_the_sampling_error_goes_to_the_nearest_work_group() {
+    // b holds 90% of the VM, c (nearer: 10 against 20) 88.75%: about 25 of some 2,000 sampled
+    // regions apart, well inside the sampling error, so c wins.
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let (planner, the_vm) = sampled_cluster(28_800, 28_400);
+    let plan = planner.plan(&request(&the_vm, "src"), &opts).unwrap();
+    let (b, c) = (
+        plan.work_groups
+            .iter()
+            .find(|w| w.work_group == "b")
+            .unwrap(),
+        plan.work_groups
+            .iter()
+            .find(|w| w.work_group == "c")
+            .unwrap(),
+    );
+    assert!(b.regions_available > c.regions_available, "{b:?} {c:?}");
+    assert!(b.regions_error > 0.0 && c.regions_error > 0.0);
+    assert!(
+        b.regions_available - c.regions_available
+            < TIE_STANDARD_ERRORS * b.regions_error.hypot(c.regions_error)
+    );
+    assert_eq!(plan.work_groups[0].work_group, "c");
+    assert!(plan.work_groups[0].chosen && !plan.work_groups[1].chosen);
+    assert_eq!(chosen(&plan), "c1");
+    assert!(
+        plan.notes
+            .iter()
+            .any(|n| n.contains("within the sampling error")),
+        "{:?}",
+        plan.notes
+    );
+
+    // Far apart (c holds 62%): the estimate decides, whatever the distance.
+    let (planner, the_vm) = sampled_cluster(28_800, 20_000);
+    let plan = planner.plan(&request(&the_vm, "src"), &opts).unwrap();
+    assert_eq!(chosen(&plan), "b1");
+    assert!(!plan.notes.iter().any(|n| n.contains("sampling error")));
+}
+
+#[test]
+fn rule5_without_sampling_only_an_exact_tie_is_a_tie() {
+    // Every region sampled: the estimates are exact, their error 0, and one region more wins.
+    let the_vm = vm("mover", 0..100, 0);
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, keys) in [
+        ("src", "a", (0..100).collect::<Vec<u64>>()),
+        ("b1", "b", (0..51).collect()),
+        ("c1", "c", (0..50).collect()),
+    ] {
+        let n = node(name, group, 0.3);
+        snap.digests.push(digest(&n, keys));
+        snap.nodes.push(n);
+    }
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let plan = Planner::new(snap)
+        .plan(&request(&the_vm, "src"), &opts)
+        .unwrap();
+    assert!(plan.work_groups.iter().all(|w| w.regions_error == 0.0));
+    assert_eq!(chosen(&plan), "b1");
+}
+
 #[test]
 fn rule5_cluster_scope_tie_goes_to_the_nearest_work_group() {
     // Seed 002: b and c both score 50; c is at distance 10 from the source's group a, b at 20.
