@@ -859,3 +859,76 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_made_under_another_cluster_key_is_flagged_on_the_digest_and_by_an_event(
+) -> anyhow::Result<()> {
+    use commonground::controller::keys::KEY_CONDITION;
+    use kube::api::{Patch, PatchParams};
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("key-mismatch").await?;
+    let (good, bad) = (ns.node_name("good"), ns.node_name("bad"));
+    for n in [&good, &bad] {
+        ns.create_fake_node(FakeNode::new(n, "wg-1")).await?;
+        publish_digest(&ns.client, n, "wg-1", vec![], &keys(0, 10)).await?;
+    }
+    // The "bad" node's agent runs with another key (a wrong Secret): every other digest in
+    // this cluster uses the development key, so that is the one accepted.
+    let other_key = "0123456789abcdef";
+    let digests: Api<NodeRegionDigest> = Api::all(ns.client.clone());
+    digests
+        .patch_status(
+            &bad,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"keyId": other_key}})),
+        )
+        .await?;
+    let condition = |node: String| {
+        let digests = digests.clone();
+        async move {
+            let d = digests.get(&node).await.ok()?;
+            d.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.r#type == KEY_CONDITION)
+        }
+    };
+    let refused = until("KeyAccepted=False on the bad node's digest", T, || {
+        let c = condition(bad.clone());
+        async move { c.await.filter(|c| c.status == "False") }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\ncontroller log:\n{}", common::controller_log()))?;
+    assert_eq!(refused.reason, "KeyNotAccepted");
+    assert!(refused.message.contains(other_key), "{}", refused.message);
+    let accepted = until("KeyAccepted=True on the good node's digest", T, || {
+        let c = condition(good.clone());
+        async move { c.await.filter(|c| c.status == "True") }
+    })
+    .await?;
+    assert!(!accepted.message.contains(other_key));
+    let events: Api<Event> = Api::all(ns.client.clone());
+    until("a KeyNotAccepted Event about the bad digest", T, || {
+        let events = events.clone();
+        let bad = bad.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("KeyNotAccepted")
+                    && e.involved_object.name.as_deref() == Some(bad.as_str())
+            })
+        }
+    })
+    .await?;
+    // The agent publishes again under the accepted key: accepted again.
+    publish_digest(&ns.client, &bad, "wg-1", vec![], &keys(0, 10)).await?;
+    until("KeyAccepted=True again once the key is right", T, || {
+        let c = condition(bad.clone());
+        async move { c.await.filter(|c| c.status == "True") }
+    })
+    .await?;
+    for n in [&good, &bad] {
+        let _ = digests.delete(n, &DeleteParams::default()).await;
+    }
+    Ok(())
+}

@@ -511,6 +511,21 @@ async fn start_component(
                 ("--interval", "1".into()),
             ],
         ),
+        // The controller reads the accepted cluster keys where the agent's is ("key").
+        "controller" => override_flags(
+            args,
+            &[
+                ("--health-addr", format!("127.0.0.1:{port}")),
+                (
+                    "--cluster-key-dir",
+                    key_file
+                        .and_then(Path::parent)
+                        .context("the controller needs the cluster key's directory")?
+                        .display()
+                        .to_string(),
+                ),
+            ],
+        ),
         _ => override_flags(args, &[("--health-addr", format!("127.0.0.1:{port}"))]),
     };
     let probe = format!("http://127.0.0.1:{port}/readyz");
@@ -579,6 +594,28 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
         .get(&node)
         .await
         .with_context(|| format!("NodeRegionDigest {node}"))?;
+    // The controller, reading the same Secret's key, accepts it, and says so on the digest
+    // with its own ServiceAccount's rights.
+    wait_for(
+        "KeyAccepted=True on the agent's digest",
+        Duration::from_secs(60),
+        || async {
+            let d = digests.get(&node).await?;
+            Ok(d.status.and_then(|s| {
+                s.conditions
+                    .into_iter()
+                    .find(|c| c.r#type == "KeyAccepted" && c.status == "True")
+            }))
+        },
+    )
+    .await
+    .with_context(|| {
+        let controller = started.iter().find(|(c, _, _)| c.name == "controller");
+        format!(
+            "controller log:\n{}",
+            controller.map(|(c, _, _)| c.log_tail()).unwrap_or_default()
+        )
+    })?;
     let _ = digests.delete(&node, &Default::default()).await;
 
     // The controller writes with its ServiceAccount's rights: it adds its finalizer, writes the

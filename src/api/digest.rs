@@ -77,6 +77,11 @@ pub struct NodeRegionDigestStatus {
     /// `SoftDirty` (incremental rescans), `Sampled` (dirty rate from re-hashed samples) or
     /// `Full` (every scan reads everything).
     pub scan_mode: String,
+    /// Written by the controller, never by the agent: `KeyAccepted` says whether this digest
+    /// was made under a cluster key the controller accepts (one that does not is compared
+    /// with no other node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<crate::api::conditions::Condition>,
 }
 
 /// Where other nodes' relays reach this node's target relay.

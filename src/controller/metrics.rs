@@ -17,6 +17,7 @@ pub struct ControllerMetrics {
     pub reconciles: IntCounter,
     pub queue_depth: IntGauge,
     pub digests_republished: IntCounter,
+    pub digests_key_not_accepted: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -70,8 +71,14 @@ impl ControllerMetrics {
             "Node digests updated right after a migration (before the agents' next scan)",
         )
         .expect("metric");
+        let digests_key_not_accepted = IntGauge::new(
+            "digests_key_not_accepted",
+            "NodeRegionDigests made under a cluster key the controller does not accept",
+        )
+        .expect("metric");
         for c in [
             Box::new(migrations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(digests_key_not_accepted.clone()),
             Box::new(planned_bytes_to_move.clone()),
             Box::new(planned_bytes_saved.clone()),
             Box::new(plan_seconds.clone()),
@@ -94,6 +101,7 @@ impl ControllerMetrics {
             reconciles,
             queue_depth,
             digests_republished,
+            digests_key_not_accepted,
         }
     }
 }

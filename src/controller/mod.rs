@@ -9,6 +9,7 @@ pub mod error;
 pub mod fake_api;
 pub mod groups;
 pub mod guard;
+pub mod keys;
 pub mod kubevirt;
 pub mod labels;
 pub mod leader;
@@ -77,6 +78,12 @@ pub struct ControllerArgs {
     /// Run without leader election (a single replica).
     #[arg(long, env = "COMMONGROUND_NO_LEADER_ELECTION")]
     pub no_leader_election: bool,
+    /// Directory of the accepted cluster keys (the chart mounts the cluster key Secret here):
+    /// `key`, and during a rotation `previous`. NodeRegionDigests made under any other key
+    /// get `KeyAccepted=False`, a Warning Event and a metric. Without it, the key most
+    /// digests use is the accepted one.
+    #[arg(long, env = "COMMONGROUND_CLUSTER_KEY_DIR")]
+    pub cluster_key_dir: Option<std::path::PathBuf>,
     #[arg(
         long,
         env = "COMMONGROUND_LOG_FORMAT",
@@ -153,7 +160,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         },
     ));
 
-    let controller = reconcilers(client, view, ctx);
+    let controller = reconcilers(client, view, ctx, args.cluster_key_dir.clone());
 
     match &elector {
         Some(e) => {
@@ -171,8 +178,14 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
 
 /// The reconcilers, run together until shutdown: RebalancePolicies; VirtualMachineMigrations,
 /// woken also by their KubeVirt migrations and by changes of the VMIs they name; and KubeVirt
-/// migrations, whose success republishes the two nodes' digests.
-async fn reconcilers(client: Client, view: ClusterView, ctx: Arc<Context>) {
+/// migrations, whose success republishes the two nodes' digests; and the digests' key check.
+async fn reconcilers(
+    client: Client,
+    view: ClusterView,
+    ctx: Arc<Context>,
+    cluster_key_dir: Option<std::path::PathBuf>,
+) {
+    let key_check = keys::run(ctx.clone(), cluster_key_dir);
     let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());
     let rebalancer = Controller::new(
         Api::<crate::api::RebalancePolicy>::all(client.clone()),
@@ -229,7 +242,7 @@ async fn reconcilers(client: Client, view: ClusterView, ctx: Arc<Context>) {
         ctx,
     )
     .for_each(|_| async {});
-    tokio::join!(controller, rebalancer, republisher);
+    tokio::join!(controller, rebalancer, republisher, key_check);
 }
 
 fn hostname() -> String {
