@@ -343,6 +343,8 @@ mod tests {
                 follow_deadline: None,
                 group: None,
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         );
         v.metadata.uid = Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789".into());
