@@ -48,6 +48,11 @@ pub struct NodeRegionDigestStatus {
     pub key_id: String,
     pub capacity: NodeCapacity,
     pub load: LoadStatus,
+    /// CPU cores idle over the last scan interval, measured from /proc/stat (the node's CPUs
+    /// minus the busy ones). Absent until the agent has two readings; where present the
+    /// controller counts the target's spare CPU from it instead of from pod requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_cpu_cores: Option<f64>,
     pub vm_count: u32,
     pub vms: Vec<VmDigest>,
     /// Sketch of every region on the node (base64, Rice-coded threshold sample).

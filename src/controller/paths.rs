@@ -104,8 +104,13 @@ pub fn decide(
         .collect();
     // The VM's own CPU lands on the target with it: not spare for extra streams.
     let vm_cpu = ctx.view.launcher_cpu_millis(&plan.vm).unwrap_or(0);
+    // Measured idle CPU, where the target's agent publishes it, over what requests leave.
     let spare_cores = target.map_or(0.0, |t| {
-        crate::plan::paths::target_spare_cores(t.free().cpu_millis, vm_cpu)
+        crate::plan::paths::target_spare_cores(
+            t.free().cpu_millis,
+            ctx.view.measured_idle_cores(&t.name),
+            vm_cpu,
+        )
     });
     let budget = PathBudget {
         max_seconds,
