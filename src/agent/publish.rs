@@ -24,6 +24,22 @@ use crate::plan::{NodeRegionSummary, VmKey};
 use super::shared_memory::MemoryGroup;
 use super::AgentError;
 
+/// The relay's observed transfers as the digest publishes them.
+pub fn transfer_statuses(
+    observed: &[crate::relay::stats::ObservedTransfer],
+) -> Vec<crate::api::digest::TransferStatus> {
+    observed
+        .iter()
+        .map(|t| crate::api::digest::TransferStatus {
+            peer_relay: t.peer.clone(),
+            bytes: t.bytes,
+            seconds: (t.seconds * 1000.0).round() / 1000.0,
+            bytes_per_second: t.bytes_per_second.round(),
+            time: t.time.clone(),
+        })
+        .collect()
+}
+
 /// Largest serialized digest object the agent writes.
 pub const MAX_DIGEST_BYTES: usize = 256 * 1024;
 /// Room left for metadata (managed fields, labels) the API server adds around the status.

@@ -77,11 +77,30 @@ pub struct NodeRegionDigestStatus {
     /// references for the regions the target holds instead of their bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayEndpoint>,
+    /// Migrations this node's relay sent, the last long-enough clean one per target relay:
+    /// the rate the path really carried. The controller estimates a migration from this node
+    /// to that relay's node at this rate instead of `--migration-bandwidth`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfers: Vec<TransferStatus>,
     /// RFC 3339 time of the scan.
     pub scan_time: String,
     /// `SoftDirty` (incremental rescans), `Sampled` (dirty rate from re-hashed samples) or
     /// `Full` (every scan reads everything).
     pub scan_mode: String,
+}
+
+/// One completed migration through the relay, as its source end saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferStatus {
+    /// The target relay it went to (HOST:PORT).
+    pub peer_relay: String,
+    /// Bytes on the relay-to-relay connections.
+    pub bytes: u64,
+    pub seconds: f64,
+    pub bytes_per_second: f64,
+    /// RFC 3339 time it ended.
+    pub time: String,
 }
 
 /// Where other nodes' relays reach this node's target relay.

@@ -406,6 +406,23 @@ fn estimate(
         summary.map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
     );
+    let source_digest = ctx.view.digest_status(&plan.source_node);
+    let target_digest = plan
+        .target_node
+        .as_deref()
+        .and_then(|t| ctx.view.digest_status(t));
+    // What the source's relay measured on its last migration to the target's relay, over the
+    // configured figure.
+    if let Some((measured, when)) =
+        status::measured_bandwidth(source_digest.as_ref(), target_digest.as_ref())
+    {
+        status.notes.push(format!(
+            "estimate at {}/s, measured by the relay on the migration to {} that ended {when}",
+            crate::plan::hardware::human_bytes(measured as u64),
+            plan.target_node.as_deref().unwrap_or_default()
+        ));
+        base.bandwidth = measured;
+    }
     // KubeVirt throttles the migration to its bandwidthPerMigration, where one is set.
     let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
     if let Some(cap) = ctx.view.bandwidth_cap(&vm) {
@@ -421,11 +438,8 @@ fn estimate(
     }
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
-            (
-                &plan.source_node,
-                ctx.view.digest_status(&plan.source_node).as_ref(),
-            ),
-            (target, ctx.view.digest_status(target).as_ref()),
+            (&plan.source_node, source_digest.as_ref()),
+            (target, target_digest.as_ref()),
         ),
         None => (base.transport, "no target yet".to_string()),
     };

@@ -716,3 +716,34 @@ async fn a_follow_request_within_its_deadline_keeps_waiting_for_members() {
         .expect("progress condition");
     assert_eq!(shared.status, "False");
 }
+
+#[tokio::test]
+async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["dryRun"] = json!(true);
+    let mut a = digest("a", &[("vm1", 1.0)]);
+    a["status"]["transfers"] = json!([{"peerRelay": "10.0.0.2:4480", "bytes": 1u64 << 30,
+        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": "2026-01-01T00:00:00Z"}]);
+    let mut b = digest("b", &[]);
+    b["status"]["relay"] = json!({"address": "10.0.0.2:4443", "protocolVersion": 1,
+        "regionPages": 16});
+    let fixed = Fixed {
+        digests: objects(&[a, b]),
+        ..cluster(std::slice::from_ref(&vmm))
+    };
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = after.status.unwrap();
+    assert!(
+        status
+            .notes
+            .iter()
+            .any(|n| n.contains("measured by the relay on the migration to b")),
+        "{:?}",
+        status.notes
+    );
+    // 4 GiB at the measured 100 MB/s instead of the configured 1.25 GB/s.
+    let seconds = status.estimate.unwrap().duration_seconds.unwrap();
+    assert!(seconds > 30.0, "{seconds}");
+}
