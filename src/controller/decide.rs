@@ -50,6 +50,8 @@ pub enum Step {
     FollowKubevirt,
     /// A dry run already planned: nothing more to do.
     StayPlanned,
+    /// Between attempts, KubeVirt still shows the VMI migrating: wait, then plan.
+    Wait(String),
     /// The request cannot be carried out.
     Fail {
         reason: &'static str,
@@ -159,6 +161,11 @@ pub fn next_step(
                 crate::api::kubevirt::LIVE_MIGRATABLE
             ),
         );
+    }
+    if vmi.migrating && current_attempt(status) > 1 {
+        return Step::Wait(format!(
+            "waiting for KubeVirt to finish the failed migration of {vm} before the next attempt"
+        ));
     }
     if vmi.migrating {
         return Step::fail(
@@ -959,6 +966,36 @@ mod tests {
         let mut zero = spec();
         zero.max_attempts = Some(0);
         assert_eq!(max_attempts(&zero), 1, "at least one attempt");
+    }
+
+    #[test]
+    fn between_attempts_a_vmi_still_migrating_is_waited_for_not_failed() {
+        let busy = VmiFacts {
+            migrating: true,
+            ..running()
+        };
+        let mut status = in_phase(MigrationPhase::Pending);
+        assert_eq!(
+            reason(next_step(
+                &spec(),
+                &status,
+                "ns/vm",
+                &facts(Some(busy.clone()))
+            )),
+            "VmiAlreadyMigrating",
+            "a first attempt does not take someone else's migration for its own"
+        );
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Failed));
+        assert!(matches!(
+            next_step(&spec(), &status, "ns/vm", &facts(Some(busy))),
+            Step::Wait(_)
+        ));
+        assert!(matches!(
+            next_step(&spec(), &status, "ns/vm", &facts(Some(running()))),
+            Step::Plan(_)
+        ));
     }
 
     #[test]

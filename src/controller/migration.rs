@@ -239,6 +239,12 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     let gathered = gather(ctx, &vmm, &status).await?;
     match decide::next_step(&vmm.spec, &status, &vm.to_string(), &gathered.facts) {
         Step::Done | Step::StayPlanned => Ok(Action::await_change()),
+        Step::Wait(reason) => {
+            status.phase = MigrationPhase::Pending;
+            status.reason = Some(reason);
+            write_status(ctx, &vmm, &status).await?;
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
         Step::FinishCleanup => {
             paths::cleanup(ctx, &vmm, &mut status).await?;
             write_status(ctx, &vmm, &status).await?;
