@@ -153,6 +153,8 @@ async fn follow_member_that_touches_the_shared_memory_after_the_first_moved_join
                 follow_deadline: None,
                 group: Some(GroupMode::Follow),
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         ),
     )

@@ -261,6 +261,8 @@ async fn agents_publish_real_memory_and_the_controller_plans_from_it() -> anyhow
                 follow_deadline: None,
                 group: None,
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         ),
     )

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::{ensure_controller, keys, publish_digest, vm_summary};
 use commonground::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
-use commonground::api::migration::{MigrationPhase, VirtualMachineMigrationSpec};
+use commonground::api::migration::{AttemptOutcome, MigrationPhase, VirtualMachineMigrationSpec};
 use commonground::api::{NodeRegionDigest, VirtualMachineMigration};
 use commonground_e2e::{wait_for, wait_for_object, FakeNode, TestCluster, TestNamespace};
-use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 
@@ -40,6 +40,8 @@ fn vmm_spec(vmi: &str) -> VirtualMachineMigrationSpec {
         follow_deadline: None,
         group: None,
         dry_run: false,
+        max_attempts: None,
+        unschedulable_timeout: None,
     }
 }
 
@@ -857,6 +859,98 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
     for n in [&fast, &slow] {
         networks.delete(n, &DeleteParams::default()).await?;
     }
+    Ok(())
+}
+
+/// The planner's first choice cannot take the migration target pod, for a reason only
+/// kube-scheduler sees: a pod already bound to that node has a required anti-affinity against
+/// the VM's launcher pods (the planner checks the VM's own anti-affinity, not other pods').
+/// KubeVirt's target pod stays unschedulable there, virt-controller gives up after the
+/// request's `unschedulableTimeout`, and the request is planned again and succeeds on the
+/// next-best node, both attempts in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_the_scheduler_rejects_is_replaced_by_the_next_best_node() -> anyhow::Result<()> {
+    ensure_controller();
+    let ns = TestCluster::get().fresh_namespace("vmm-replan").await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let (source, targets) = vm_on_source(&ns, "vm1", &[("b", "wg-1"), ("c", "wg-1")]).await?;
+    // b holds 80% of the VM's regions, c 20%: b is the first choice.
+    publish(&ns, "vm1", &source, &targets, &[80, 20]).await?;
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    let uid = vmi.metadata.uid.clone().unwrap_or_default();
+    let blocker: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "keeps-vms-off", "namespace": ns.name},
+        "spec": {
+            "nodeName": targets[0],
+            "containers": [{"name": "c", "image": "registry.invalid/none"}],
+            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchLabels": {"kubevirt.io/created-by": uid}},
+                "topologyKey": "kubernetes.io/hostname"}]}}
+        }
+    }))?;
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &blocker).await?;
+
+    let mut spec = vmm_spec("vm1");
+    spec.unschedulable_timeout = Some("3s".into());
+    spec.max_attempts = Some(2);
+    create_vmm(&ns, "move-vm1", spec).await?;
+    let done = vmm_in_phase(
+        &ns,
+        "move-vm1",
+        &[MigrationPhase::Succeeded, MigrationPhase::Failed],
+    )
+    .await?;
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:?}");
+    assert_eq!(status.target_node.as_deref(), Some(targets[1].as_str()));
+    let attempts: Vec<(&str, AttemptOutcome)> = status
+        .attempts
+        .iter()
+        .map(|a| (a.node.as_str(), a.outcome))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![
+            (targets[0].as_str(), AttemptOutcome::Failed),
+            (targets[1].as_str(), AttemptOutcome::Succeeded)
+        ],
+        "{:?}",
+        status.attempts
+    );
+    assert!(
+        status.attempts[0].reason.contains("never ran on"),
+        "{:?}",
+        status.attempts[0]
+    );
+    assert!(status.candidates.iter().any(|c| c.node == targets[0]
+        && c.verdict == "Filtered"
+        && c.reason
+            .starts_with("an earlier attempt to migrate here failed")));
+    // One KubeVirt migration per attempt, each pinned to its node and carrying the timeout.
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    let mut made = vmims.list(&ListParams::default()).await?.items;
+    made.sort_by_key(|m| m.name_any());
+    assert_eq!(made.len(), 2);
+    for (m, a) in made.iter().zip(&status.attempts) {
+        assert_eq!(m.name_any(), a.kubevirt_migration);
+        assert_eq!(
+            m.spec
+                .added_node_selector
+                .as_ref()
+                .and_then(|s| s.get("kubernetes.io/hostname")),
+            Some(&a.node)
+        );
+        assert_eq!(
+            m.annotations()
+                .get("kubevirt.io/migrationUnschedulablePodTimeoutSeconds")
+                .map(String::as_str),
+            Some("3")
+        );
+    }
+    assert_eq!(made[0].phase(), Some("Failed"));
+    let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
+    assert_eq!(vmi.node_name(), Some(targets[1].as_str()));
     Ok(())
 }
 

@@ -61,6 +61,8 @@ async fn controller_killed_mid_migration_finishes_with_exactly_one_kubevirt_migr
         follow_deadline: None,
         group: None,
         dry_run: false,
+        max_attempts: None,
+        unschedulable_timeout: None,
     };
     // vm1: killed while KubeVirt migrates it.
     api.create(

@@ -58,6 +58,8 @@ fn spec(vmi: &str) -> VirtualMachineMigrationSpec {
         follow_deadline: None,
         group: None,
         dry_run: false,
+        max_attempts: None,
+        unschedulable_timeout: None,
     }
 }
 

@@ -638,6 +638,8 @@ async fn run_components(ns: &TestNamespace, applied: &[Value]) -> anyhow::Result
                 // Not a dry run: a dry run needs no cleanup and gets no finalizer. Its VMI
                 // does not exist, so it fails before anything is made.
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         ),
     )

@@ -183,6 +183,12 @@ pub fn node_rates(earlier: &NodeCounters, later: &NodeCounters) -> LoadRates {
     }
 }
 
+/// CPU cores idle on a node of `cpus` CPUs while `busy_cores` of them were busy (never
+/// negative: readings of one interval can round past the total).
+pub fn idle_cores(cpus: u64, busy_cores: f64) -> f64 {
+    (cpus as f64 - busy_cores).max(0.0)
+}
+
 /// I/O rate treated as a fully loaded node in the composite (a local NVMe disk's order).
 pub const NOMINAL_IO_BYTES_PER_SECOND: f64 = 1e9;
 
@@ -208,6 +214,13 @@ mod tests {
         assert_eq!(parse_stat(1234, text).unwrap(), (300, 789));
         let err = parse_stat(9, "9 (x) S 1").unwrap_err().to_string();
         assert!(err.contains("/proc/9/stat"), "{err}");
+    }
+
+    #[test]
+    fn idle_cores_are_the_cpus_not_busy_and_never_negative() {
+        assert_eq!(idle_cores(8, 2.5), 5.5);
+        assert_eq!(idle_cores(4, 4.01), 0.0);
+        assert_eq!(idle_cores(1, 0.0), 1.0);
     }
 
     #[test]

@@ -457,6 +457,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         let mut status = publish::build_bounded_status(&inputs);
         status.relay = relay.clone();
+        if let Some(parts) = &relay_parts {
+            status.transfers = publish::transfer_statuses(&parts.source.observed.snapshot());
+        }
         let now = Instant::now();
         let decision = match force {
             Some(why) => PublishDecision::Immediate(why),

@@ -34,6 +34,8 @@ pub struct NodeScanner {
     table: RegionTable,
     node_counters: Option<load::NodeCounters>,
     node_rates: load::LoadRates,
+    /// `node_rates` come from two readings (not the defaults before the second one).
+    node_measured: bool,
     /// Memory groups over time, and accesses to shared memory after a member left.
     pub shared: SharedAccessMonitor,
 }
@@ -58,6 +60,7 @@ impl NodeScanner {
             table: RegionTable::default(),
             node_counters: load::sample_node().ok(),
             node_rates: load::LoadRates::default(),
+            node_measured: false,
             shared: SharedAccessMonitor::default(),
         }
     }
@@ -158,6 +161,7 @@ impl NodeScanner {
         if let Ok(c) = load::sample_node() {
             if let Some(prev) = &self.node_counters {
                 self.node_rates = load::node_rates(prev, &c);
+                self.node_measured = true;
             }
             self.node_counters = Some(c);
         }
@@ -209,6 +213,9 @@ impl NodeScanner {
             },
             vm_loads,
             node_load: load_status(&self.node_rates),
+            idle_cpu_cores: self
+                .node_measured
+                .then(|| round3(load::idle_cores(cpus, self.node_rates.cpu_cores))),
             capacity: NodeCapacity {
                 cpu_millis: cpus * 1000,
                 memory_bytes: total_mem,

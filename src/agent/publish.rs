@@ -24,6 +24,22 @@ use crate::plan::{NodeRegionSummary, VmKey};
 use super::shared_memory::MemoryGroup;
 use super::AgentError;
 
+/// The relay's observed transfers as the digest publishes them.
+pub fn transfer_statuses(
+    observed: &[crate::relay::stats::ObservedTransfer],
+) -> Vec<crate::api::digest::TransferStatus> {
+    observed
+        .iter()
+        .map(|t| crate::api::digest::TransferStatus {
+            peer_relay: t.peer.clone(),
+            bytes: t.bytes,
+            seconds: (t.seconds * 1000.0).round() / 1000.0,
+            bytes_per_second: t.bytes_per_second.round(),
+            time: t.time.clone(),
+        })
+        .collect()
+}
+
 /// Largest serialized digest object the agent writes.
 pub const MAX_DIGEST_BYTES: usize = 256 * 1024;
 /// Room left for metadata (managed fields, labels) the API server adds around the status.
@@ -37,6 +53,8 @@ pub struct DigestInputs {
     pub summary: NodeRegionSummary,
     pub vm_loads: BTreeMap<VmKey, LoadStatus>,
     pub node_load: LoadStatus,
+    /// Idle CPU cores measured over the last interval, once there are two readings.
+    pub idle_cpu_cores: Option<f64>,
     pub capacity: NodeCapacity,
     pub replicated: Vec<ReplicatedEntry>,
     pub replication_threshold: u32,
@@ -63,6 +81,7 @@ fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
     summary_into_status(&inputs.summary, &mut status);
     status.capacity = inputs.capacity.clone();
     status.load = inputs.node_load.clone();
+    status.idle_cpu_cores = inputs.idle_cpu_cores;
     status.replicated = inputs
         .replicated
         .iter()
@@ -362,6 +381,7 @@ mod tests {
             },
             vm_loads: BTreeMap::new(),
             node_load: LoadStatus::default(),
+            idle_cpu_cores: None,
             capacity: NodeCapacity::default(),
             replicated: Vec::new(),
             replication_threshold: 2,
@@ -369,6 +389,14 @@ mod tests {
             scan_mode: "Sampled".into(),
             scan_time: crate::api::time::Timestamp::now(),
         }
+    }
+
+    #[test]
+    fn measured_idle_cpu_is_published_and_absent_without_a_reading() {
+        let mut i = inputs(1, 10);
+        assert_eq!(build_bounded_status(&i).idle_cpu_cores, None);
+        i.idle_cpu_cores = Some(5.5);
+        assert_eq!(build_bounded_status(&i).idle_cpu_cores, Some(5.5));
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct NodeRegionDigestStatus {
     pub key_id: String,
     pub capacity: NodeCapacity,
     pub load: LoadStatus,
+    /// CPU cores idle over the last scan interval, measured from /proc/stat (the node's CPUs
+    /// minus the busy ones). Absent until the agent has two readings; where present the
+    /// controller counts the target's spare CPU from it instead of from pod requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_cpu_cores: Option<f64>,
     pub vm_count: u32,
     pub vms: Vec<VmDigest>,
     /// Sketch of every region on the node (base64, Rice-coded threshold sample).
@@ -72,6 +77,11 @@ pub struct NodeRegionDigestStatus {
     /// references for the regions the target holds instead of their bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayEndpoint>,
+    /// Migrations this node's relay sent, the last long-enough clean one per target relay:
+    /// the rate the path really carried. The controller estimates a migration from this node
+    /// to that relay's node at this rate instead of `--migration-bandwidth`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfers: Vec<TransferStatus>,
     /// RFC 3339 time of the scan.
     pub scan_time: String,
     /// `SoftDirty` (incremental rescans), `Sampled` (dirty rate from re-hashed samples) or
@@ -82,6 +92,20 @@ pub struct NodeRegionDigestStatus {
     /// with no other node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<crate::api::conditions::Condition>,
+}
+
+/// One completed migration through the relay, as its source end saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferStatus {
+    /// The target relay it went to (HOST:PORT).
+    pub peer_relay: String,
+    /// Bytes on the relay-to-relay connections.
+    pub bytes: u64,
+    pub seconds: f64,
+    pub bytes_per_second: f64,
+    /// RFC 3339 time it ended.
+    pub time: String,
 }
 
 /// Where other nodes' relays reach this node's target relay.

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub const MIGRATION_JOB_UID_LABEL: &str = "kubevirt.io/migrationJobUID";
 /// Annotation on the migration target pod naming the migration.
 pub const MIGRATION_JOB_NAME_ANNOTATION: &str = "kubevirt.io/migrationJobName";
+/// Annotation on a migration: seconds virt-controller lets its target pod stay unschedulable
+/// before it deletes the pod and fails the migration (KubeVirt's default: 300).
+pub const UNSCHEDULABLE_TIMEOUT_ANNOTATION: &str =
+    "kubevirt.io/migrationUnschedulablePodTimeoutSeconds";
 /// Label on virt-launcher pods holding the VMI's UID.
 pub const CREATED_BY_LABEL: &str = "kubevirt.io/created-by";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
@@ -169,6 +173,18 @@ pub struct VmimStatus {
     pub phase: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_state: Option<MigrationState>,
+    /// Every phase the migration went through, with when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phase_transition_timestamps: Vec<PhaseTransition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTransition {
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_transition_timestamp: Option<String>,
 }
 
 impl VirtualMachineInstanceMigration {

@@ -84,7 +84,23 @@ pub struct VirtualMachineMigrationSpec {
     /// Plan only: stop at phase `Planned` and never create a KubeVirt migration.
     #[serde(default)]
     pub dry_run: bool,
+    /// How many targets may be tried (default 3). When KubeVirt's migration fails because
+    /// its target pod never ran on the chosen node (it stayed unschedulable until KubeVirt's
+    /// timeout) or failed on that node, the request plans again without the node, until this
+    /// many attempts have been made. Each attempt is listed in `status.attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: Option<u32>,
+    /// How long KubeVirt waits for an attempt's target pod to be scheduled before it fails the
+    /// attempt (Go duration, at least `1s`; KubeVirt's default is `5m`). Written onto each
+    /// KubeVirt migration as `kubevirt.io/migrationUnschedulablePodTimeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub unschedulable_timeout: Option<String>,
 }
+
+/// Attempts a request makes when `spec.maxAttempts` is not set.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// Target constraints.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -188,6 +204,10 @@ pub struct VirtualMachineMigrationStatus {
     /// its own KubeVirt migration, phase, and when and why it started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberStatus>,
+    /// Every KubeVirt migration made for this request, one per target tried, oldest first;
+    /// the last one is the current attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptStatus>,
     /// Extra network paths used to meet `maxDuration`, with when they were added
     /// and removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -218,6 +238,35 @@ pub struct MemberStatus {
     /// Why this member's migration started (Follow: it touched the shared memory).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+}
+
+/// One target tried: the node, KubeVirt's migration to it and how it ended.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptStatus {
+    /// The target node the KubeVirt migration was pinned to.
+    pub node: String,
+    /// Name of the KubeVirt VirtualMachineInstanceMigration.
+    pub kubevirt_migration: String,
+    pub outcome: AttemptOutcome,
+    /// Why the attempt ended that way (for `Failed`: what failed, in words).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+}
+
+/// How an attempt stands: `Running` (KubeVirt has not finished it), `Succeeded`, `Failed`.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum AttemptOutcome {
+    #[default]
+    Running,
+    Succeeded,
+    Failed,
 }
 
 /// One extra migration path and its life cycle.

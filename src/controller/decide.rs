@@ -4,8 +4,8 @@
 //! phase transition is therefore tested here without an API server.
 
 use crate::api::migration::{
-    GroupMode, MigrationPhase, TargetScope, VirtualMachineMigrationSpec,
-    VirtualMachineMigrationStatus,
+    AttemptOutcome, AttemptStatus, GroupMode, MigrationPhase, TargetScope,
+    VirtualMachineMigrationSpec, VirtualMachineMigrationStatus, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::plan::paths::{PathDecision, PathOutcome};
 use crate::plan::{PlanOptions, Scope};
@@ -50,6 +50,8 @@ pub enum Step {
     FollowKubevirt,
     /// A dry run already planned: nothing more to do.
     StayPlanned,
+    /// Between attempts, KubeVirt still shows the VMI migrating: wait, then plan.
+    Wait(String),
     /// The request cannot be carried out.
     Fail {
         reason: &'static str,
@@ -160,6 +162,11 @@ pub fn next_step(
             ),
         );
     }
+    if vmi.migrating && current_attempt(status) > 1 {
+        return Step::Wait(format!(
+            "waiting for KubeVirt to finish the failed migration of {vm} before the next attempt"
+        ));
+    }
     if vmi.migrating {
         return Step::fail(
             "VmiAlreadyMigrating",
@@ -196,6 +203,184 @@ pub fn plan_options(
         pinned_work_group: target.work_group.clone(),
         only_nodes: None,
         explain_top: None,
+        excluded_nodes: excluded_nodes(status),
+    }
+}
+
+/// The number of the request's current attempt, 1 for the first: one more than the attempts
+/// that ended failed. The attempt's KubeVirt migration is named after it, so a restarted
+/// controller finds the one it made.
+pub fn current_attempt(status: &VirtualMachineMigrationStatus) -> u32 {
+    let failed = status
+        .attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Failed)
+        .count();
+    u32::try_from(failed).unwrap_or(u32::MAX).saturating_add(1)
+}
+
+/// How many attempts the request may make (`spec.maxAttempts`, at least one).
+pub fn max_attempts(spec: &VirtualMachineMigrationSpec) -> u32 {
+    spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).max(1)
+}
+
+/// The nodes earlier attempts failed on, each with why: a new plan leaves them out.
+pub fn excluded_nodes(status: &VirtualMachineMigrationStatus) -> Vec<(String, String)> {
+    status
+        .attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Failed)
+        .map(|a| (a.node.clone(), a.reason.clone()))
+        .collect()
+}
+
+/// What a failed KubeVirt migration showed, gathered when it ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttemptEnd {
+    /// The phases KubeVirt recorded for it, in order.
+    pub phases: Vec<String>,
+    /// The target node KubeVirt names in its migration state, if any.
+    pub target_node: Option<String>,
+    pub failure_reason: Option<String>,
+    /// Someone asked KubeVirt to abort it.
+    pub abort_requested: bool,
+}
+
+/// Why an attempt failed, as far as the target node is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The target pod never ran: it stayed unschedulable (or pending) until KubeVirt's
+    /// timeout deleted it. Another node may take it.
+    TargetPodNeverRan,
+    /// The target pod ran on the node and the migration failed there.
+    OnTargetNode,
+    /// The migration was aborted on purpose: not the node's doing.
+    Aborted,
+}
+
+/// Phases KubeVirt reaches only once the target pod runs.
+const TARGET_RAN: [&str; 4] = ["Scheduled", "PreparingTarget", "TargetReady", "Running"];
+
+pub fn failure_cause(end: &AttemptEnd) -> FailureCause {
+    if end.abort_requested {
+        FailureCause::Aborted
+    } else if end.target_node.is_none()
+        && !end.phases.iter().any(|p| TARGET_RAN.contains(&p.as_str()))
+    {
+        FailureCause::TargetPodNeverRan
+    } else {
+        FailureCause::OnTargetNode
+    }
+}
+
+/// What to do about a failed attempt to `node`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedAttempt {
+    /// Why the attempt failed, in words (kept in the attempt's record and, when it is
+    /// replanned, in the excluded node's candidate reason).
+    pub why: String,
+    /// Plan again without the node; otherwise the request fails.
+    pub replan: bool,
+    /// The request's reason: for a replan what happens next, for a failure the end.
+    pub message: String,
+}
+
+/// Decides on the current attempt, which KubeVirt reports failed: a failure of the target
+/// node (its pod never ran, or failed there) is tried again on the next-best node while
+/// attempts remain; an abort, a group moving together, or the last attempt end the request.
+pub fn failed_attempt(
+    spec: &VirtualMachineMigrationSpec,
+    status: &VirtualMachineMigrationStatus,
+    node: &str,
+    end: &AttemptEnd,
+) -> FailedAttempt {
+    let given = end.failure_reason.as_deref().unwrap_or("no reason given");
+    let cause = failure_cause(end);
+    let why = match cause {
+        FailureCause::TargetPodNeverRan => format!(
+            "the migration target pod never ran on {node} (unschedulable or pending until \
+             KubeVirt's timeout; {given})"
+        ),
+        FailureCause::OnTargetNode => format!(
+            "the migration failed on target node {}: {given}",
+            end.target_node.as_deref().unwrap_or(node)
+        ),
+        FailureCause::Aborted => format!("the migration to {node} was aborted: {given}"),
+    };
+    let attempt = current_attempt(status);
+    let max = max_attempts(spec);
+    let replan =
+        cause != FailureCause::Aborted && spec.group != Some(GroupMode::Together) && attempt < max;
+    let message = if replan {
+        format!("attempt {attempt} of {max} failed: {why}; planning again without {node}")
+    } else if max > 1 && cause != FailureCause::Aborted && spec.group != Some(GroupMode::Together) {
+        format!("KubeVirt migration failed: {why}; {attempt} of {max} attempts made")
+    } else {
+        format!("KubeVirt migration failed: {why}")
+    };
+    FailedAttempt {
+        why,
+        replan,
+        message,
+    }
+}
+
+/// After failed attempts, a plan with no target left ends the request (instead of waiting
+/// for a node as a first plan does): the reason and message.
+pub fn no_target_left(status: &VirtualMachineMigrationStatus) -> Option<(&'static str, String)> {
+    let failed: Vec<String> = status
+        .attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Failed)
+        .map(|a| format!("{} ({})", a.node, a.reason))
+        .collect();
+    (!failed.is_empty()).then(|| {
+        (
+            "NoTargetLeft",
+            format!(
+                "no other node passes the minimum hardware configuration after {} failed \
+                 attempt(s): {}",
+                failed.len(),
+                failed.join("; ")
+            ),
+        )
+    })
+}
+
+/// Records that KubeVirt migration `name` to `node` started (once: a record with that name is
+/// kept as it is).
+pub fn record_start(status: &mut VirtualMachineMigrationStatus, name: &str, node: &str, now: &str) {
+    if status.attempts.iter().any(|a| a.kubevirt_migration == name) {
+        return;
+    }
+    status.attempts.push(AttemptStatus {
+        node: node.to_string(),
+        kubevirt_migration: name.to_string(),
+        outcome: AttemptOutcome::Running,
+        reason: String::new(),
+        start_time: Some(now.to_string()),
+        end_time: None,
+    });
+}
+
+/// Records how KubeVirt migration `name` to `node` ended.
+pub fn record_end(
+    status: &mut VirtualMachineMigrationStatus,
+    name: &str,
+    node: &str,
+    outcome: AttemptOutcome,
+    reason: String,
+    end_time: &str,
+) {
+    record_start(status, name, node, end_time);
+    if let Some(a) = status
+        .attempts
+        .iter_mut()
+        .find(|a| a.kubevirt_migration == name)
+    {
+        a.outcome = outcome;
+        a.reason = reason;
+        a.end_time.get_or_insert_with(|| end_time.to_string());
     }
 }
 
@@ -280,6 +465,8 @@ mod tests {
             follow_deadline: None,
             group: None,
             dry_run: false,
+            max_attempts: None,
+            unschedulable_timeout: None,
         }
     }
 
@@ -635,5 +822,226 @@ mod tests {
             validate::migration_spec(&s).is_err(),
             "an absurd deadline is invalid"
         );
+    }
+
+    fn attempt(node: &str, name: &str, outcome: AttemptOutcome) -> AttemptStatus {
+        AttemptStatus {
+            node: node.into(),
+            kubevirt_migration: name.into(),
+            outcome,
+            reason: format!("why {node}"),
+            start_time: None,
+            end_time: None,
+        }
+    }
+
+    fn never_scheduled() -> AttemptEnd {
+        AttemptEnd {
+            phases: vec!["Pending".into(), "Scheduling".into(), "Failed".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_current_attempt_is_one_more_than_the_failed_ones() {
+        let mut status = in_phase(MigrationPhase::Migrating);
+        assert_eq!(current_attempt(&status), 1);
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Running));
+        assert_eq!(current_attempt(&status), 1, "a running attempt is current");
+        status.attempts[0].outcome = AttemptOutcome::Failed;
+        assert_eq!(current_attempt(&status), 2);
+        status
+            .attempts
+            .push(attempt("c", "m-2", AttemptOutcome::Running));
+        assert_eq!(current_attempt(&status), 2);
+    }
+
+    #[test]
+    fn nodes_of_failed_attempts_are_excluded_from_the_next_plan_with_their_reason() {
+        let mut status = in_phase(MigrationPhase::Pending);
+        status.attempts = vec![
+            attempt("b", "m", AttemptOutcome::Failed),
+            attempt("c", "m-2", AttemptOutcome::Running),
+        ];
+        assert_eq!(
+            plan_options(&spec(), &status).excluded_nodes,
+            vec![("b".to_string(), "why b".to_string())]
+        );
+        assert!(plan_options(&spec(), &Default::default())
+            .excluded_nodes
+            .is_empty());
+    }
+
+    #[test]
+    fn a_failure_is_the_target_nodes_unless_it_was_an_abort() {
+        assert_eq!(
+            failure_cause(&never_scheduled()),
+            FailureCause::TargetPodNeverRan
+        );
+        assert_eq!(
+            failure_cause(&AttemptEnd::default()),
+            FailureCause::TargetPodNeverRan,
+            "no phases recorded, no target node"
+        );
+        let ran = AttemptEnd {
+            phases: vec!["Scheduling".into(), "Scheduled".into(), "Failed".into()],
+            ..Default::default()
+        };
+        assert_eq!(failure_cause(&ran), FailureCause::OnTargetNode);
+        let named = AttemptEnd {
+            target_node: Some("b".into()),
+            failure_reason: Some("target domain crashed".into()),
+            ..Default::default()
+        };
+        assert_eq!(failure_cause(&named), FailureCause::OnTargetNode);
+        let aborted = AttemptEnd {
+            abort_requested: true,
+            ..named
+        };
+        assert_eq!(failure_cause(&aborted), FailureCause::Aborted);
+    }
+
+    #[test]
+    fn a_failed_target_is_replanned_while_attempts_remain_and_then_fails() {
+        let mut status = in_phase(MigrationPhase::Migrating);
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Running));
+        let first = failed_attempt(&spec(), &status, "b", &never_scheduled());
+        assert!(first.replan);
+        assert!(first.why.contains("never ran on b"), "{}", first.why);
+        assert!(
+            first.message.starts_with("attempt 1 of 3 failed")
+                && first.message.ends_with("planning again without b"),
+            "{}",
+            first.message
+        );
+        // The third attempt is the last of the default three.
+        status.attempts[0].outcome = AttemptOutcome::Failed;
+        status
+            .attempts
+            .push(attempt("c", "m-2", AttemptOutcome::Failed));
+        status
+            .attempts
+            .push(attempt("d", "m-3", AttemptOutcome::Running));
+        let on_node = AttemptEnd {
+            target_node: Some("d".into()),
+            failure_reason: Some("libvirt error".into()),
+            ..Default::default()
+        };
+        let last = failed_attempt(&spec(), &status, "d", &on_node);
+        assert!(!last.replan);
+        assert_eq!(
+            last.message,
+            "KubeVirt migration failed: the migration failed on target node d: libvirt error; \
+             3 of 3 attempts made"
+        );
+    }
+
+    #[test]
+    fn aborts_single_attempts_and_groups_moving_together_are_not_replanned() {
+        let status = in_phase(MigrationPhase::Migrating);
+        let aborted = AttemptEnd {
+            abort_requested: true,
+            ..Default::default()
+        };
+        let v = failed_attempt(&spec(), &status, "b", &aborted);
+        assert!(!v.replan);
+        assert!(v.message.contains("aborted"), "{}", v.message);
+        let mut once = spec();
+        once.max_attempts = Some(1);
+        let v = failed_attempt(&once, &status, "b", &never_scheduled());
+        assert!(!v.replan);
+        assert!(
+            v.message
+                .starts_with("KubeVirt migration failed: the migration target pod"),
+            "{}",
+            v.message
+        );
+        let mut together = spec();
+        together.group = Some(GroupMode::Together);
+        assert!(!failed_attempt(&together, &status, "b", &never_scheduled()).replan);
+        let mut zero = spec();
+        zero.max_attempts = Some(0);
+        assert_eq!(max_attempts(&zero), 1, "at least one attempt");
+    }
+
+    #[test]
+    fn between_attempts_a_vmi_still_migrating_is_waited_for_not_failed() {
+        let busy = VmiFacts {
+            migrating: true,
+            ..running()
+        };
+        let mut status = in_phase(MigrationPhase::Pending);
+        assert_eq!(
+            reason(next_step(
+                &spec(),
+                &status,
+                "ns/vm",
+                &facts(Some(busy.clone()))
+            )),
+            "VmiAlreadyMigrating",
+            "a first attempt does not take someone else's migration for its own"
+        );
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Failed));
+        assert!(matches!(
+            next_step(&spec(), &status, "ns/vm", &facts(Some(busy))),
+            Step::Wait(_)
+        ));
+        assert!(matches!(
+            next_step(&spec(), &status, "ns/vm", &facts(Some(running()))),
+            Step::Plan(_)
+        ));
+    }
+
+    #[test]
+    fn no_target_after_failed_attempts_ends_the_request_naming_them() {
+        let mut status = in_phase(MigrationPhase::Pending);
+        assert_eq!(no_target_left(&status), None, "a first plan waits instead");
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Failed));
+        let (reason, message) = no_target_left(&status).unwrap();
+        assert_eq!(reason, "NoTargetLeft");
+        assert!(
+            message.contains("1 failed attempt(s): b (why b)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn attempts_are_recorded_once_and_their_end_kept() {
+        let mut status = in_phase(MigrationPhase::Migrating);
+        record_start(&mut status, "m", "b", "2026-01-01T00:00:00Z");
+        record_start(&mut status, "m", "x", "2026-01-01T00:00:05Z");
+        assert_eq!(status.attempts.len(), 1, "a restart records nothing twice");
+        assert_eq!(status.attempts[0].node, "b");
+        record_end(
+            &mut status,
+            "m",
+            "b",
+            AttemptOutcome::Failed,
+            "never ran".into(),
+            "2026-01-01T00:05:00Z",
+        );
+        let a = &status.attempts[0];
+        assert_eq!(a.outcome, AttemptOutcome::Failed);
+        assert_eq!(a.reason, "never ran");
+        assert_eq!(a.end_time.as_deref(), Some("2026-01-01T00:05:00Z"));
+        // An end seen without its start (made before a restart) still gets its record.
+        record_end(
+            &mut status,
+            "m-2",
+            "c",
+            AttemptOutcome::Succeeded,
+            String::new(),
+            "2026-01-01T00:06:00Z",
+        );
+        assert_eq!(status.attempts.len(), 2);
+        assert_eq!(current_attempt(&status), 2);
     }
 }

@@ -209,6 +209,8 @@ mod tests {
                 follow_deadline: None,
                 group: None,
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         );
         v.metadata.namespace = Some("ns".into());

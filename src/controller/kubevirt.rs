@@ -7,7 +7,9 @@ use kube::{Api, Resource, ResourceExt};
 use super::error::{ControllerError, Result};
 use super::labels;
 use super::Context;
-use crate::api::kubevirt::{VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL};
+use crate::api::kubevirt::{
+    VirtualMachineInstanceMigration, VmimSpec, HOSTNAME_LABEL, UNSCHEDULABLE_TIMEOUT_ANNOTATION,
+};
 use crate::api::write;
 use crate::api::VirtualMachineMigration;
 
@@ -20,6 +22,17 @@ pub fn vmim_name(vmm: &VirtualMachineMigration) -> String {
     let uid = vmm.metadata.uid.as_deref().unwrap_or("0");
     let short: String = uid.chars().filter(|c| *c != '-').take(8).collect();
     labels::bounded_name(&format!("cg-{}-{short}", vmm.name_any()))
+}
+
+/// Name of the KubeVirt migration of a request's `attempt` (1 for the first): the first keeps
+/// [`vmim_name`], every later target tried gets its own.
+pub fn attempt_vmim_name(vmm: &VirtualMachineMigration, attempt: u32) -> String {
+    let base = vmim_name(vmm);
+    if attempt <= 1 {
+        base
+    } else {
+        labels::bounded_name(&format!("{base}-{attempt}"))
+    }
 }
 
 /// Creates the KubeVirt migration `name` of `vmi` to `target`, owned and labelled by `vmm`.
@@ -47,8 +60,16 @@ pub async fn create_kubevirt_migration(
     vmim.metadata.namespace = Some(ns.clone());
     vmim.metadata.owner_references = Some(vec![owner]);
     let (owner_labels, owner_annotations) = labels::owner_marks(OWNER_LABEL, &vmm.metadata);
+    let mut annotations = owner_annotations;
+    // The spec was validated before anything is created; an unusable value adds nothing.
+    if let Ok(Some(timeout)) = super::validate::unschedulable_timeout(&vmm.spec) {
+        annotations.insert(
+            UNSCHEDULABLE_TIMEOUT_ANNOTATION.to_string(),
+            timeout.as_secs().to_string(),
+        );
+    }
     vmim.metadata.labels = Some(owner_labels);
-    vmim.metadata.annotations = Some(owner_annotations);
+    vmim.metadata.annotations = Some(annotations);
     let api: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
     Ok(write::create_or_exists(&api, &vmim).await?)
 }

@@ -27,7 +27,7 @@ impl ControllerMetrics {
         let migrations = IntCounterVec::new(
             Opts::new(
                 "migrations_total",
-                "VirtualMachineMigrations reaching a final phase, by result",
+                "VirtualMachineMigrations reaching a final phase, by result, and failed attempts tried again on another node (retried)",
             ),
             &["result"],
         )

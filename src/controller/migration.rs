@@ -16,7 +16,7 @@ use super::decide::{self, Facts, Progress, Step, VmiFacts};
 use super::error::{ControllerError, Result};
 use super::groups;
 use super::guard::Marked;
-use super::kubevirt::{create_kubevirt_migration, vmim_name};
+use super::kubevirt::{attempt_vmim_name, create_kubevirt_migration};
 use super::paths;
 use super::republish::republish_after_migration;
 use super::status;
@@ -27,7 +27,7 @@ use crate::api::kubevirt::{
     VirtualMachineInstance, VirtualMachineInstanceMigration, LIVE_MIGRATABLE,
 };
 use crate::api::migration::{
-    GroupMode, MemberStatus, MigrationPhase, VirtualMachineMigrationStatus,
+    AttemptOutcome, GroupMode, MemberStatus, MigrationPhase, VirtualMachineMigrationStatus,
 };
 use crate::api::{time, write};
 use crate::api::{NodeRegionDigest, VirtualMachineMigration, FIELD_MANAGER};
@@ -186,7 +186,7 @@ async fn gather(
 ) -> Result<Gathered> {
     let mut g = Gathered {
         facts: Facts {
-            kubevirt_migration: vmim_name(vmm),
+            kubevirt_migration: attempt_vmim_name(vmm, decide::current_attempt(status)),
             ..Default::default()
         },
         kubevirt_migration: None,
@@ -239,6 +239,12 @@ async fn apply(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Actio
     let gathered = gather(ctx, &vmm, &status).await?;
     match decide::next_step(&vmm.spec, &status, &vm.to_string(), &gathered.facts) {
         Step::Done | Step::StayPlanned => Ok(Action::await_change()),
+        Step::Wait(reason) => {
+            status.phase = MigrationPhase::Pending;
+            status.reason = Some(reason);
+            write_status(ctx, &vmm, &status).await?;
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
         Step::FinishCleanup => {
             paths::cleanup(ctx, &vmm, &mut status).await?;
             write_status(ctx, &vmm, &status).await?;
@@ -277,6 +283,13 @@ async fn follow_existing(
         Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
     let fresh = api.get(&vmm.name_any()).await?;
     let mut status = fresh.status.clone().unwrap_or_default();
+    if vmim.metadata.name.as_deref()
+        != Some(attempt_vmim_name(&fresh, decide::current_attempt(&status)).as_str())
+    {
+        // The copy this reconcile started from was older than the request: that attempt has
+        // been dealt with already. Start again from the fresh one.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     status.observed_generation = fresh.metadata.generation;
     status.conditions.retain(|c| c.r#type != "ReconcileError");
     if status.source_node.is_none() {
@@ -338,6 +351,9 @@ async fn plan_and_start(
         }
     };
     let Some(target_node) = plan.target_node.clone() else {
+        if let Some((reason, message)) = decide::no_target_left(&status) {
+            return fail(ctx, &vmm, status, reason, message).await;
+        }
         status.phase = MigrationPhase::Pending;
         status.reason = Some("no node passes the minimum hardware configuration; retrying".into());
         set_condition(
@@ -396,6 +412,23 @@ fn estimate(
         summary.map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
     );
+    let source_digest = ctx.view.digest_status(&plan.source_node);
+    let target_digest = plan
+        .target_node
+        .as_deref()
+        .and_then(|t| ctx.view.digest_status(t));
+    // What the source's relay measured on its last migration to the target's relay, over the
+    // configured figure.
+    if let Some((measured, when)) =
+        status::measured_bandwidth(source_digest.as_ref(), target_digest.as_ref())
+    {
+        status.notes.push(format!(
+            "estimate at {}/s, measured by the relay on the migration to {} that ended {when}",
+            crate::plan::hardware::human_bytes(measured as u64),
+            plan.target_node.as_deref().unwrap_or_default()
+        ));
+        base.bandwidth = measured;
+    }
     // KubeVirt throttles the migration to its bandwidthPerMigration, where one is set.
     let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
     if let Some(cap) = ctx.view.bandwidth_cap(&vm) {
@@ -411,11 +444,8 @@ fn estimate(
     }
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
-            (
-                &plan.source_node,
-                ctx.view.digest_status(&plan.source_node).as_ref(),
-            ),
-            (target, ctx.view.digest_status(target).as_ref()),
+            (&plan.source_node, source_digest.as_ref()),
+            (target, target_digest.as_ref()),
         ),
         None => (base.transport, "no target yet".to_string()),
     };
@@ -526,7 +556,7 @@ async fn start(
         target,
         why,
     } = chosen;
-    let name = vmim_name(vmm);
+    let name = attempt_vmim_name(vmm, decide::current_attempt(&status));
     if let Some(d) = decision {
         let ready = paths::activate(ctx, vmm, &mut status, d, &source, &target).await?;
         if !ready {
@@ -588,7 +618,10 @@ async fn start(
     status.phase = MigrationPhase::Migrating;
     status.reason = None;
     status.kubevirt_migration = Some(name.clone());
+    status.kubevirt_phase = None;
+    status.failure_reason = None;
     status.start_time.get_or_insert_with(time::now_rfc3339);
+    decide::record_start(&mut status, &name, &target, &time::now_rfc3339());
     if let Some(e) = &status.estimate {
         ctx.metrics.planned_bytes_to_move.inc_by(e.to_move_bytes);
         ctx.metrics.planned_bytes_saved.inc_by(e.common_bytes);
@@ -640,13 +673,37 @@ async fn follow(
         .as_ref()
         .and_then(|s| s.migration_state.clone())
         .or_else(|| {
+            // The VMI's state, when it is this migration's (an earlier migration's state
+            // would name another target).
             ctx.view
                 .vmi(&ns, &vmm.spec.vmi_name)
                 .and_then(|v| v.status.as_ref().and_then(|s| s.migration_state.clone()))
+                .filter(|m| m.migration_uid.is_none() || m.migration_uid == vmim.metadata.uid)
         })
         .unwrap_or_default();
     status.kubevirt_migration = vmim.metadata.name.clone();
     status.kubevirt_phase = vmim.phase().map(str::to_string);
+    let name = vmim.metadata.name.clone().unwrap_or_default();
+    // The node this attempt was pinned to (a restart between the create and the status write
+    // leaves no record yet: the migration's own selector names it).
+    let pinned = status
+        .attempts
+        .iter()
+        .find(|a| a.kubevirt_migration == name)
+        .map(|a| a.node.clone())
+        .or_else(|| {
+            vmim.spec
+                .added_node_selector
+                .as_ref()
+                .and_then(|s| s.get(crate::api::kubevirt::HOSTNAME_LABEL).cloned())
+        })
+        .or_else(|| status.target_node.clone())
+        .unwrap_or_default();
+    let started = state
+        .start_timestamp
+        .clone()
+        .unwrap_or_else(time::now_rfc3339);
+    decide::record_start(&mut status, &name, &pinned, &started);
     if let Some(t) = &state.start_timestamp {
         status.start_time = Some(t.clone());
     }
@@ -665,6 +722,15 @@ async fn follow(
                 .end_timestamp
                 .clone()
                 .or_else(|| Some(time::now_rfc3339()));
+            let ended = status.end_time.clone().unwrap_or_default();
+            decide::record_end(
+                &mut status,
+                &name,
+                &pinned,
+                AttemptOutcome::Succeeded,
+                String::new(),
+                &ended,
+            );
             let vm = VmKey::new(&ns, &vmm.spec.vmi_name);
             let (source, target) = (
                 status.source_node.clone().unwrap_or_default(),
@@ -708,17 +774,48 @@ async fn follow(
             .await;
             Ok(Action::await_change())
         }
-        Progress::Failed => {
-            status.failure_reason = state.failure_reason.clone().or_else(|| {
-                vmim.is_final()
-                    .then(|| "a group member's migration failed".to_string())
-            });
+        Progress::Failed if vmim.phase() != Some("Failed") => {
+            // Together: the requested VM moved, a member's migration failed.
+            status.failure_reason = Some("a group member's migration failed".to_string());
             status.end_time = state.end_timestamp.clone();
-            let msg = format!(
-                "KubeVirt migration failed: {}",
-                state.failure_reason.as_deref().unwrap_or("no reason given")
-            );
+            let msg = "KubeVirt migration failed: a group member's migration failed".to_string();
             fail(ctx, vmm, status, "KubevirtMigrationFailed", msg).await
+        }
+        Progress::Failed => {
+            let end = decide::AttemptEnd {
+                phases: vmim
+                    .status
+                    .as_ref()
+                    .map(|s| {
+                        s.phase_transition_timestamps
+                            .iter()
+                            .map(|p| p.phase.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                target_node: state.target_node.clone(),
+                failure_reason: state.failure_reason.clone(),
+                abort_requested: state.abort_requested.unwrap_or(false),
+            };
+            let verdict = decide::failed_attempt(&vmm.spec, &status, &pinned, &end);
+            status.failure_reason = state.failure_reason.clone();
+            let ended = state
+                .end_timestamp
+                .clone()
+                .unwrap_or_else(time::now_rfc3339);
+            decide::record_end(
+                &mut status,
+                &name,
+                &pinned,
+                AttemptOutcome::Failed,
+                verdict.why.clone(),
+                &ended,
+            );
+            if !verdict.replan {
+                status.end_time = state.end_timestamp.clone();
+                return fail(ctx, vmm, status, "KubevirtMigrationFailed", verdict.message).await;
+            }
+            replan(vmm, ctx, status, verdict.message).await
         }
         Progress::Running(phase) => {
             status.phase = MigrationPhase::Migrating;
@@ -727,6 +824,32 @@ async fn follow(
             Ok(Action::requeue(Duration::from_secs(30)))
         }
     }
+}
+
+/// A failed attempt to be tried again elsewhere: its paths come down, the request goes back to
+/// `Pending` with the attempt recorded, and the next reconcile plans without the node (the
+/// next attempt's KubeVirt migration has a name of its own, made only now that this one is
+/// final).
+async fn replan(
+    vmm: &VirtualMachineMigration,
+    ctx: &Context,
+    mut status: VirtualMachineMigrationStatus,
+    message: String,
+) -> Result<Action> {
+    paths::cleanup(ctx, vmm, &mut status).await?;
+    // The next attempt sets up the paths its own target needs.
+    status.paths.retain(|p| p.removed_time.is_none());
+    status.phase = MigrationPhase::Pending;
+    status.reason = Some(message.clone());
+    set_condition(
+        &mut status.conditions,
+        condition("Planned", false, "AttemptFailed", &message),
+        &time::now_rfc3339(),
+    );
+    write_status(ctx, vmm, &status).await?;
+    ctx.metrics.migrations.with_label_values(&["retried"]).inc();
+    event(ctx, vmm, true, "AttemptFailed", message).await;
+    Ok(Action::requeue(Duration::from_secs(1)))
 }
 
 /// Follow: after the requested VM moved, members that touch the shared memory
@@ -839,10 +962,20 @@ async fn follow_group(
 async fn cleanup(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Action> {
     let ns = vmm.namespace().unwrap_or_default();
     let vmims: Api<VirtualMachineInstanceMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = vmim_name(&vmm);
     let mut status = vmm.status.clone().unwrap_or_default();
     paths::cleanup(ctx, &vmm, &mut status).await?;
-    if let Some(vmim) = vmims.get_opt(&name).await? {
+    // The current attempt's, and any earlier one a stale status may not show as ended.
+    let mut names: Vec<String> = status
+        .attempts
+        .iter()
+        .map(|a| a.kubevirt_migration.clone())
+        .collect();
+    names.push(attempt_vmim_name(&vmm, decide::current_attempt(&status)));
+    names.dedup();
+    for name in names {
+        let Some(vmim) = vmims.get_opt(&name).await? else {
+            continue;
+        };
         if !vmim.is_final() && vmim.metadata.deletion_timestamp.is_none() {
             vmims.delete(&name, &DeleteParams::background()).await?;
             ctx.metrics
@@ -866,6 +999,7 @@ async fn cleanup(vmm: Arc<VirtualMachineMigration>, ctx: &Context) -> Result<Act
 mod tests {
     use super::*;
     use crate::api::migration::VirtualMachineMigrationSpec;
+    use crate::controller::kubevirt::vmim_name;
 
     #[test]
     fn migrations_created_but_not_yet_watched_count_against_both_limits() {
@@ -907,6 +1041,8 @@ mod tests {
                 follow_deadline: None,
                 group: None,
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         );
         v.metadata.uid = Some(uid.into());

@@ -104,8 +104,13 @@ pub fn decide(
         .collect();
     // The VM's own CPU lands on the target with it: not spare for extra streams.
     let vm_cpu = ctx.view.launcher_cpu_millis(&plan.vm).unwrap_or(0);
+    // Measured idle CPU, where the target's agent publishes it, over what requests leave.
     let spare_cores = target.map_or(0.0, |t| {
-        crate::plan::paths::target_spare_cores(t.free().cpu_millis, vm_cpu)
+        crate::plan::paths::target_spare_cores(
+            t.free().cpu_millis,
+            ctx.view.measured_idle_cores(&t.name),
+            vm_cpu,
+        )
     });
     let budget = PathBudget {
         max_seconds,
@@ -343,6 +348,8 @@ mod tests {
                 follow_deadline: None,
                 group: None,
                 dry_run: false,
+                max_attempts: None,
+                unschedulable_timeout: None,
             },
         );
         v.metadata.uid = Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789".into());

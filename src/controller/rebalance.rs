@@ -357,6 +357,8 @@ fn move_request(policy: &RebalancePolicy, m: &Move, moves_so_far: u32) -> Virtua
             follow_deadline: None,
             group: None,
             dry_run: false,
+            max_attempts: None,
+            unschedulable_timeout: None,
         },
     );
     vmm.metadata.namespace = Some(m.vm.namespace.clone());

@@ -14,6 +14,7 @@ use super::fake_api::FakeApi;
 use super::metrics::ControllerMetrics;
 use super::status::TransferModel;
 use super::{migration, rebalance, Context};
+use crate::api::migration::AttemptOutcome;
 use crate::api::{RebalancePolicy, VirtualMachineMigration};
 use crate::view::{ClusterView, Fixed, ViewConfig};
 
@@ -206,16 +207,17 @@ async fn a_restart_while_migrating_follows_kubevirt_and_makes_no_second_migratio
 }
 
 #[tokio::test]
-async fn a_kubevirt_failure_ends_the_request_failed_with_kubevirts_reason() {
+async fn a_kubevirt_failure_on_the_last_attempt_ends_the_request_failed_with_kubevirts_reason() {
     let fake = FakeApi::new();
-    let vmm = request(Value::Null);
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["maxAttempts"] = json!(1);
     let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
     let migrating = reconcile_request(&fake, &ctx, &vmm).await;
     let path = vmim_path(&migrating);
     let mut vmim = fake.get(&path).unwrap();
     vmim["status"] = json!({"phase": "Failed", "migrationState": {
         "sourceNode": "a", "targetNode": "b", "failed": true,
-        "failureReason": "target pod unschedulable"}});
+        "failureReason": "target domain crashed"}});
     fake.insert(&path, vmim);
     let after = reconcile_request(&fake, &ctx, &serde_json::to_value(&migrating).unwrap()).await;
     assert_eq!(phase(&after), "Failed");
@@ -228,6 +230,185 @@ async fn a_kubevirt_failure_ends_the_request_failed_with_kubevirts_reason() {
         "{:?}",
         status.conditions
     );
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("target domain crashed"),
+        "{status:?}"
+    );
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert_eq!(creates(&fake, VMIMS), 1);
+}
+
+/// KubeVirt's end of a migration whose target pod stayed unschedulable: virt-controller
+/// deleted the pod at its timeout and failed the migration, naming no node and no reason.
+fn never_scheduled() -> Value {
+    json!({"phase": "Failed", "phaseTransitionTimestamps": [
+        {"phase": "Pending", "phaseTransitionTimestamp": "2026-01-01T00:00:00Z"},
+        {"phase": "Scheduling", "phaseTransitionTimestamp": "2026-01-01T00:00:01Z"},
+        {"phase": "Failed", "phaseTransitionTimestamp": "2026-01-01T00:05:01Z"}]})
+}
+
+fn three_nodes(vmms: &[Value]) -> Fixed {
+    Fixed {
+        nodes: objects(&[node("a"), node("b"), node("c")]),
+        ..cluster(vmms)
+    }
+}
+
+#[tokio::test]
+async fn a_target_pod_that_never_ran_is_replanned_on_the_next_node_once_kubevirt_gave_up() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["unschedulableTimeout"] = json!("30s");
+    let ctx = context(&fake, three_nodes(std::slice::from_ref(&vmm)));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = first.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("b"));
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Running);
+    let path = vmim_path(&first);
+    let made = fake.get(&path).unwrap();
+    assert_eq!(
+        made["metadata"]["annotations"]["kubevirt.io/migrationUnschedulablePodTimeoutSeconds"],
+        "30"
+    );
+
+    // While KubeVirt still schedules the target pod nothing new is made, however often the
+    // request is reconciled.
+    let mut vmim = made.clone();
+    vmim["status"] = json!({"phase": "Scheduling"});
+    fake.insert(&path, vmim.clone());
+    fake.forget_requests();
+    let mut now = serde_json::to_value(&first).unwrap();
+    for _ in 0..3 {
+        now = serde_json::to_value(reconcile_request(&fake, &ctx, &now).await).unwrap();
+    }
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+
+    // KubeVirt gives up on b: the attempt is recorded, the request plans again.
+    vmim["status"] = never_scheduled();
+    fake.insert(&path, vmim);
+    let replanning = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&replanning), "Pending");
+    let status = replanning.status.clone().unwrap();
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert!(
+        status.attempts[0].reason.contains("never ran on b"),
+        "{:?}",
+        status.attempts[0]
+    );
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("planning again without b"),
+        "{status:?}"
+    );
+    assert_eq!(creates(&fake, VMIMS), 0, "not in the same step");
+
+    // The next reconcile chooses c and makes a second KubeVirt migration, pinned there.
+    let second = reconcile_request(&fake, &ctx, &serde_json::to_value(&replanning).unwrap()).await;
+    assert_eq!(phase(&second), "Migrating");
+    let status = second.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("c"));
+    let b = status.candidates.iter().find(|c| c.node == "b").unwrap();
+    assert_eq!(b.verdict, "Filtered");
+    assert!(
+        b.reason
+            .starts_with("an earlier attempt to migrate here failed"),
+        "{b:?}"
+    );
+    let name2 = format!("{}-2", super::kubevirt::vmim_name(&second));
+    assert_eq!(status.kubevirt_migration.as_deref(), Some(name2.as_str()));
+    assert_eq!(status.attempts.len(), 2);
+    assert_eq!(
+        (status.attempts[1].node.as_str(), status.attempts[1].outcome),
+        ("c", AttemptOutcome::Running)
+    );
+    let path2 = format!("{VMIMS}/{name2}");
+    let vmim2 = fake.get(&path2).expect("second KubeVirt migration");
+    assert_eq!(
+        vmim2["spec"]["addedNodeSelector"]["kubernetes.io/hostname"],
+        "c"
+    );
+    assert_eq!(creates(&fake, VMIMS), 1);
+
+    // It succeeds: the request ends Succeeded on c, both attempts in its status.
+    let mut vmim2 = vmim2;
+    vmim2["status"] = json!({"phase": "Succeeded", "migrationState": {
+        "sourceNode": "a", "targetNode": "c", "completed": true,
+        "startTimestamp": "2026-01-01T00:06:00Z", "endTimestamp": "2026-01-01T00:06:09Z"}});
+    fake.insert(&path2, vmim2);
+    let done = reconcile_request(&fake, &ctx, &serde_json::to_value(&second).unwrap()).await;
+    assert_eq!(phase(&done), "Succeeded");
+    let status = done.status.unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("c"));
+    let outcomes: Vec<(&str, AttemptOutcome)> = status
+        .attempts
+        .iter()
+        .map(|a| (a.node.as_str(), a.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("b", AttemptOutcome::Failed),
+            ("c", AttemptOutcome::Succeeded)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_stale_copy_of_a_replanned_request_records_nothing_twice_and_makes_nothing() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, three_nodes(std::slice::from_ref(&vmm)));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let path = vmim_path(&first);
+    let mut vmim = fake.get(&path).unwrap();
+    vmim["status"] = never_scheduled();
+    fake.insert(&path, vmim);
+    let stale = serde_json::to_value(&first).unwrap();
+    let replanning = reconcile_request(&fake, &ctx, &stale).await;
+    assert_eq!(phase(&replanning), "Pending");
+    // The watch delivers the old copy again: the API holds the newer status.
+    let newer = fake.get(&format!("{VMMS}/move")).unwrap();
+    fake.forget_requests();
+    migration::reconcile(Arc::new(object(&stale)), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+    assert_eq!(fake.get(&format!("{VMMS}/move")).unwrap(), newer);
+}
+
+#[tokio::test]
+async fn when_no_other_node_is_left_after_a_failed_attempt_the_request_fails() {
+    let fake = FakeApi::new();
+    let vmm = request(Value::Null);
+    let ctx = context(&fake, cluster(std::slice::from_ref(&vmm)));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let path = vmim_path(&first);
+    let mut vmim = fake.get(&path).unwrap();
+    vmim["status"] = never_scheduled();
+    fake.insert(&path, vmim);
+    let replanning = reconcile_request(&fake, &ctx, &serde_json::to_value(&first).unwrap()).await;
+    assert_eq!(phase(&replanning), "Pending");
+    let after = reconcile_request(&fake, &ctx, &serde_json::to_value(&replanning).unwrap()).await;
+    assert_eq!(phase(&after), "Failed");
+    let status = after.status.unwrap();
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Failed")
+        .unwrap();
+    assert_eq!(failed.reason, "NoTargetLeft");
+    assert!(failed.message.contains("b ("), "{}", failed.message);
+    assert_eq!(creates(&fake, VMIMS), 1, "{:?}", fake.writes());
 }
 
 #[tokio::test]
@@ -534,4 +715,35 @@ async fn a_follow_request_within_its_deadline_keeps_waiting_for_members() {
         .find(|c| c.r#type == "SharedTransferComplete")
         .expect("progress condition");
     assert_eq!(shared.status, "False");
+}
+
+#[tokio::test]
+async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["dryRun"] = json!(true);
+    let mut a = digest("a", &[("vm1", 1.0)]);
+    a["status"]["transfers"] = json!([{"peerRelay": "10.0.0.2:4480", "bytes": 1u64 << 30,
+        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": "2026-01-01T00:00:00Z"}]);
+    let mut b = digest("b", &[]);
+    b["status"]["relay"] = json!({"address": "10.0.0.2:4443", "protocolVersion": 1,
+        "regionPages": 16});
+    let fixed = Fixed {
+        digests: objects(&[a, b]),
+        ..cluster(std::slice::from_ref(&vmm))
+    };
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = after.status.unwrap();
+    assert!(
+        status
+            .notes
+            .iter()
+            .any(|n| n.contains("measured by the relay on the migration to b")),
+        "{:?}",
+        status.notes
+    );
+    // 4 GiB at the measured 100 MB/s instead of the configured 1.25 GB/s.
+    let seconds = status.estimate.unwrap().duration_seconds.unwrap();
+    assert!(seconds > 30.0, "{seconds}");
 }

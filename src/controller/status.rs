@@ -99,6 +99,31 @@ pub fn estimate_input(
     input
 }
 
+/// The rate the source's relay measured on its last completed migration to the target's
+/// relay, with when: the target relay's advertised address as the source end named it, or the
+/// same host (the path mode reaches the relay on virt-handler's address, with its own port).
+pub fn measured_bandwidth(
+    source: Option<&NodeRegionDigestStatus>,
+    target: Option<&NodeRegionDigestStatus>,
+) -> Option<(f64, String)> {
+    let address = &target?.relay.as_ref()?.address;
+    let host = |a: &str| {
+        a.rsplit_once(':')
+            .map_or(a.to_string(), |(h, _)| h.to_string())
+    };
+    let transfers = &source?.transfers;
+    transfers
+        .iter()
+        .find(|t| &t.peer_relay == address)
+        .or_else(|| {
+            transfers
+                .iter()
+                .find(|t| host(&t.peer_relay) == host(address))
+        })
+        .filter(|t| t.bytes_per_second.is_finite() && t.bytes_per_second > 0.0)
+        .map(|t| (t.bytes_per_second, t.time.clone()))
+}
+
 /// The transport a migration from `source` to `target` gets, and why: the skipping transport
 /// only when both nodes run the migration relay in KubeVirt's migration path, with the same
 /// cluster key and region size; otherwise stock (every non-zero page is sent).
@@ -192,6 +217,41 @@ mod transport_tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_rate_measured_to_the_targets_relay_is_found_by_address_or_host() {
+        let target = node(Some((true, 16)), "k"); // relay at 10.0.0.1:4443
+        let mut source = node(Some((true, 16)), "k");
+        assert_eq!(measured_bandwidth(Some(&source), Some(&target)), None);
+        let transfer = |peer: &str, rate: f64| crate::api::digest::TransferStatus {
+            peer_relay: peer.into(),
+            bytes: 1 << 30,
+            seconds: 1.0,
+            bytes_per_second: rate,
+            time: "2026-01-01T00:00:00Z".into(),
+        };
+        source.transfers = vec![transfer("10.0.0.9:4443", 1e9)];
+        assert_eq!(
+            measured_bandwidth(Some(&source), Some(&target)),
+            None,
+            "another node's relay"
+        );
+        source.transfers.push(transfer("10.0.0.1:4480", 2e8));
+        assert_eq!(
+            measured_bandwidth(Some(&source), Some(&target)).map(|m| m.0),
+            Some(2e8),
+            "same host, the path's own port"
+        );
+        source.transfers.push(transfer("10.0.0.1:4443", 3e8));
+        assert_eq!(
+            measured_bandwidth(Some(&source), Some(&target)).map(|m| m.0),
+            Some(3e8),
+            "the exact address first"
+        );
+        assert_eq!(measured_bandwidth(Some(&source), None), None);
+        let no_relay = node(None, "k");
+        assert_eq!(measured_bandwidth(Some(&source), Some(&no_relay)), None);
     }
 
     #[test]

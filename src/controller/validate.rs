@@ -45,8 +45,29 @@ pub fn follow_deadline(spec: &VirtualMachineMigrationSpec) -> Result<Duration, S
         })
 }
 
+/// `spec.unschedulableTimeout` in whole seconds (rounded up), at least one second: KubeVirt
+/// reads its annotation as a number of seconds.
+pub fn unschedulable_timeout(
+    spec: &VirtualMachineMigrationSpec,
+) -> Result<Option<Duration>, SpecError> {
+    const FIELD: &str = "spec.unschedulableTimeout";
+    let Some(text) = spec.unschedulable_timeout.as_deref() else {
+        return Ok(None);
+    };
+    let d = duration(FIELD, text)?;
+    if d < Duration::from_secs(1) {
+        return Err(SpecError {
+            field: FIELD,
+            error: QuantityError::DurationTooShort(text.to_string(), "1s"),
+        });
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    Ok(Some(Duration::from_secs(secs)))
+}
+
 pub fn migration_spec(spec: &VirtualMachineMigrationSpec) -> Result<MigrationBudget, SpecError> {
     follow_deadline(spec)?;
+    unschedulable_timeout(spec)?;
     Ok(MigrationBudget {
         max_duration: spec
             .max_duration
@@ -112,6 +133,8 @@ mod tests {
             follow_deadline: None,
             group: None,
             dry_run: false,
+            max_attempts: None,
+            unschedulable_timeout: None,
         }
     }
 
@@ -134,6 +157,32 @@ mod tests {
         assert_eq!(
             migration_spec(&vmm_spec(None, None)).unwrap(),
             MigrationBudget::default()
+        );
+    }
+
+    #[test]
+    fn the_unschedulable_timeout_is_whole_seconds_and_at_least_one() {
+        let mut spec = vmm_spec(None, None);
+        assert_eq!(unschedulable_timeout(&spec).unwrap(), None);
+        spec.unschedulable_timeout = Some("1.5s".into());
+        assert_eq!(
+            unschedulable_timeout(&spec).unwrap(),
+            Some(Duration::from_secs(2)),
+            "rounded up"
+        );
+        spec.unschedulable_timeout = Some("2m".into());
+        assert_eq!(
+            migration_spec(&spec).map(|_| unschedulable_timeout(&spec).unwrap()),
+            Ok(Some(Duration::from_secs(120)))
+        );
+        spec.unschedulable_timeout = Some("500ms".into());
+        let e = migration_spec(&spec).unwrap_err();
+        assert_eq!(e.field, "spec.unschedulableTimeout");
+        assert!(e.to_string().contains("minimum of 1s"), "{e}");
+        spec.unschedulable_timeout = Some("99999999999999999999h".into());
+        assert_eq!(
+            migration_spec(&spec).unwrap_err().field,
+            "spec.unschedulableTimeout"
         );
     }
 

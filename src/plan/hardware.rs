@@ -91,6 +91,8 @@ pub enum FilterReason {
         node_group: String,
         wanted: String,
     },
+    /// An earlier attempt of this migration to the node failed, for this reason.
+    EarlierAttemptFailed(String),
 }
 
 impl std::fmt::Display for FilterReason {
@@ -177,6 +179,9 @@ impl std::fmt::Display for FilterReason {
             ),
             Self::OutsideWorkGroup { node_group, wanted } => {
                 write!(f, "in work group {node_group}, migration asks for {wanted}")
+            }
+            Self::EarlierAttemptFailed(why) => {
+                write!(f, "an earlier attempt to migrate here failed: {why}")
             }
         }
     }

@@ -22,10 +22,19 @@ pub struct PathOption {
 }
 
 /// Idle cores the target has left for extra migration streams once the VM itself is there:
-/// its free CPU (allocatable minus what the pods on it request) minus the migrating VM's own
-/// launcher request, which lands on the target with the migration.
-pub fn target_spare_cores(free_millis: u64, vm_cpu_millis: u64) -> f64 {
-    free_millis.saturating_sub(vm_cpu_millis) as f64 / 1000.0
+/// the idle CPU the target's agent measured where there is a measurement, else its free CPU
+/// (allocatable minus what the pods on it request), minus the migrating VM's own launcher
+/// request, which lands on the target with the migration. Never negative.
+pub fn target_spare_cores(
+    free_millis: u64,
+    measured_idle_cores: Option<f64>,
+    vm_cpu_millis: u64,
+) -> f64 {
+    let vm = vm_cpu_millis as f64 / 1000.0;
+    match measured_idle_cores.filter(|c| c.is_finite()) {
+        Some(idle) => (idle - vm).max(0.0),
+        None => free_millis.saturating_sub(vm_cpu_millis) as f64 / 1000.0,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -243,7 +252,25 @@ mod tests {
 
     #[test]
     fn spare_cores_leave_out_the_migrating_vms_own_cpu() {
-        assert_eq!(target_spare_cores(6000, 4000), 2.0);
-        assert_eq!(target_spare_cores(2000, 4000), 0.0, "never negative");
+        assert_eq!(target_spare_cores(6000, None, 4000), 2.0);
+        assert_eq!(target_spare_cores(2000, None, 4000), 0.0, "never negative");
+    }
+
+    #[test]
+    fn measured_idle_cpu_is_preferred_to_what_requests_leave() {
+        // Requests leave 6 cores, but the host is busier than its pods ask for: 3 idle.
+        assert_eq!(target_spare_cores(6000, Some(3.0), 1000), 2.0);
+        // Or idler: requests over-reserve, 10 cores idle.
+        assert_eq!(target_spare_cores(6000, Some(10.0), 1000), 9.0);
+        assert_eq!(
+            target_spare_cores(6000, Some(0.5), 1000),
+            0.0,
+            "never negative"
+        );
+        assert_eq!(
+            target_spare_cores(6000, Some(f64::NAN), 1000),
+            5.0,
+            "an unusable reading is no reading"
+        );
     }
 }

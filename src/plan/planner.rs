@@ -38,6 +38,9 @@ pub struct PlanOptions {
     /// Passing candidates (best first) that get a written reason for losing; the rest get a
     /// short one. Writing 5,000 reasons would dominate a scheduler-extender request.
     pub explain_top: Option<usize>,
+    /// Nodes left out whatever they offer, each with why (an earlier attempt to migrate
+    /// there failed).
+    pub excluded_nodes: Vec<(String, String)>,
 }
 
 /// Sampled entries the overlap index holds at most (~400 MiB). A 100-node cluster of full
@@ -521,7 +524,13 @@ impl Planner {
         let mut filtered = Vec::new();
         for &i in considered {
             let node = &nodes[i];
-            let reason = check_node(req, node)
+            let excluded = opts
+                .excluded_nodes
+                .iter()
+                .find(|(n, _)| *n == node.name)
+                .map(|(_, why)| FilterReason::EarlierAttemptFailed(why.clone()));
+            let reason = excluded
+                .or_else(|| check_node(req, node))
                 .or_else(|| {
                     pinned
                         .filter(|&p| p != i)

@@ -576,6 +576,36 @@ fn pinned_node_and_pinned_work_group_are_obeyed() {
 }
 
 #[test]
+fn an_excluded_node_is_filtered_with_its_reason_and_the_next_best_is_chosen() {
+    let (planner, req) = cluster(
+        &[
+            ("src", "a", 0.1, 100),
+            ("a1", "a", 0.1, 80),
+            ("a2", "a", 0.1, 10),
+        ],
+        DistanceMatrix::default(),
+    );
+    assert_eq!(
+        chosen(&planner.plan(&req, &PlanOptions::default()).unwrap()),
+        "a1"
+    );
+    let opts = PlanOptions {
+        excluded_nodes: vec![("a1".into(), "target pod never scheduled".into())],
+        ..Default::default()
+    };
+    let plan = planner.plan(&req, &opts).unwrap();
+    assert_eq!(chosen(&plan), "a2");
+    assert!(matches!(verdict_of(&plan, "a1"),
+        Verdict::Filtered(r) if r == "an earlier attempt to migrate here failed: target pod never scheduled"));
+    // Excluding the pinned node leaves no target.
+    let pinned = PlanOptions {
+        pinned_node: Some("a1".into()),
+        ..opts
+    };
+    assert_eq!(planner.plan(&req, &pinned).unwrap().target_node, None);
+}
+
+#[test]
 fn no_summary_ranks_by_load_with_a_note() {
     let (planner, mut req) = cluster(
         &[

@@ -342,6 +342,7 @@ pub async fn start_node_target(
             window_kib: source::window_kib(64, namer.region_bytes()),
             namer,
             metrics,
+            observed: stats::PeerRates::default(),
         },
     };
     let listener = net::Listener::bind(&endpoint).await?;
@@ -459,6 +460,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
                 namer: started.namer,
                 stats_json: a.common.stats_json.clone(),
                 metrics: started.metrics,
+                observed: stats::PeerRates::default(),
             });
             tracing::info!(listen = %listener.local_addr(), target_relay = ?a.target_relay, deliver_to = ?a.deliver_to, intercept_netns = ?a.intercept_netns, routes = a.route.len(), "relay source ready");
             started.ready.set(true);

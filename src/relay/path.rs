@@ -43,6 +43,8 @@ pub struct SourceParts {
     pub namer: Arc<super::stream::RegionNamer>,
     pub window_kib: u32,
     pub metrics: super::stats::RelayMetrics,
+    /// Where the source end keeps the rates it observes (shared with the agent).
+    pub observed: super::stats::PeerRates,
 }
 
 /// The path, open in one virt-handler's namespace.
@@ -86,6 +88,7 @@ impl NodePath {
             window_kib: source.window_kib,
             stats_json: None,
             metrics: source.metrics,
+            observed: source.observed,
         });
         let target_config = Arc::new(TargetConfig {
             acceptor: target.acceptor.clone(),

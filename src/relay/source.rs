@@ -48,6 +48,8 @@ pub struct SourceConfig {
     pub window_kib: u32,
     pub stats_json: Option<std::path::PathBuf>,
     pub metrics: RelayMetrics,
+    /// Rates of completed migrations by target relay, for the node's digest.
+    pub observed: super::stats::PeerRates,
 }
 
 struct FilterSet(IdSet);
@@ -146,6 +148,12 @@ pub async fn serve(listener: Listener, config: Arc<SourceConfig>) -> Result<(), 
             }
         };
         let (session, index) = sessions.join(&route.migration);
+        {
+            let mut stats = session.stats.lock().expect("stats lock");
+            if stats.peer.is_empty() {
+                stats.peer = route.target_relay.clone();
+            }
+        }
         let config = config.clone();
         tokio::spawn(async move {
             let outcome = relay_connection(conn, &session, index, &route, &config).await;
@@ -210,6 +218,9 @@ fn finish_session(session: &Session, config: &SourceConfig) {
     stats.session = format!("{:016x}", session.id);
     stats.seconds = session.started.elapsed().as_secs_f64();
     stats.record(config.stats_json.as_deref());
+    config
+        .observed
+        .record(&stats, &crate::api::time::now_rfc3339());
 }
 
 /// The window in KiB for `window_mib`: at least two regions, so one reference can never wait

@@ -12,6 +12,9 @@ use serde::Serialize;
 pub struct MigrationStats {
     pub side: &'static str,
     pub session: String,
+    /// Source: the target relay (HOST:PORT) the migration went to.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub peer: String,
     pub connections: u64,
     /// Source: bytes read from QEMU. Target: bytes delivered to QEMU (what it would have
     /// received directly).
@@ -58,6 +61,69 @@ impl MigrationStats {
             .append(true)
             .open(path)?
             .write_all(&line)
+    }
+}
+
+/// Transfers shorter than this say little about the path (connection setup dominates).
+pub const MIN_MEASURED_BYTES: u64 = 16 << 20;
+pub const MIN_MEASURED_SECONDS: f64 = 0.5;
+
+/// The rate of one completed transfer, in bytes per second, when it is long enough to say
+/// something about the path; `None` otherwise.
+pub fn transfer_rate(bytes: u64, seconds: f64) -> Option<f64> {
+    (bytes >= MIN_MEASURED_BYTES && seconds.is_finite() && seconds >= MIN_MEASURED_SECONDS)
+        .then(|| bytes as f64 / seconds)
+}
+
+/// The last completed transfer to one peer relay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedTransfer {
+    /// The target relay, HOST:PORT.
+    pub peer: String,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub bytes_per_second: f64,
+    /// RFC 3339 time it ended.
+    pub time: String,
+}
+
+/// The source end's observed rates, by peer relay: what its node's agent publishes. Only
+/// migrations that went through without a failed connection count.
+#[derive(Clone, Debug, Default)]
+pub struct PeerRates(
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, ObservedTransfer>>>,
+);
+
+impl PeerRates {
+    /// Keeps the migration's rate for its peer, if it was a clean and long enough transfer.
+    pub fn record(&self, stats: &MigrationStats, time: &str) {
+        if stats.peer.is_empty() || !stats.errors.is_empty() {
+            return;
+        }
+        let Some(rate) = transfer_rate(stats.bytes_on_wire, stats.seconds) else {
+            return;
+        };
+        let t = ObservedTransfer {
+            peer: stats.peer.clone(),
+            bytes: stats.bytes_on_wire,
+            seconds: stats.seconds,
+            bytes_per_second: rate,
+            time: time.to_string(),
+        };
+        self.0
+            .lock()
+            .expect("peer rates lock")
+            .insert(t.peer.clone(), t);
+    }
+
+    /// Every peer's last transfer, by peer.
+    pub fn snapshot(&self) -> Vec<ObservedTransfer> {
+        self.0
+            .lock()
+            .expect("peer rates lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -152,5 +218,45 @@ impl RelayMetrics {
                 .expect("valid metric"),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(peer: &str, bytes: u64, seconds: f64) -> MigrationStats {
+        MigrationStats {
+            side: "source",
+            peer: peer.into(),
+            bytes_on_wire: bytes,
+            seconds,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn short_transfers_say_nothing_about_the_path() {
+        assert_eq!(transfer_rate(64 << 20, 2.0), Some(32.0 * 1048576.0));
+        assert_eq!(transfer_rate(1 << 20, 2.0), None, "too few bytes");
+        assert_eq!(transfer_rate(64 << 20, 0.1), None, "too short");
+        assert_eq!(transfer_rate(64 << 20, f64::NAN), None);
+    }
+
+    #[test]
+    fn the_last_clean_transfer_per_peer_is_kept() {
+        let rates = PeerRates::default();
+        rates.record(&migration("10.0.0.2:4480", 100 << 20, 1.0), "t1");
+        rates.record(&migration("10.0.0.2:4480", 50 << 20, 1.0), "t2");
+        rates.record(&migration("10.0.0.3:4480", 1 << 10, 1.0), "t3");
+        let mut failed = migration("10.0.0.3:4480", 100 << 20, 1.0);
+        failed.errors.push("connection 0: reset".into());
+        rates.record(&failed, "t4");
+        rates.record(&migration("", 100 << 20, 1.0), "t5");
+        let seen = rates.snapshot();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].peer, "10.0.0.2:4480");
+        assert_eq!(seen[0].bytes_per_second, 50.0 * 1048576.0);
+        assert_eq!(seen[0].time, "t2");
     }
 }

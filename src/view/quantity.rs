@@ -29,6 +29,8 @@ pub enum QuantityError {
     TooLarge(String),
     #[error("duration {0:?} exceeds the limit of 10 years (87600h)")]
     DurationTooLong(String),
+    #[error("duration {0:?} is shorter than the minimum of {1}")]
+    DurationTooShort(String, &'static str),
 }
 
 /// Parses a quantity into its value times `10^scale_exponent` (3 for millicores, 0 for bytes),

@@ -306,6 +306,13 @@ impl ClusterView {
             .and_then(|d| d.status.clone())
     }
 
+    /// The idle CPU cores the node's agent measured, when its digest has a reading.
+    pub fn measured_idle_cores(&self, node: &str) -> Option<f64> {
+        self.digests
+            .get(&reflector::ObjectRef::new(node))
+            .and_then(|d| d.status.as_ref().and_then(|s| s.idle_cpu_cores))
+    }
+
     pub fn vmi(&self, namespace: &str, name: &str) -> Option<Arc<VirtualMachineInstance>> {
         self.vmis
             .get(&reflector::ObjectRef::new(name).within(namespace))
