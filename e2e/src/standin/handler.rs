@@ -17,7 +17,8 @@
 //!   over (`targetNodeDomainDetected`, `targetNodeDomainReadyTimestamp`, `endTimestamp`,
 //!   `completed`, `status.nodeName` and the `kubevirt.io/nodeName` label) or the source side
 //!   reports the failure (`failed`, `failureReason`, `endTimestamp`). An abort virt-controller
-//!   requests (`abortRequested`) ends the transfer as failed with `abortStatus: Succeeded`.
+//!   requests (`abortRequested`) ends the transfer as failed with `abortStatus: Succeeded`, and
+//!   the target launcher ends.
 //! - **virt-api's VMIM mutation** (no virt-api runs): a new VMIM gets the finalizer
 //!   `kubevirt.io/migrationJobFinalize`, which virt-controller removes once the migration is
 //!   final, so deleting an unfinished VMIM aborts it as in a real cluster. (Added by a watch
