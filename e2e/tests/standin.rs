@@ -532,13 +532,6 @@ async fn deleting_an_unfinished_vmim_aborts_the_migration() -> anyhow::Result<()
         .unwrap()
         .to_string();
 
-    if ns.cluster.real_virt_controller {
-        // Not yet with the real virt-controller: its abort request (a JSON patch whose `test`
-        // covers the VMI's whole status) is rejected on the stand-in-written status, so the
-        // abort never reaches the handler side. See README-harness.md, "Open".
-        eprintln!("skipped with the real virt-controller: abort request rejected (README-harness.md, Open)");
-        return Ok(());
-    }
     ns.create_vmim("mig", "vm", &[(standin::ANN_TRANSFER_SECONDS, "120")])
         .await?;
     let running = vmim_phase(&ns, "mig", "Running").await?;

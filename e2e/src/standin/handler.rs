@@ -17,7 +17,8 @@
 //!   over (`targetNodeDomainDetected`, `targetNodeDomainReadyTimestamp`, `endTimestamp`,
 //!   `completed`, `status.nodeName` and the `kubevirt.io/nodeName` label) or the source side
 //!   reports the failure (`failed`, `failureReason`, `endTimestamp`). An abort virt-controller
-//!   requests (`abortRequested`) ends the transfer as failed with `abortStatus: Succeeded`.
+//!   requests (`abortRequested`) ends the transfer as failed with `abortStatus: Succeeded`, and
+//!   the target launcher ends.
 //! - **virt-api's VMIM mutation** (no virt-api runs): a new VMIM gets the finalizer
 //!   `kubevirt.io/migrationJobFinalize`, which virt-controller removes once the migration is
 //!   final, so deleting an unfinished VMIM aborts it as in a real cluster. (Added by a watch
@@ -223,17 +224,63 @@ struct Handler {
     vmims: Api<VirtualMachineInstanceMigration>,
 }
 
+/// `~` and `/` escaped for a JSON pointer segment.
+fn pointer_segment(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// `v` without its `null` object members (recursively through objects, not inside arrays): what
+/// a merge patch member set to `v` leaves where nothing was before.
+fn without_null_members(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_null_members(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// JSON-patch operations that change `base` (the value at `path`) as the merge patch `delta`
+/// would — objects merged member by member, a `null` member removed — except that every value
+/// is written exactly as given. A merge patch also drops the `null`s *inside* arrays it writes
+/// (the `lastProbeTime: null` of each VMI condition), which KubeVirt's Go types write back;
+/// virt-controller's JSON-patch `test`s on `/status` and `/status/conditions` then never match.
+fn merge_ops(base: Option<&Value>, path: &str, delta: &Value, ops: &mut Vec<Value>) {
+    let (Some(Value::Object(base)), Value::Object(delta)) = (base, delta) else {
+        ops.push(json!({"op": "add", "path": path, "value": without_null_members(delta)}));
+        return;
+    };
+    for (k, v) in delta {
+        let p = format!("{path}/{}", pointer_segment(k));
+        match (base.get(k), v) {
+            (None, Value::Null) => {}
+            (Some(_), Value::Null) => ops.push(json!({"op": "remove", "path": p})),
+            (Some(b @ Value::Object(_)), Value::Object(_)) => merge_ops(Some(b), &p, v, ops),
+            _ => ops.push(json!({"op": "add", "path": p, "value": without_null_members(v)})),
+        }
+    }
+}
+
 impl Handler {
     /// KubeVirt's VMI CRD has no status subresource: virt-handler writes status through the
-    /// object itself.
-    async fn patch_status(&self, vmi: &str, status: Value) -> Result<(), Error> {
+    /// object itself (a whole-object update of its Go types). `status` is applied to `raw`'s
+    /// status like a merge patch, as a JSON patch so that nulls KubeVirt keeps stay (see
+    /// [`merge_ops`]). A path that went away since `raw` was read fails the patch; the
+    /// reconcile is retried on a fresh read.
+    async fn patch_status(&self, vmi: &str, raw: &Value, status: Value) -> Result<(), Error> {
+        let mut ops = Vec::new();
+        merge_ops(raw.get("status"), "/status", &status, &mut ops);
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops)).expect("well-formed JSON patch");
         ignore_404(
             self.vmis
-                .patch(
-                    vmi,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "status": status })),
-                )
+                .patch(vmi, &PatchParams::default(), &Patch::Json::<()>(patch))
                 .await,
         )
     }
@@ -301,7 +348,7 @@ impl Handler {
             // Shut the domain down; virt-controller then deletes the pod and the finalizer.
             self.ctx.sync_memory(vmi, &BTreeSet::new()).await?;
             if !matches!(phase, "Succeeded" | "Failed") && node.is_some() {
-                self.patch_status(&name, json!({"phase": "Succeeded"}))
+                self.patch_status(&name, &raw, json!({"phase": "Succeeded"}))
                     .await?;
             }
             for p in self.launchers(vmi).await? {
@@ -318,6 +365,7 @@ impl Handler {
                 }
                 self.patch_status(
                     &name,
+                    &raw,
                     json!({
                         "phase": "Running",
                         "conditions": handler_conditions(vmi, &raw),
@@ -365,7 +413,7 @@ impl Handler {
             .and_then(|s| s.conditions.iter().find(|c| c.r#type == LIVE_MIGRATABLE))
             .map(|c| c.status.as_str());
         if want_live != have_live {
-            self.patch_status(&name, json!({"conditions": want}))
+            self.patch_status(&name, raw, json!({"conditions": want}))
                 .await?;
         }
         // The launcher on the VMI's node runs (a restarted stand-in catches up).
@@ -422,7 +470,7 @@ impl Handler {
                 state["targetState"] =
                     json!({"nodeAddress": address, "directMigrationNodePorts": ports});
             }
-            self.patch_status(&name, json!({ "migrationState": state }))
+            self.patch_status(&name, raw, json!({ "migrationState": state }))
                 .await?;
             tracing::info!(vmi = %who, %target, %address, "migration target ready");
             return Ok(Action::requeue(Duration::from_millis(50)));
@@ -435,6 +483,7 @@ impl Handler {
                 let now = now_rfc3339();
                 self.patch_status(
                     &name,
+                    raw,
                     json!({"migrationState": {
                         "startTimestamp": now,
                         "failed": true,
@@ -444,16 +493,12 @@ impl Handler {
                 )
                 .await?;
                 tracing::info!(vmi = %who, "not live-migratable; migration failed");
-                for p in launchers.iter().filter(|p| {
-                    p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str)
-                        == Some(uid.as_str())
-                }) {
-                    pod_terminated(&self.pods, p, false).await?;
-                }
+                self.end_target_pods(&launchers, &uid).await?;
                 return Ok(Action::requeue(Duration::from_millis(50)));
             }
             self.patch_status(
                 &name,
+                raw,
                 json!({"migrationState": {"startTimestamp": now_rfc3339(), "mode": "PreCopy"}}),
             )
             .await?;
@@ -464,6 +509,7 @@ impl Handler {
         if ms["abortRequested"].as_bool() == Some(true) {
             self.patch_status(
                 &name,
+                raw,
                 json!({"migrationState": {
                     "failed": true,
                     "abortStatus": "Succeeded",
@@ -473,6 +519,7 @@ impl Handler {
             )
             .await?;
             tracing::info!(vmi = %who, "migration aborted");
+            self.end_target_pods(&launchers, &uid).await?;
             return Ok(Action::requeue(Duration::from_millis(50)));
         }
 
@@ -489,6 +536,7 @@ impl Handler {
                 let reason = ann(ANN_FAILURE_REASON).unwrap_or_else(|| "injected failure".into());
                 self.patch_status(
                     &name,
+                    raw,
                     json!({"migrationState": {
                         "failed": true,
                         "failureReason": reason,
@@ -497,13 +545,7 @@ impl Handler {
                 )
                 .await?;
                 tracing::info!(vmi = %who, %reason, "migration failed");
-                // The target's virt-handler tears its domain down: the target launcher ends.
-                for p in launchers.iter().filter(|p| {
-                    p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str)
-                        == Some(uid.as_str())
-                }) {
-                    pod_terminated(&self.pods, p, false).await?;
-                }
+                self.end_target_pods(&launchers, &uid).await?;
                 return Ok(Action::requeue(Duration::from_millis(50)));
             }
             deadline = at;
@@ -535,6 +577,7 @@ impl Handler {
         }
         self.patch_status(
             &name,
+            raw,
             json!({"nodeName": target, "migrationTransport": "Unix", "migrationState": state}),
         )
         .await?;
@@ -548,6 +591,18 @@ impl Handler {
             pod_terminated(&self.pods, p, true).await?;
         }
         Ok(Action::requeue(Duration::from_millis(50)))
+    }
+
+    /// The target's virt-handler tears its domain down after a failed or aborted migration: the
+    /// migration's target launcher ends `Failed`.
+    async fn end_target_pods(&self, launchers: &[Pod], uid: &str) -> Result<(), Error> {
+        for p in launchers
+            .iter()
+            .filter(|p| p.labels().get(MIGRATION_JOB_UID_LABEL).map(String::as_str) == Some(uid))
+        {
+            pod_terminated(&self.pods, p, false).await?;
+        }
+        Ok(())
     }
 
     /// After a migration ended: the launcher(s) the VMI no longer runs in terminate.
@@ -721,5 +776,55 @@ pub(crate) async fn run(
         _ = pod_ctrl => anyhow::bail!("kubelet pod controller stopped"),
         _ = vmim_ctrl => anyhow::bail!("VMIM finalizer controller stopped"),
         r = heartbeats(ctx.clone(), pool) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ops(base: Value, delta: Value) -> Value {
+        let mut out = Vec::new();
+        merge_ops(base.get("status"), "/status", &delta, &mut out);
+        // Member order depends on serde_json's map; compare by path.
+        out.sort_by_key(|o| o["path"].as_str().unwrap_or_default().to_string());
+        Value::Array(out)
+    }
+
+    #[test]
+    fn merge_ops_keep_nulls_inside_arrays_and_merge_objects() {
+        let base = json!({"status": {"phase": "Scheduled", "migrationState": {"targetNode": "b"},
+                                     "reason": "x"}});
+        let delta = json!({
+            "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": null}],
+            "migrationState": {"startTimestamp": "t", "mode": "PreCopy", "gone": null},
+            "reason": null,
+            "absent": null,
+        });
+        assert_eq!(
+            ops(base, delta),
+            json!([
+                {"op": "add", "path": "/status/conditions",
+                 "value": [{"type": "Ready", "status": "True", "lastProbeTime": null}]},
+                {"op": "add", "path": "/status/migrationState/mode", "value": "PreCopy"},
+                {"op": "add", "path": "/status/migrationState/startTimestamp", "value": "t"},
+                {"op": "remove", "path": "/status/reason"},
+            ])
+        );
+    }
+
+    #[test]
+    fn merge_ops_add_a_missing_status_whole_and_escape_keys() {
+        assert_eq!(
+            ops(
+                json!({}),
+                json!({"phase": "Running", "x": null, "m": {"a/b~": 1}})
+            ),
+            json!([{"op": "add", "path": "/status", "value": {"phase": "Running", "m": {"a/b~": 1}}}])
+        );
+        assert_eq!(
+            ops(json!({"status": {"m": {}}}), json!({"m": {"a/b~": 1}})),
+            json!([{"op": "add", "path": "/status/m/a~1b~0", "value": 1}])
+        );
     }
 }
