@@ -28,7 +28,7 @@
 #       "github.com/rhobs/operator-observability-toolkit@v0.0.29". Default: none.
 #       Substituted builds are cached apart (<version>+subst-<hash>).
 #
-# Running it against the harness API server (seen with v1.7.0 and kube-apiserver v1.37.2):
+# Running it against the harness API server (seen with v1.7.0 and v1.8.2, kube-apiserver v1.37.2):
 #   kubectl apply --server-side -f crds.yaml      (17 CRDs, kubevirts.kubevirt.io included)
 #   kubectl create ns kubevirt                     (namespace; read from the SA file, else "kubevirt")
 #   a KubeVirt CR in that namespace, and its status.phase set (e.g. Deployed, via the status
