@@ -536,18 +536,9 @@ fn reference_docs_are_fresh() {
 /// the relay is put in KubeVirt's path; by default it has SYS_PTRACE alone.
 #[test]
 fn the_relay_path_adds_its_capabilities_only_when_enabled() {
-    let render = |sets: &[&str]| {
-        let out = helm_template(sets);
-        assert!(
-            out.status.success(),
-            "helm template {sets:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let plain = render(&[]);
-    let relay = render(&["relay.enabled=true"]);
-    let path = render(&["relay.enabled=true", "relay.inMigrationPath=true"]);
+    let plain = rendered(&[]);
+    let relay = rendered(&["relay.enabled=true"]);
+    let path = rendered(&["relay.enabled=true", "relay.inMigrationPath=true"]);
     for text in [&plain, &relay] {
         assert!(text.contains("- SYS_PTRACE"));
         assert!(!text.contains("- NET_ADMIN"), "NET_ADMIN without the path");
@@ -569,7 +560,7 @@ fn the_relay_path_adds_its_capabilities_only_when_enabled() {
         );
     }
     // The path without the relay itself does nothing.
-    let alone = render(&["relay.inMigrationPath=true"]);
+    let alone = rendered(&["relay.inMigrationPath=true"]);
     assert!(!alone.contains("--relay-in-path") && !alone.contains("- NET_ADMIN"));
 }
 
@@ -594,6 +585,17 @@ fn helm_template(sets: &[&str]) -> std::process::Output {
     cmd.output().expect("running helm")
 }
 
+/// [`helm_template`]'s output, which must succeed.
+fn rendered(sets: &[&str]) -> String {
+    let out = helm_template(sets);
+    assert!(
+        out.status.success(),
+        "helm template {sets:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The documents of a rendered chart whose `kind:` is `kind` (top-level line).
 fn documents_of_kind<'a>(rendered: &'a str, kind: &str) -> Vec<&'a str> {
     let line = format!("\nkind: {kind}\n");
@@ -609,20 +611,11 @@ fn documents_of_kind<'a>(rendered: &'a str, kind: &str) -> Vec<&'a str> {
 /// extender it exists for.
 #[test]
 fn the_second_scheduler_is_rendered_only_with_scheduler_deploy() {
-    let ok = |sets: &[&str]| {
-        let out = helm_template(sets);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let plain = ok(&[]);
+    let plain = rendered(&[]);
     assert!(!plain.contains("component: scheduler"));
     assert!(!plain.contains("schedulerName: commonground-scheduler"));
 
-    let with = ok(&["scheduler.deploy=true"]);
+    let with = rendered(&["scheduler.deploy=true"]);
     let scheduler = |kind: &str| -> Vec<&str> {
         documents_of_kind(&with, kind)
             .into_iter()
@@ -682,7 +675,7 @@ fn the_second_scheduler_is_rendered_only_with_scheduler_deploy() {
             && b.contains("name: extension-apiserver-authentication-reader")));
     assert_eq!(scheduler("ServiceAccount").len(), 1);
 
-    let renamed = ok(&["scheduler.deploy=true", "scheduler.name=vm-scheduler"]);
+    let renamed = rendered(&["scheduler.deploy=true", "scheduler.name=vm-scheduler"]);
     assert!(renamed.contains("- schedulerName: vm-scheduler"));
 
     let refused = helm_template(&["scheduler.deploy=true", "extender.enabled=false"]);

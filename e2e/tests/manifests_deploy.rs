@@ -427,24 +427,7 @@ async fn components_come_up_from_the_manifests_as_their_service_accounts() -> an
     let yaml = render_chart(&ns.name, &ns.name, &["controller.replicas=1"])?;
     let applied = kubectl_apply(cluster, &yaml, false).context("applying the rendered chart")?;
     let result = run_components(&ns, &applied).await;
-    let cluster_scoped: Vec<String> = applied
-        .iter()
-        .filter(|o| o["metadata"]["namespace"].is_null())
-        .map(|o| {
-            format!(
-                "{}/{}",
-                o["kind"].as_str().unwrap_or_default().to_lowercase(),
-                o["metadata"]["name"].as_str().unwrap_or_default()
-            )
-        })
-        .filter(|r| r.starts_with("clusterrole"))
-        .collect();
-    let _ = Command::new(kubectl()?)
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .args(["delete", "--ignore-not-found"])
-        .args(&cluster_scoped)
-        .output();
+    delete_outside_namespace(cluster, &applied);
     // The directory holds ServiceAccount tokens; keep it only when the test failed.
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(tempfile_dir(&ns.name)?);
