@@ -501,11 +501,14 @@ async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
         .recv_timeout(Duration::from_secs(60))
         .expect("delivered through the relays");
     assert!(got == stream, "delivered bytes differ from the stream");
-    let referenced = counter(
-        &registry,
-        "commonground_relay_regions_total",
-        &[("side", "source"), ("outcome", "referenced")],
-    );
+    let referenced_so_far = || {
+        counter(
+            &registry,
+            "commonground_relay_regions_total",
+            &[("side", "source"), ("outcome", "referenced")],
+        )
+    };
+    let referenced = referenced_so_far();
     assert_eq!(referenced, 32, "half the regions crossed as references");
 
     // Let go: the next migration to the same port goes direct.
@@ -514,11 +517,7 @@ async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
     run(stream.clone()).await.unwrap();
     assert!(delivered.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
     assert_eq!(
-        counter(
-            &registry,
-            "commonground_relay_regions_total",
-            &[("side", "source"), ("outcome", "referenced")]
-        ),
+        referenced_so_far(),
         referenced,
         "the direct migration did not cross the relays"
     );
@@ -540,11 +539,7 @@ async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
     }
     assert!(foreign.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
     assert_eq!(
-        counter(
-            &registry,
-            "commonground_relay_regions_total",
-            &[("side", "source"), ("outcome", "referenced")]
-        ),
+        referenced_so_far(),
         referenced,
         "a refused delivery crossed no references"
     );

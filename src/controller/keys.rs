@@ -176,10 +176,11 @@ async fn check(ctx: &Context, key_dir: Option<&Path>) -> usize {
         if desired.status == "False" {
             refused += 1;
         }
-        let Some((mut cond, newly_refused)) = key_change(current_condition(d), &desired) else {
+        let current = current_condition(d);
+        let Some((mut cond, newly_refused)) = key_change(current, &desired) else {
             continue;
         };
-        cond.last_transition_time = match current_condition(d) {
+        cond.last_transition_time = match current {
             Some(c) if c.status == cond.status => c.last_transition_time.clone(),
             _ => Some(now.clone()),
         };

@@ -211,26 +211,32 @@ fn three_groups() -> DistanceMatrix {
     DistanceMatrix::parse("a:b=20,a:c=10,b:c=5").unwrap()
 }
 
+/// A cluster over [`three_groups`]: each node's name, work group, the keys it holds and its load.
+fn three_group_cluster(nodes: &[(&str, &str, std::ops::Range<u64>, f64)]) -> ClusterSnapshot {
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, keys, load) in nodes {
+        let n = node(name, group, *load);
+        snap.digests.push(digest(&n, keys.clone()));
+        snap.nodes.push(n);
+    }
+    snap
+}
+
 #[test]
 fn rule5_cluster_scope_highest_work_group_score_wins_even_when_far() {
     // Group b holds 60 of the VM's regions (spread over two nodes: 0..40 and 20..60 →
     // union 60), group c 50 on one node; b wins although c is nearer.
     let the_vm = vm("mover", 0..100, 0);
-    let mut snap = ClusterSnapshot {
-        distances: three_groups(),
-        ..Default::default()
-    };
-    for (name, group, keys) in [
-        ("src", "a", (0..100).collect::<Vec<u64>>()),
-        ("a1", "a", (0..10).collect()),
-        ("b1", "b", (0..40).collect()),
-        ("b2", "b", (20..60).collect()),
-        ("c1", "c", (0..50).collect()),
-    ] {
-        let n = node(name, group, 0.3);
-        snap.digests.push(digest(&n, keys));
-        snap.nodes.push(n);
-    }
+    let snap = three_group_cluster(&[
+        ("src", "a", 0..100, 0.3),
+        ("a1", "a", 0..10, 0.3),
+        ("b1", "b", 0..40, 0.3),
+        ("b2", "b", 20..60, 0.3),
+        ("c1", "c", 0..50, 0.3),
+    ]);
     let planner = Planner::new(snap);
     let req = request(&the_vm, "src");
     let opts = PlanOptions {
@@ -344,19 +350,11 @@ fn rule5_cluster_scope_near_tie_within_the_sampling_error_goes_to_the_nearest_wo
 fn rule5_without_sampling_only_an_exact_tie_is_a_tie() {
     // Every region sampled: the estimates are exact, their error 0, and one region more wins.
     let the_vm = vm("mover", 0..100, 0);
-    let mut snap = ClusterSnapshot {
-        distances: three_groups(),
-        ..Default::default()
-    };
-    for (name, group, keys) in [
-        ("src", "a", (0..100).collect::<Vec<u64>>()),
-        ("b1", "b", (0..51).collect()),
-        ("c1", "c", (0..50).collect()),
-    ] {
-        let n = node(name, group, 0.3);
-        snap.digests.push(digest(&n, keys));
-        snap.nodes.push(n);
-    }
+    let snap = three_group_cluster(&[
+        ("src", "a", 0..100, 0.3),
+        ("b1", "b", 0..51, 0.3),
+        ("c1", "c", 0..50, 0.3),
+    ]);
     let opts = PlanOptions {
         scope: Scope::Cluster,
         ..Default::default()
@@ -372,20 +370,12 @@ fn rule5_without_sampling_only_an_exact_tie_is_a_tie() {
 fn rule5_cluster_scope_tie_goes_to_the_nearest_work_group() {
     // Seed 002: b and c both score 50; c is at distance 10 from the source's group a, b at 20.
     let the_vm = vm("mover", 0..100, 0);
-    let mut snap = ClusterSnapshot {
-        distances: three_groups(),
-        ..Default::default()
-    };
-    for (name, group, keys) in [
-        ("src", "a", (0..100).collect::<Vec<u64>>()),
-        ("b1", "b", (0..50).collect()),
-        ("c1", "c", (50..100).collect()),
-        ("a1", "a", (0..5).collect()),
-    ] {
-        let n = node(name, group, if name == "b1" { 0.0 } else { 0.8 });
-        snap.digests.push(digest(&n, keys));
-        snap.nodes.push(n);
-    }
+    let snap = three_group_cluster(&[
+        ("src", "a", 0..100, 0.8),
+        ("b1", "b", 0..50, 0.0),
+        ("c1", "c", 50..100, 0.8),
+        ("a1", "a", 0..5, 0.8),
+    ]);
     let planner = Planner::new(snap);
     let req = request(&the_vm, "src");
     let opts = PlanOptions {
