@@ -2,7 +2,8 @@
 //! source node: their stand-in guest processes map one /dev/shm file. The source node's
 //! `commonground agent` finds the group in /proc. The requested VM migrates first. Once it has
 //! left, the agent watches the member left behind and reports it in `recentlyAccessedBy` as
-//! soon as it touches the shared memory. The controller then moves it to the same node.
+//! soon as it touches the shared memory, also after the agent itself restarted in between.
+//! The controller then moves it to the same node.
 
 mod common;
 
@@ -224,7 +225,50 @@ async fn follow_member_that_touches_the_shared_memory_after_the_first_moved_join
         "vm2 stays until it touches the shared memory"
     );
 
-    // vm2 touches the shared memory: the agent reports it...
+    // The source's agent restarts. It takes the group back from its digest, with the time vm1
+    // left, and goes on watching vm2 (before, a restart forgot the group).
+    let departed = |s: &commonground::api::digest::NodeRegionDigestStatus| {
+        s.memory_groups
+            .iter()
+            .find(|g| g.members == pair)
+            .and_then(|g| g.departed_at.clone())
+    };
+    let departed_before = departed(&st).expect("a kept group carries its departure time");
+    drop(src_agent);
+    let restarted = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let src_agent = start_agent(&src);
+    let agents = [&src_agent, &dst_agent];
+    let st = digest_when(
+        &digests,
+        &src,
+        "restarted agent publishes the group it kept",
+        &agents,
+        |s| {
+            let scanned =
+                chrono::DateTime::parse_from_rfc3339(&s.scan_time).is_ok_and(|t| t >= restarted);
+            scanned && vm_names(s) == ["vm2"] && departed(s).is_some()
+        },
+    )
+    .await?;
+    let kept = st.iter().find(|g| g.members == pair).expect("group kept");
+    assert_eq!(
+        kept.departed_at.as_deref(),
+        Some(departed_before.as_str()),
+        "the departure time survives the restart: {st:?}"
+    );
+    assert!(kept.recently_accessed_by.is_empty(), "{st:?}");
+    assert!(!kept.shared_objects.is_empty(), "{st:?}");
+    tokio::time::sleep(Duration::from_secs(IDLE_INTERVALS)).await;
+    let d = digests.get(&src).await?.status.expect("status");
+    assert!(
+        d.memory_groups
+            .iter()
+            .all(|g| g.recently_accessed_by.is_empty()),
+        "an idle member is reported after the restart: {:?}",
+        d.memory_groups
+    );
+
+    // vm2 touches the shared memory: the (restarted) agent reports it...
     std::fs::write(&trigger, b"")?;
     let touched = Instant::now();
     digest_when(

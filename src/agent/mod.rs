@@ -254,6 +254,36 @@ async fn wait_for_watches(
     true
 }
 
+/// Takes back the memory groups that the node's digest shows kept after a departure, so the
+/// members left behind are still watched after the agent restarts. A digest that cannot be
+/// read only means those groups start over (logged).
+async fn resume_memory_groups(
+    digests: &Api<NodeRegionDigest>,
+    node: &str,
+    scanner: &mut NodeScanner,
+) {
+    let groups = match digests.get_opt(node).await {
+        Ok(Some(d)) => d.status.map(|s| s.memory_groups).unwrap_or_default(),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read the node's digest; memory groups kept after a departure are not taken back");
+            return;
+        }
+    };
+    let taken = scanner.shared.restore(
+        publish::groups_from_status(&groups),
+        crate::api::time::Timestamp::now(),
+        Instant::now(),
+    );
+    if taken > 0 {
+        tracing::info!(
+            node,
+            groups = taken,
+            "watching the members left behind in memory groups kept before the restart"
+        );
+    }
+}
+
 /// Runs the agent until SIGTERM.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     telemetry::init_logging(args.log_format);
@@ -399,6 +429,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         mode,
         RescanPolicy::for_interval(interval),
     ));
+    if let Some(s) = scanner.as_mut() {
+        resume_memory_groups(&digests, &node, s).await;
+    }
     let mut gate = PublishGate::default();
     let node_arg = args.process_node_arg.clone();
     // Publish at once next time, whatever the gate says (the work group appeared).

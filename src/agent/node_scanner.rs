@@ -75,6 +75,15 @@ impl NodeScanner {
             .filter(|p| on_node.contains(&p.vm))
             .map(|p| (&p.vm, p.pid))
             .collect();
+        // After a restart that took groups back from the digest: the processes of departed
+        // members that still run are waited for, as after a departure seen.
+        self.shared.adopt_departed(
+            processes
+                .iter()
+                .filter(|p| !on_node.contains(&p.vm))
+                .map(|p| (&p.vm, p.pid)),
+            Instant::now(),
+        );
         // Shared memory accesses are read before any scan: reading guest memory marks the
         // pages it reads accessed, for every process that maps them.
         self.shared.probe(

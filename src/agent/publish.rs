@@ -40,6 +40,47 @@ pub fn transfer_statuses(
         .collect()
 }
 
+/// The memory groups a digest holds, read back as the agent keeps them (the inverse of what
+/// [`build_bounded_status`] writes), for an agent taking up its node again after a restart. A
+/// group with a member, object or time that does not read is left out with a warning.
+pub fn groups_from_status(groups: &[MemoryGroupStatus]) -> Vec<MemoryGroup> {
+    fn vm(text: &String) -> Option<VmKey> {
+        let (namespace, name) = text.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty()).then(|| VmKey::new(namespace, name))
+    }
+    fn read(g: &MemoryGroupStatus) -> Option<MemoryGroup> {
+        Some(MemoryGroup {
+            name: g.name.clone(),
+            members: g.members.iter().map(vm).collect::<Option<_>>()?,
+            shared_bytes: g.shared_bytes,
+            objects: g
+                .shared_objects
+                .iter()
+                .map(|o| MemoryGroupStatus::parse_object(o))
+                .collect::<Option<_>>()?,
+            recently_accessed_by: g
+                .recently_accessed_by
+                .iter()
+                .map(vm)
+                .collect::<Option<_>>()?,
+            departed_at: match &g.departed_at {
+                Some(t) => Some(crate::api::time::parse_rfc3339(t)?),
+                None => None,
+            },
+        })
+    }
+    groups
+        .iter()
+        .filter_map(|g| {
+            let read = read(g);
+            if read.is_none() {
+                tracing::warn!(group = %g.name, "memory group in the digest does not read; not taken back");
+            }
+            read
+        })
+        .collect()
+}
+
 /// Largest serialized digest object the agent writes.
 pub const MAX_DIGEST_BYTES: usize = 256 * 1024;
 /// Room left for metadata (managed fields, labels) the API server adds around the status.
@@ -105,6 +146,16 @@ fn status_of(inputs: &DigestInputs) -> NodeRegionDigestStatus {
                 .iter()
                 .map(|m| m.to_string())
                 .collect(),
+            departed_at: g.departed_at.map(crate::api::time::format_rfc3339),
+            // Only a kept group needs them (to be taken back after a restart).
+            shared_objects: match g.departed_at {
+                Some(_) => g
+                    .objects
+                    .iter()
+                    .map(|o| MemoryGroupStatus::object_text(*o))
+                    .collect(),
+                None => Vec::new(),
+            },
         })
         .collect();
     status.scan_time = crate::api::time::format_rfc3339(inputs.scan_time);
@@ -501,6 +552,49 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_group_reads_back_from_the_status_as_it_was_published() {
+        let mut i = inputs(2, 10);
+        let departed = crate::api::time::parse_rfc3339("2026-12-02T10:00:00Z").unwrap();
+        let kept = MemoryGroup {
+            name: "shm-common".into(),
+            members: vec![VmKey::new("ns", "vm0"), VmKey::new("ns", "vm1")],
+            shared_bytes: 1 << 20,
+            objects: vec![(0, 26, 77), (0, 26, 78)],
+            recently_accessed_by: vec![VmKey::new("ns", "vm1")],
+            departed_at: Some(departed),
+        };
+        let whole = MemoryGroup {
+            name: "shm-other".into(),
+            objects: vec![(0, 26, 90)],
+            recently_accessed_by: Vec::new(),
+            departed_at: None,
+            ..kept.clone()
+        };
+        i.groups = vec![kept.clone(), whole];
+        let status = build_bounded_status(&i);
+        let g = &status.memory_groups;
+        assert_eq!(g[0].departed_at.as_deref(), Some("2026-12-02T10:00:00Z"));
+        assert_eq!(g[0].shared_objects, ["0:26:77", "0:26:78"]);
+        assert_eq!(g[1].departed_at, None);
+        assert!(
+            g[1].shared_objects.is_empty(),
+            "only a kept group needs its objects"
+        );
+        let back = groups_from_status(g);
+        assert_eq!(back[0], kept);
+        assert_eq!(back[1].departed_at, None);
+
+        // What does not read is left out, not half read.
+        let mut bad = g.clone();
+        bad[0].shared_objects.push("0:26".into());
+        bad[1].members.push("no-namespace".into());
+        assert!(groups_from_status(&bad).is_empty());
+        let mut bad_time = g.clone();
+        bad_time[0].departed_at = Some("yesterday".into());
+        assert_eq!(groups_from_status(&bad_time).len(), 1);
+    }
+
+    #[test]
     fn gate_publishes_group_changes_at_once_and_names_new_accesses() {
         let i = inputs(2, 100);
         let mut gate = PublishGate::default();
@@ -510,6 +604,7 @@ mod tests {
             members: vec!["ns/vm0".into(), "ns/vm1".into()],
             shared_bytes: 1 << 20,
             recently_accessed_by: accessed.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
         };
         gate.published(i.summary.clone(), 0.1, vec![group(&[])], None, t0);
         let soon = t0 + Duration::from_secs(1);

@@ -43,8 +43,12 @@
 //!   That costs one interval of delay, and never reports a member that stayed idle.
 //! - hugetlbfs mappings have no `Referenced:` accounting, so a group that shares huge pages
 //!   reports no accesses.
-//! - The state lives in the agent's memory. An agent restarted after a member left no longer
-//!   knows the group.
+//! - The state lives in the agent's memory, and in the node's digest: a group kept after a
+//!   departure is published with the time the first member left and the objects its members
+//!   share. A restarted agent reads them back ([`SharedAccessMonitor::restore`]) and goes on
+//!   watching the members left behind for what remains of the retention. What it cannot know
+//!   is the pid of a departed member whose process had not exited yet; it waits for every
+//!   such process it finds among the node's QEMU processes, as after a departure it saw.
 //!
 //! # When accesses are reported
 //! Accesses are reported only after a member has left for any reason, and only for members
@@ -60,6 +64,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use crate::api::time::{self, Timestamp};
 use crate::plan::region::PAGE_SIZE;
 use crate::plan::VmKey;
 
@@ -170,6 +175,9 @@ struct KnownGroup {
     present: BTreeSet<VmKey>,
     /// When a member was first missed; `None` while all are here.
     departed_at: Option<Instant>,
+    /// The same moment on the wall clock, as published (fixed once taken, so a publish does
+    /// not see the group change every interval).
+    departed_wall: Option<Timestamp>,
     /// Last access seen per member still here, since the departure.
     last_access: BTreeMap<VmKey, Instant>,
 }
@@ -183,6 +191,7 @@ impl KnownGroup {
             shared_bytes: g.shared_bytes,
             present: BTreeSet::new(),
             departed_at: None,
+            departed_wall: None,
             last_access: BTreeMap::new(),
         }
     }
@@ -207,6 +216,9 @@ pub struct SharedAccessMonitor {
     /// Processes of members that left the node (pid -> the member, when it was seen leaving)
     /// that had not exited yet when last looked at: their exit will blur the others' readings.
     exiting: BTreeMap<i32, (VmKey, Instant)>,
+    /// Groups were restored and the next interval has yet to look for the processes of their
+    /// departed members ([`Self::adopt_departed`]).
+    restored: bool,
 }
 
 /// One armed process: its pid, the objects its group shares, and the pids of the other members
@@ -216,6 +228,14 @@ struct Armed {
     pid: i32,
     objects: BTreeSet<ObjectId>,
     companions: BTreeSet<i32>,
+}
+
+/// The earlier of two optional moments.
+fn earliest<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Whether process `pid` still exists (a zombie counts: it is about to be reaped).
@@ -231,11 +251,78 @@ impl Default for SharedAccessMonitor {
             groups: Vec::new(),
             armed: BTreeMap::new(),
             exiting: BTreeMap::new(),
+            restored: false,
         }
     }
 }
 
+/// The wall-clock time of `at`, a moment in the past (or now).
+fn wall_clock(at: Instant) -> Timestamp {
+    let now = Timestamp::now();
+    let ago = Instant::now().saturating_duration_since(at);
+    now.checked_sub(ago).unwrap_or(now)
+}
+
 impl SharedAccessMonitor {
+    /// Takes back the groups that an earlier run of the agent kept after a departure (read
+    /// from the node's digest), so that a restart does not forget the members left behind.
+    /// Only groups with a departure time, their shared objects and at least two members are
+    /// taken, and only within the retention counted from that departure (`wall_now` is the
+    /// wall clock at `now`). A member published as touching the shared memory is held as if
+    /// it had touched it at `now`. Returns how many groups were taken.
+    pub fn restore(
+        &mut self,
+        groups: Vec<MemoryGroup>,
+        wall_now: Timestamp,
+        now: Instant,
+    ) -> usize {
+        let mut taken = 0;
+        for g in groups {
+            let Some(departed) = g.departed_at else {
+                continue;
+            };
+            let ago = time::elapsed(departed, wall_now);
+            if g.objects.is_empty() || g.members.len() < 2 || ago >= self.retention {
+                continue;
+            }
+            let objects: BTreeSet<ObjectId> = g.objects.iter().copied().collect();
+            if self.groups.iter().any(|k| !k.objects.is_disjoint(&objects)) {
+                continue;
+            }
+            let accessed = g.recently_accessed_by.clone();
+            let mut k = KnownGroup::from_current(g);
+            k.departed_at = Some(now.checked_sub(ago).unwrap_or(now));
+            k.departed_wall = Some(departed);
+            k.last_access = accessed
+                .into_iter()
+                .filter(|vm| k.members.contains(vm))
+                .map(|vm| (vm, now))
+                .collect();
+            tracing::info!(group = %k.name, members = k.members.len(), departed = %departed, "memory group kept after a departure taken back from the digest");
+            self.groups.push(k);
+            taken += 1;
+        }
+        self.restored |= taken > 0;
+        taken
+    }
+
+    /// Once, in the first interval after [`Self::restore`]: `processes` are the node's QEMU
+    /// processes of VMs no longer on the node. Those of a restored group's members are waited
+    /// for as after a departure seen ([`Self::member_left`]), since their exit would blur the
+    /// readings of the members left behind.
+    pub fn adopt_departed<'a>(
+        &mut self,
+        processes: impl IntoIterator<Item = (&'a VmKey, i32)>,
+        now: Instant,
+    ) {
+        if !std::mem::take(&mut self.restored) {
+            return;
+        }
+        for (vm, pid) in processes {
+            self.member_left(vm, pid, now);
+        }
+    }
+
     /// The members whose accesses are watched now (those still here of groups that lost a
     /// member), with the objects their group shares.
     pub fn watched(&self) -> BTreeMap<VmKey, BTreeSet<ObjectId>> {
@@ -337,10 +424,8 @@ impl SharedAccessMonitor {
                 group.members.extend(k.members);
                 group.objects.extend(k.objects);
                 group.last_access.extend(k.last_access);
-                group.departed_at = match (group.departed_at, k.departed_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                group.departed_at = earliest(group.departed_at, k.departed_at);
+                group.departed_wall = earliest(group.departed_wall, k.departed_wall);
             }
             next.push((group, true));
         }
@@ -357,8 +442,10 @@ impl SharedAccessMonitor {
                     tracing::info!(group = %g.name, ?left, "memory group member left the node; watching the members still here");
                 }
                 g.departed_at.get_or_insert(now);
+                g.departed_wall.get_or_insert_with(|| wall_clock(now));
             } else {
                 g.departed_at = None;
+                g.departed_wall = None;
             }
             let here = &g.present;
             g.last_access.retain(|vm, _| here.contains(vm));
@@ -462,6 +549,7 @@ impl SharedAccessMonitor {
                     .filter(|(_, at)| now.saturating_duration_since(**at) <= self.access_hold)
                     .map(|(vm, _)| vm.clone())
                     .collect(),
+                departed_at: g.departed_wall,
             })
             .collect();
         out.sort_by(|a, b| a.members.cmp(&b.members));
@@ -486,6 +574,7 @@ mod tests {
             shared_bytes: 4 << 20,
             objects: objects.to_vec(),
             recently_accessed_by: Vec::new(),
+            departed_at: None,
         }
     }
 
@@ -581,6 +670,111 @@ Referenced:           16 kB
         // b left too: nothing of the group is on the node any more.
         m.update(Vec::new(), &here(&[]), t2 + Duration::from_secs(1));
         assert!(m.groups(t2).is_empty());
+    }
+
+    #[test]
+    fn a_restarted_monitor_takes_back_a_kept_group_and_watches_the_member_left_behind() {
+        let t0 = Instant::now();
+        let mut before = SharedAccessMonitor::default();
+        before.update(vec![group(&["a", "b"], &[OBJ])], &here(&["a", "b"]), t0);
+        before.update(Vec::new(), &here(&["b"]), t0 + Duration::from_secs(1));
+        before.record_access(&vm("b"), t0 + Duration::from_secs(2));
+        let published = before.groups(t0 + Duration::from_secs(2));
+        let departed = published[0]
+            .departed_at
+            .expect("a kept group has its departure time");
+        // A current group (no departure) carries no time.
+        let mut whole = SharedAccessMonitor::default();
+        whole.update(vec![group(&["a", "b"], &[OBJ])], &here(&["a", "b"]), t0);
+        assert_eq!(whole.groups(t0)[0].departed_at, None);
+
+        // The agent restarts 100 s after the departure, and b alone remains (no current group).
+        let wall = departed.checked_add(Duration::from_secs(100)).unwrap();
+        let now = Instant::now() + Duration::from_secs(1000);
+        let mut after = SharedAccessMonitor::default();
+        assert_eq!(after.restore(published.clone(), wall, now), 1);
+        // Taking back twice, or a group overlapping a known one, adds nothing.
+        assert_eq!(after.restore(published.clone(), wall, now), 0);
+        after.update(Vec::new(), &here(&["b"]), now);
+        assert_eq!(
+            after.watched().into_keys().collect::<Vec<_>>(),
+            vec![vm("b")],
+            "the member left behind is watched again"
+        );
+        let g = &after.groups(now)[0];
+        assert_eq!(g.members, vec![vm("a"), vm("b")]);
+        assert_eq!(
+            g.departed_at,
+            Some(departed),
+            "the departure time is kept as it was"
+        );
+        assert_eq!(
+            g.recently_accessed_by,
+            vec![vm("b")],
+            "a reported access stays reported"
+        );
+        // The retention counts from the departure, not from the restart.
+        let end = now + DEPARTED_RETENTION - Duration::from_secs(100);
+        after.update(Vec::new(), &here(&["b"]), end);
+        assert!(
+            after.groups(end).is_empty(),
+            "forgotten when the retention ends"
+        );
+
+        // A group past its retention, without objects, or of one member is not taken back.
+        let late = departed.checked_add(DEPARTED_RETENTION).unwrap();
+        assert_eq!(
+            SharedAccessMonitor::default().restore(published.clone(), late, now),
+            0
+        );
+        let mut no_objects = published.clone();
+        no_objects[0].objects.clear();
+        assert_eq!(
+            SharedAccessMonitor::default().restore(no_objects, wall, now),
+            0
+        );
+        let mut alone = published.clone();
+        alone[0].members.truncate(1);
+        assert_eq!(SharedAccessMonitor::default().restore(alone, wall, now), 0);
+        // Nor is a group that never lost a member.
+        let mut current = published;
+        current[0].departed_at = None;
+        assert_eq!(
+            SharedAccessMonitor::default().restore(current, wall, now),
+            0
+        );
+    }
+
+    #[test]
+    fn after_a_restore_the_watch_waits_for_a_departed_members_process_still_running() {
+        let t0 = Instant::now();
+        let mut before = SharedAccessMonitor::default();
+        before.update(vec![group(&["a", "b"], &[OBJ])], &here(&["a", "b"]), t0);
+        before.update(Vec::new(), &here(&["b"]), t0);
+        let published = before.groups(t0);
+        let wall = published[0].departed_at.unwrap();
+
+        let mut m = SharedAccessMonitor::default();
+        m.restore(published, wall, t0);
+        // a's process (pid 41) still runs on the node; c is no member.
+        let (a, c) = (vm("a"), vm("c"));
+        m.adopt_departed([(&a, 41), (&c, 43)], t0);
+        m.update(Vec::new(), &here(&["b"]), t0);
+        let pids = BTreeMap::from([(vm("b"), 42)]);
+        assert!(
+            m.armable(&pids, t0, &|pid| pid == 41).is_empty(),
+            "not watched while a's process may still exit"
+        );
+        assert_eq!(
+            m.armable(&pids, t0, &|_| false)
+                .into_keys()
+                .collect::<Vec<_>>(),
+            vec![vm("b")],
+            "watched once it has exited"
+        );
+        // Only the first interval after a restore adopts processes.
+        m.adopt_departed([(&a, 41)], t0);
+        assert!(!m.armable(&pids, t0, &|pid| pid == 41).is_empty());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::api::time::Timestamp;
 use crate::plan::VmKey;
 
 use super::proc_maps::Mapping;
@@ -39,6 +40,9 @@ pub struct MemoryGroup {
     /// Members still on the node that touched the shared memory recently, after another member
     /// left (filled in by [`super::shared_access::SharedAccessMonitor`]).
     pub recently_accessed_by: Vec<VmKey>,
+    /// When the first member left the node, for a group kept for the members left behind
+    /// (filled in by [`super::shared_access::SharedAccessMonitor`]).
+    pub departed_at: Option<Timestamp>,
 }
 
 /// Groups VMs by shared objects: connected components of "maps the same object".
@@ -111,6 +115,7 @@ pub fn memory_groups(vms: &[(VmKey, Vec<Mapping>)]) -> Vec<MemoryGroup> {
             shared_bytes,
             objects,
             recently_accessed_by: Vec::new(),
+            departed_at: None,
         })
         .collect()
 }

@@ -211,6 +211,31 @@ pub struct MemoryGroupStatus {
     /// empty, as every member touches it as a matter of course.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recently_accessed_by: Vec<String>,
+    /// When the first member left the node (RFC 3339), for a group the agent keeps for the
+    /// members left behind. A restarted agent reads it back from here, with `sharedObjects`,
+    /// and goes on watching those members until the group's retention ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub departed_at: Option<String>,
+    /// The objects the members share, as `major:minor:inode` of the file they map on this
+    /// node (only meaningful on this node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_objects: Vec<String>,
+}
+
+impl MemoryGroupStatus {
+    /// `major:minor:inode` of a shared object, as in `sharedObjects`.
+    pub fn object_text((major, minor, inode): (u32, u32, u64)) -> String {
+        format!("{major}:{minor}:{inode}")
+    }
+
+    /// Reads one `sharedObjects` entry; `None` when malformed.
+    pub fn parse_object(text: &str) -> Option<(u32, u32, u64)> {
+        let mut parts = text.split(':');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        let inode = parts.next()?.parse().ok()?;
+        parts.next().is_none().then_some((major, minor, inode))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
