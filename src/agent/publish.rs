@@ -44,14 +44,14 @@ pub fn transfer_statuses(
 /// [`build_bounded_status`] writes), for an agent taking up its node again after a restart. A
 /// group with a member, object or time that does not read is left out with a warning.
 pub fn groups_from_status(groups: &[MemoryGroupStatus]) -> Vec<MemoryGroup> {
-    fn vm(text: &String) -> Option<VmKey> {
+    fn vm(text: &str) -> Option<VmKey> {
         let (namespace, name) = text.split_once('/')?;
         (!namespace.is_empty() && !name.is_empty()).then(|| VmKey::new(namespace, name))
     }
     fn read(g: &MemoryGroupStatus) -> Option<MemoryGroup> {
         Some(MemoryGroup {
             name: g.name.clone(),
-            members: g.members.iter().map(vm).collect::<Option<_>>()?,
+            members: g.members.iter().map(|m| vm(m)).collect::<Option<_>>()?,
             shared_bytes: g.shared_bytes,
             objects: g
                 .shared_objects
@@ -61,7 +61,7 @@ pub fn groups_from_status(groups: &[MemoryGroupStatus]) -> Vec<MemoryGroup> {
             recently_accessed_by: g
                 .recently_accessed_by
                 .iter()
-                .map(vm)
+                .map(|m| vm(m))
                 .collect::<Option<_>>()?,
             departed_at: match &g.departed_at {
                 Some(t) => Some(crate::api::time::parse_rfc3339(t)?),
