@@ -292,6 +292,13 @@ pub struct CandidateStatus {
     pub work_group: String,
     /// Estimated bytes of the VM's memory already on the node.
     pub common_bytes: u64,
+    /// KSM runs on the node (virt-handler labelled it `kubevirt.io/ksm-enabled=true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ksm: bool,
+    /// Of `commonBytes`, what KSM could merge on the node after arrival: all of it where KSM
+    /// runs, none elsewhere.
+    #[serde(default)]
+    pub ksm_mergeable_bytes: u64,
     /// Distance of the node's work group from the source's.
     pub distance: f64,
     pub load: f64,
@@ -326,6 +333,10 @@ pub struct EstimateStatus {
     /// Bytes stock KubeVirt/QEMU sends (every non-zero page).
     #[serde(default)]
     pub stock_bytes: u64,
+    /// Of `commonBytes`, what KSM could merge on the target after arrival (0 when KSM does not
+    /// run there): the memory the move saves on the target node, on any transport.
+    #[serde(default)]
+    pub ksm_mergeable_bytes: u64,
     pub common_human: String,
     pub to_move_human: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -30,6 +30,8 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
                 node: c.node.clone(),
                 work_group: c.work_group.clone(),
                 common_bytes: c.common_bytes,
+                ksm: c.ksm,
+                ksm_mergeable_bytes: c.ksm_mergeable_bytes,
                 distance: if c.distance.is_finite() {
                     c.distance
                 } else {
@@ -52,6 +54,27 @@ fn chosen_reason(plan: &Plan, c: &crate::plan::planner::Candidate) -> String {
         .count();
     if passing == 1 {
         "the only node that passes the minimum hardware filter".into()
+    } else if c.common_bytes > 0 && c.ksm {
+        let most = plan
+            .candidates
+            .iter()
+            .filter(|x| !matches!(x.verdict, Verdict::Filtered(_)))
+            .map(|x| x.common_bytes)
+            .max()
+            .unwrap_or(0);
+        if most > c.common_bytes {
+            format!(
+                "memory in common ({}) similar to the most any candidate holds ({}), and KSM \
+                 runs here to merge it after arrival",
+                human_bytes(c.common_bytes),
+                human_bytes(most)
+            )
+        } else {
+            format!(
+                "most memory in common ({}), which KSM can merge here after arrival",
+                human_bytes(c.common_bytes)
+            )
+        }
     } else if c.common_bytes > 0 {
         format!("most memory in common ({})", human_bytes(c.common_bytes))
     } else {
@@ -191,6 +214,7 @@ pub fn estimate_status(plan: &Plan, input: &EstimateInput, paths: Vec<String>) -
         common_bytes: b.common,
         to_move_bytes: b.to_move,
         stock_bytes: b.total - b.zero,
+        ksm_mergeable_bytes: b.ksm_mergeable,
         common_human: human_bytes(b.common),
         to_move_human: human_bytes(b.to_move),
         duration_seconds: time.as_ref().map(|t| (t.seconds * 10.0).round() / 10.0),

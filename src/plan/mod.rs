@@ -5,6 +5,7 @@ pub mod affinity;
 pub mod cluster;
 pub mod estimate;
 pub mod hardware;
+pub mod ksm;
 pub mod launcher;
 pub mod overlap_index;
 pub mod paths;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cluster::{ClusterSnapshot, VmKey, VmRegionSummary, VmRequest};
 use super::hardware::{check_node, FilterReason};
+use super::ksm;
 use super::overlap_index::OverlapIndex;
 use super::rank::{extender_scores_of, why_lost, Scored};
 use super::sketch::{RegionSketch, KEY_SPACE};
@@ -83,6 +84,10 @@ pub struct Candidate {
     pub distance: f64,
     pub load: f64,
     pub has_digest: bool,
+    /// KSM runs on the node (virt-handler's `kubevirt.io/ksm-enabled` label).
+    pub ksm: bool,
+    /// Bytes of the VM's memory KSM could merge there after arrival (see [`super::ksm`]).
+    pub ksm_mergeable_bytes: u64,
     /// Scheduler-extender score 0..=10 (0 for filtered nodes).
     pub score: u8,
     pub verdict: Verdict,
@@ -109,6 +114,9 @@ pub struct ByteEstimate {
     pub zero: u64,
     pub common: u64,
     pub to_move: u64,
+    /// Of `common`, what KSM could merge on the chosen node after arrival (0 where KSM does
+    /// not run).
+    pub ksm_mergeable: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -365,11 +373,9 @@ impl Planner {
                 if sampled == 0 {
                     return (0.0, 0.0);
                 }
-                let m = sampled as f64;
-                let f = hits[grp] as f64 / m;
-                let rate = threshold[grp].min(summary.sketch.threshold()) as f64 / KEY_SPACE as f64;
-                let error = (f * (1.0 - f) / m * (1.0 - rate).max(0.0)).sqrt() * nonzero;
-                (f * nonzero, error)
+                let f = hits[grp] as f64 / sampled as f64;
+                let threshold = threshold[grp].min(summary.sketch.threshold());
+                (f * nonzero, sampling_error(f, sampled, threshold, nonzero))
             })
             .collect()
     }
@@ -642,6 +648,11 @@ impl Planner {
                 .then(a.load.total_cmp(&b.load))
                 .then(a.name_order.cmp(&b.name_order))
         });
+        if let Some(s) = summary {
+            if let Some(note) = self.prefer_ksm_among_similar(s, &mut keyed) {
+                notes.push(note);
+            }
+        }
         let scores = extender_scores_of(keyed.iter().map(|k| (k.common, k.load)));
         let ranked = keyed
             .iter()
@@ -671,7 +682,59 @@ impl Planner {
             common_regions: ranking.common[r.node],
             load: r.load,
             has_digest: self.index.has_digest(r.node),
+            ksm: ksm::ksm_runs(&self.snapshot.nodes[r.node]),
         }
+    }
+
+    /// One standard error of node `node`'s estimate `common` of the VM's regions (see
+    /// [`sampling_error`]).
+    fn common_error(&self, summary: &VmRegionSummary, node: usize, common: f64) -> f64 {
+        let sampled = self.index.sampled_for(&summary.sketch, node);
+        let nonzero = summary.nonzero_regions() as f64;
+        if sampled == 0 || nonzero == 0.0 {
+            return 0.0;
+        }
+        let threshold = self
+            .index
+            .node_threshold(node)
+            .min(summary.sketch.threshold());
+        sampling_error(common / nonzero, sampled, threshold, nonzero)
+    }
+
+    /// [`ksm::promoted`] on the ranked candidates of the leading work group: a node where
+    /// KSM runs, with memory in common similar to the leader's, moves to the front. Returns
+    /// the plan note when it did.
+    fn prefer_ksm_among_similar(
+        &self,
+        summary: &VmRegionSummary,
+        keyed: &mut [RankKey],
+    ) -> Option<String> {
+        let leader_group = keyed.first()?.group_rank;
+        let nodes = &self.snapshot.nodes;
+        let nonzero = summary.nonzero_regions() as f64;
+        let pos = ksm::promoted(
+            keyed
+                .iter()
+                .take_while(|k| k.group_rank == leader_group)
+                .map(|k| ksm::KsmCandidate {
+                    common: k.common,
+                    error: self.common_error(summary, k.node, k.common),
+                    ksm: ksm::ksm_runs(&nodes[k.node]),
+                }),
+            nonzero,
+        )?;
+        let (leader, promoted) = (&keyed[0], &keyed[pos]);
+        let note = format!(
+            "{} ({:.0} regions in common) and {} ({:.0}) hold similar memory in common; KSM runs \
+             on {}, which can merge it after arrival: it goes first",
+            nodes[leader.node].name,
+            leader.common,
+            nodes[promoted.node].name,
+            promoted.common,
+            nodes[promoted.node].name
+        );
+        keyed[..=pos].rotate_right(1);
+        Some(note)
     }
 
     /// The cluster key the VM's regions were identified under: that of the digest its
@@ -758,14 +821,18 @@ impl Planner {
                 Verdict::Lost(why_lost(&self.scored(&ranking, r), winner))
             };
             let common = ranking.common[r.node];
+            let common_bytes = (common * region_bytes as f64) as u64;
+            let ksm = ksm::ksm_runs(node);
             candidates.push(Candidate {
                 node: node.name.clone(),
                 work_group: node.work_group.clone(),
                 common_regions: common,
-                common_bytes: (common * region_bytes as f64) as u64,
+                common_bytes,
                 distance: ranking.group_distance[self.group_of[r.node]],
                 load: r.load,
                 has_digest: self.index.has_digest(r.node),
+                ksm,
+                ksm_mergeable_bytes: ksm::mergeable_bytes(common_bytes, ksm),
                 score: r.score,
                 verdict,
             });
@@ -773,14 +840,18 @@ impl Planner {
         for (i, reason) in &ranking.filtered {
             let node = &nodes[*i];
             let common = ranking.common[*i];
+            let common_bytes = (common * region_bytes as f64) as u64;
+            let ksm = ksm::ksm_runs(node);
             candidates.push(Candidate {
                 node: node.name.clone(),
                 work_group: node.work_group.clone(),
                 common_regions: common,
-                common_bytes: (common * region_bytes as f64) as u64,
+                common_bytes,
                 distance: ranking.group_distance[self.group_of[*i]],
                 load: node.effective_load(),
                 has_digest: self.index.has_digest(*i),
+                ksm,
+                ksm_mergeable_bytes: ksm::mergeable_bytes(common_bytes, ksm),
                 score: 0,
                 verdict: Verdict::Filtered(reason.to_string()),
             });
@@ -803,6 +874,7 @@ impl Planner {
                     zero,
                     common,
                     to_move: total - zero - common,
+                    ksm_mergeable: ksm::mergeable_bytes(common, c.ksm),
                 }
             }
             None => ByteEstimate {
@@ -810,6 +882,7 @@ impl Planner {
                 zero,
                 common: 0,
                 to_move: total - zero,
+                ksm_mergeable: 0,
             },
         };
         let target = candidates
@@ -831,6 +904,16 @@ impl Planner {
             notes,
         })
     }
+}
+
+/// One standard error, in regions, of an estimate `f * nonzero` made from a fraction `f` of
+/// `sampled` regions found, the sample taken below `threshold` of the key space: the binomial
+/// error `sqrt(f(1-f)/m)`, shrunk by `sqrt(1-p)` at sampling rate `p` because the sample is
+/// drawn from a finite set (at `p = 1` every region is looked at and nothing is left to chance).
+fn sampling_error(f: f64, sampled: u32, threshold: u64, nonzero: f64) -> f64 {
+    let m = sampled as f64;
+    let rate = threshold as f64 / KEY_SPACE as f64;
+    (f * (1.0 - f) / m * (1.0 - rate).max(0.0)).sqrt() * nonzero
 }
 
 /// How many standard errors apart two work groups' estimates may be and still count as a

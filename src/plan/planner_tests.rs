@@ -833,3 +833,86 @@ fn a_digest_made_under_another_cluster_key_counts_nothing_in_common_and_says_so(
     assert_eq!(chosen(&plan), "n2");
     assert!(!plan.notes.iter().any(|n| n.contains("cluster key")));
 }
+
+/// The migrating VM's 100 regions: `src` holds none, `x` 99 (no KSM), `k` 98 with KSM
+/// (`kubevirt.io/ksm-enabled=true`, as virt-handler labels it), `far` 60 with KSM.
+fn ksm_cluster(k_common: u64) -> (ClusterSnapshot, VmRequest) {
+    let (mut snap, req) = snapshot_of(
+        &[
+            ("src", "g", 0.1, 0),
+            ("x", "g", 0.1, 99),
+            ("k", "g", 0.5, k_common),
+            ("far", "g", 0.0, 60),
+        ],
+        DistanceMatrix::default(),
+    );
+    for n in snap
+        .nodes
+        .iter_mut()
+        .filter(|n| n.name == "k" || n.name == "far")
+    {
+        n.labels
+            .insert(crate::plan::ksm::KSM_ENABLED_LABEL.into(), "true".into());
+    }
+    (snap, req)
+}
+
+#[test]
+fn with_similar_memory_in_common_the_node_where_ksm_runs_wins() {
+    let (snap, req) = ksm_cluster(98);
+    let planner = Planner::new(snap);
+    let plan = planner.plan(&req, &PlanOptions::default()).unwrap();
+    assert_eq!(chosen(&plan), "k", "{plan:#?}");
+    let rb = region_bytes();
+    let k = plan.target().unwrap();
+    assert!(k.ksm);
+    assert_eq!(k.ksm_mergeable_bytes, 98 * rb);
+    assert_eq!(plan.bytes.common, 98 * rb);
+    assert_eq!(plan.bytes.ksm_mergeable, 98 * rb);
+    let Verdict::Lost(why) = verdict_of(&plan, "x") else {
+        panic!("x should lose: {plan:#?}")
+    };
+    assert!(why.contains("where KSM runs"), "{why}");
+    let x = plan.candidates.iter().find(|c| c.node == "x").unwrap();
+    assert!(!x.ksm);
+    assert_eq!(
+        x.ksm_mergeable_bytes, 0,
+        "nothing merges where KSM does not run"
+    );
+    assert!(
+        plan.notes.iter().any(|n| n.contains("KSM runs on k")),
+        "{:?}",
+        plan.notes
+    );
+    // The extender's order agrees: k scores 10.
+    assert_eq!(plan.candidates[0].score, 10);
+}
+
+#[test]
+fn clearly_more_memory_in_common_wins_over_ksm_and_without_labels_nothing_changes() {
+    // 99 against 90 regions of 100: beyond 2% and, fully sampled, beyond any error.
+    let (snap, req) = ksm_cluster(90);
+    let plan = Planner::new(snap)
+        .plan(&req, &PlanOptions::default())
+        .unwrap();
+    assert_eq!(chosen(&plan), "x", "{plan:#?}");
+    assert_eq!(plan.bytes.ksm_mergeable, 0);
+    assert!(
+        plan.notes.iter().all(|n| !n.contains("KSM")),
+        "{:?}",
+        plan.notes
+    );
+
+    let (mut snap, req) = ksm_cluster(98);
+    for n in &mut snap.nodes {
+        n.labels.remove(crate::plan::ksm::KSM_ENABLED_LABEL);
+    }
+    let plan = Planner::new(snap)
+        .plan(&req, &PlanOptions::default())
+        .unwrap();
+    assert_eq!(
+        chosen(&plan),
+        "x",
+        "the ordinary ranking without KSM anywhere"
+    );
+}

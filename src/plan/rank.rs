@@ -14,6 +14,8 @@ pub struct Scored {
     pub load: f64,
     /// False when the node has not published a digest yet (its common regions count as 0).
     pub has_digest: bool,
+    /// KSM runs on the node (see [`super::ksm`]).
+    pub ksm: bool,
 }
 
 /// `Less` when `a` ranks before `b`.
@@ -31,7 +33,14 @@ pub fn rank(candidates: &mut [Scored]) {
 
 /// Why `loser` ranked below `winner`, for status and Events.
 pub fn why_lost(loser: &Scored, winner: &Scored) -> String {
-    if loser.common_regions < winner.common_regions {
+    if winner.ksm && !loser.ksm && loser.common_regions >= winner.common_regions {
+        // Only the KSM rule puts a node with less in common first.
+        format!(
+            "memory in common similar to {}'s ({:.0} vs {:.0} regions), where KSM runs and can \
+             merge it after arrival",
+            winner.node, loser.common_regions, winner.common_regions
+        )
+    } else if loser.common_regions < winner.common_regions {
         let what = if loser.has_digest {
             "fewer regions in common"
         } else {
@@ -97,6 +106,7 @@ mod tests {
             common_regions: common,
             load,
             has_digest: true,
+            ksm: false,
         }
     }
 
@@ -117,6 +127,11 @@ mod tests {
         assert_eq!(order, ["a", "c", "b"]);
         assert!(why_lost(&v[1], &v[0]).contains("tie broken by name"));
         assert!(why_lost(&v[2], &v[0]).contains("higher load"));
+        let ksm_winner = Scored {
+            ksm: true,
+            ..s("k", 4.9, 0.9)
+        };
+        assert!(why_lost(&v[0], &ksm_winner).contains("where KSM runs"));
     }
 
     #[test]
