@@ -345,6 +345,19 @@ pub struct EstimateStatus {
     /// Why that transport.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub transport_reason: String,
+    /// Bytes per second of the default migration network the duration is estimated at
+    /// (before any network path added for the time budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_second: Option<u64>,
+    /// Where that rate came from: `Measured` (the source relay's rate on its last migration
+    /// to the target's relay, no older than the controller's `--measured-rate-max-age`),
+    /// `Configured` (`--migration-bandwidth`) or `BandwidthPerMigration` (KubeVirt's cap,
+    /// lower than either).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bandwidth_source: String,
+    /// Why that rate, in words (a measurement too old to use is named here).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bandwidth_reason: String,
 }
 
 #[cfg(test)]

@@ -418,30 +418,31 @@ fn estimate(
         .as_deref()
         .and_then(|t| ctx.view.digest_status(t));
     // What the source's relay measured on its last migration to the target's relay, over the
-    // configured figure.
-    if let Some((measured, when)) =
-        status::measured_bandwidth(source_digest.as_ref(), target_digest.as_ref())
-    {
-        status.notes.push(format!(
-            "estimate at {}/s, measured by the relay on the migration to {} that ended {when}",
-            crate::plan::hardware::human_bytes(measured as u64),
-            plan.target_node.as_deref().unwrap_or_default()
-        ));
-        base.bandwidth = measured;
-    }
-    // KubeVirt throttles the migration to its bandwidthPerMigration, where one is set.
+    // configured figure while it is recent enough; KubeVirt throttles the migration to its
+    // bandwidthPerMigration, where one is set.
+    let measured = status::measured_bandwidth(
+        source_digest.as_ref(),
+        target_digest.as_ref(),
+        time::Timestamp::now(),
+    );
     let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
-    if let Some(cap) = ctx.view.bandwidth_cap(&vm) {
-        let capped = crate::plan::estimate::capped_bandwidth(base.bandwidth, Some(&cap));
-        if capped < base.bandwidth {
-            status.notes.push(format!(
-                "estimate at {}/s, the bandwidthPerMigration of {}",
-                crate::plan::hardware::human_bytes(cap.bytes_per_second),
-                cap.source
-            ));
-            base.bandwidth = capped;
-        }
-    }
+    let cap = ctx.view.bandwidth_cap(&vm);
+    let choice = crate::plan::estimate::choose_bandwidth(
+        ctx.transfer.bandwidth,
+        measured.as_ref().map(|m| m.0),
+        ctx.transfer.measured_rate_max_age,
+        cap.as_ref(),
+    );
+    let bandwidth_reason = status::bandwidth_reason(
+        &choice,
+        ctx.transfer.bandwidth,
+        ctx.transfer.measured_rate_max_age,
+        plan.target_node.as_deref().unwrap_or_default(),
+        measured.as_ref().map(|m| m.1.as_str()),
+        cap.as_ref(),
+    );
+    status.notes.push(format!("estimate at {bandwidth_reason}"));
+    base.bandwidth = choice.bytes_per_second;
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
             (&plan.source_node, source_digest.as_ref()),
@@ -474,6 +475,9 @@ fn estimate(
             .unwrap_or_default(),
     );
     estimate.transport_reason = transport_reason;
+    estimate.bandwidth_bytes_per_second = Some(choice.bytes_per_second.round() as u64);
+    estimate.bandwidth_source = format!("{:?}", choice.source);
+    estimate.bandwidth_reason = bandwidth_reason;
     status.estimate = Some(estimate);
     Ok(decision)
 }

@@ -6,6 +6,7 @@
 //! rebalancer's requests.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::Method;
 use serde_json::{json, Value};
@@ -77,6 +78,7 @@ fn context(fake: &FakeApi, fixed: Fixed) -> Arc<Context> {
         bandwidth: 1.25e9,
         downtime_limit_ms: 300.0,
         cores_per_gbps: 0.25,
+        measured_rate_max_age: Duration::from_secs(3600),
     };
     Arc::new(Context::new(
         client,
@@ -717,14 +719,14 @@ async fn a_follow_request_within_its_deadline_keeps_waiting_for_members() {
     assert_eq!(shared.status, "False");
 }
 
-#[tokio::test]
-async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
-    let fake = FakeApi::new();
+/// A request for vm1 (4 GiB) from a to b, whose relay a measured at 100 MB/s on a migration
+/// that ended at `measured_at`.
+fn measured_to_b(measured_at: &str) -> (Fixed, Value) {
     let mut vmm = request(Value::Null);
     vmm["spec"]["dryRun"] = json!(true);
     let mut a = digest("a", &[("vm1", 1.0)]);
     a["status"]["transfers"] = json!([{"peerRelay": "10.0.0.2:4480", "bytes": 1u64 << 30,
-        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": "2026-01-01T00:00:00Z"}]);
+        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": measured_at}]);
     let mut b = digest("b", &[]);
     b["status"]["relay"] = json!({"address": "10.0.0.2:4443", "protocolVersion": 1,
         "regionPages": 16});
@@ -732,6 +734,13 @@ async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
         digests: objects(&[a, b]),
         ..cluster(std::slice::from_ref(&vmm))
     };
+    (fixed, vmm)
+}
+
+#[tokio::test]
+async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
+    let fake = FakeApi::new();
+    let (fixed, vmm) = measured_to_b(&crate::api::time::now_rfc3339());
     let ctx = context(&fake, fixed);
     let after = reconcile_request(&fake, &ctx, &vmm).await;
     let status = after.status.unwrap();
@@ -743,7 +752,36 @@ async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
         "{:?}",
         status.notes
     );
+    let estimate = status.estimate.unwrap();
+    assert_eq!(estimate.bandwidth_source, "Measured");
+    assert_eq!(estimate.bandwidth_bytes_per_second, Some(100_000_000));
     // 4 GiB at the measured 100 MB/s instead of the configured 1.25 GB/s.
-    let seconds = status.estimate.unwrap().duration_seconds.unwrap();
+    let seconds = estimate.duration_seconds.unwrap();
     assert!(seconds > 30.0, "{seconds}");
 }
+
+#[tokio::test]
+async fn a_rate_measured_longer_ago_than_the_maximum_age_gives_way_to_the_configured_one() {
+    let fake = FakeApi::new();
+    let two_hours_ago = crate::api::time::format_rfc3339(
+        crate::api::time::Timestamp::now() - Duration::from_secs(7200),
+    );
+    let (fixed, vmm) = measured_to_b(&two_hours_ago);
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let estimate = after.status.unwrap().estimate.unwrap();
+    assert_eq!(estimate.bandwidth_source, "Configured");
+    assert_eq!(estimate.bandwidth_bytes_per_second, Some(1_250_000_000));
+    assert!(
+        estimate
+            .bandwidth_reason
+            .contains("older than the maximum age of 3600s")
+            && estimate.bandwidth_reason.contains(&two_hours_ago),
+        "{}",
+        estimate.bandwidth_reason
+    );
+    // 4 GiB at the configured 1.25 GB/s.
+    let seconds = estimate.duration_seconds.unwrap();
+    assert!(seconds < 5.0, "{seconds}");
+}
+
