@@ -87,7 +87,10 @@ pub struct VirtualMachineMigrationSpec {
     /// How many targets may be tried (default 3). When KubeVirt's migration fails because
     /// its target pod never ran on the chosen node (it stayed unschedulable until KubeVirt's
     /// timeout) or failed on that node, the request plans again without the node, until this
-    /// many attempts have been made. Each attempt is listed in `status.attempts`.
+    /// many attempts have been made. Each attempt is listed in `status.attempts`. With
+    /// `group: Together` the whole group is planned again, once every member's migration of
+    /// the failed attempt has ended, and only while every member is still on the source (a
+    /// member that already moved splits the group, which then is not tried again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: Option<u32>,

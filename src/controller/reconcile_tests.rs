@@ -785,3 +785,146 @@ async fn a_rate_measured_longer_ago_than_the_maximum_age_gives_way_to_the_config
     assert!(seconds < 5.0, "{seconds}");
 }
 
+/// vm1 and vm2 labelled into one memory group on node a; nodes a, b and c; a `Together`
+/// request for vm1 that may try two targets; `vmims` are what the view shows of KubeVirt's
+/// migrations.
+fn together_cluster(vmm: &Value, vmims: &[Value]) -> Fixed {
+    let grouped = |name: &str| {
+        let mut v = vmi(name, "a");
+        v["metadata"]["labels"] = json!({(crate::api::migration::MEMORY_GROUP_LABEL): "g"});
+        v
+    };
+    Fixed {
+        vmis: objects(&[grouped("vm1"), grouped("vm2")]),
+        vmims: objects(vmims),
+        ..three_nodes(std::slice::from_ref(vmm))
+    }
+}
+
+#[tokio::test]
+async fn a_together_group_is_replanned_as_a_whole_only_once_every_member_migration_ended() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["group"] = json!("Together");
+    vmm["spec"]["maxAttempts"] = json!(2);
+    let ctx = context(&fake, together_cluster(&vmm, &[]));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = first.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("b"));
+    let member_name = format!("{}-m-vm2", super::kubevirt::vmim_name(&first));
+    assert_eq!(
+        status.members[0].kubevirt_migration.as_deref(),
+        Some(member_name.as_str())
+    );
+    assert_eq!(creates(&fake, VMIMS), 2, "{:?}", fake.writes());
+
+    // KubeVirt gives up on vm1's target pod on b while vm2's migration is still scheduling:
+    // the request waits, records nothing and makes nothing.
+    let path = vmim_path(&first);
+    let mut main = fake.get(&path).unwrap();
+    main["status"] = never_scheduled();
+    fake.insert(&path, main);
+    let member_path = format!("{VMIMS}/{member_name}");
+    let mut member = fake.get(&member_path).unwrap();
+    member["status"] = json!({"phase": "Scheduling"});
+    let now = serde_json::to_value(&first).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    fake.forget_requests();
+    let waiting = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&waiting), "Migrating");
+    let status = waiting.status.clone().unwrap();
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("group members vm2"),
+        "{status:?}"
+    );
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Running);
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+
+    // vm2's migration fails the same way; both VMs are still on a: the group plans again.
+    member["status"] = never_scheduled();
+    fake.insert(&member_path, member.clone());
+    let now = serde_json::to_value(&waiting).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    let replanning = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&replanning), "Pending");
+    let status = replanning.status.clone().unwrap();
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("planning the group again without b"),
+        "{status:?}"
+    );
+    assert_eq!(status.members[0].kubevirt_migration, None);
+    assert_eq!(creates(&fake, VMIMS), 0, "not in the same step");
+
+    // The next reconcile moves both to c, by migrations of the second attempt.
+    let now = serde_json::to_value(&replanning).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    let second = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&second), "Migrating");
+    let status = second.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("c"));
+    let name2 = format!("{}-2", super::kubevirt::vmim_name(&second));
+    assert_eq!(status.kubevirt_migration.as_deref(), Some(name2.as_str()));
+    let member2 = format!("{name2}-m-vm2");
+    assert_eq!(
+        status.members[0].kubevirt_migration.as_deref(),
+        Some(member2.as_str())
+    );
+    for (path, vmi) in [
+        (format!("{VMIMS}/{name2}"), "vm1"),
+        (format!("{VMIMS}/{member2}"), "vm2"),
+    ] {
+        let made = fake.get(&path).unwrap_or_else(|| panic!("{path} made"));
+        assert_eq!(made["spec"]["vmiName"], vmi);
+        assert_eq!(
+            made["spec"]["addedNodeSelector"]["kubernetes.io/hostname"],
+            "c"
+        );
+    }
+    assert_eq!(creates(&fake, VMIMS), 2, "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn a_together_group_split_by_a_member_that_moved_is_not_replanned() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["group"] = json!("Together");
+    vmm["spec"]["maxAttempts"] = json!(3);
+    let ctx = context(&fake, together_cluster(&vmm, &[]));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let path = vmim_path(&first);
+    let mut main = fake.get(&path).unwrap();
+    main["status"] = never_scheduled();
+    fake.insert(&path, main);
+    let member_name = format!("{}-m-vm2", super::kubevirt::vmim_name(&first));
+    let mut member = fake.get(&format!("{VMIMS}/{member_name}")).unwrap();
+    member["status"] = json!({"phase": "Succeeded"});
+    let now = serde_json::to_value(&first).unwrap();
+    // vm2 now runs on b.
+    let mut fixed = together_cluster(&now, std::slice::from_ref(&member));
+    fixed.vmis[1].status.as_mut().unwrap().node_name = Some("b".into());
+    let ctx = context(&fake, fixed);
+    fake.forget_requests();
+    let done = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&done), "Failed");
+    let status = done.status.unwrap();
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not tried again: group members vm2 are no longer on the source node"),
+        "{status:?}"
+    );
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+}
