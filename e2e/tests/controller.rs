@@ -947,6 +947,159 @@ async fn a_target_the_scheduler_rejects_is_replaced_by_the_next_best_node() -> a
     Ok(())
 }
 
+/// A `Together` group's first choice cannot take either member's target pod (a pod bound
+/// there has a required anti-affinity against both VMs' launcher pods, which only
+/// kube-scheduler sees): both KubeVirt migrations fail at the request's
+/// `unschedulableTimeout`, and the whole group is planned again and moves to the next-best
+/// node, each member by a KubeVirt migration of the second attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_together_group_the_scheduler_rejects_moves_as_a_whole_to_the_next_best_node(
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure_controller();
+    let ns = TestCluster::get()
+        .fresh_namespace("vmm-together-replan")
+        .await?;
+    let _standin = ns.start_standin(ns.standin_config());
+    let source = group_on_source(&ns).await?;
+    let (b, c) = (ns.node_name("b"), ns.node_name("c"));
+    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+    ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
+    let (c1, c2) = (keys(40_000_000, 500), keys(50_000_000, 500));
+    publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![
+            vm_summary(&ns.name, "vm1", GIB, &c1),
+            vm_summary(&ns.name, "vm2", GIB, &c2),
+        ],
+        &[],
+    )
+    .await?;
+    // b holds 70% of both, c 30%: b is the first choice.
+    for (node, n) in [(&b, 350), (&c, 150)] {
+        let mut held: Vec<u64> = c1[..n].to_vec();
+        held.extend_from_slice(&c2[..n]);
+        publish_digest(&ns.client, node, "wg-1", vec![], &held).await?;
+    }
+    let mut uids = Vec::new();
+    for name in ["vm1", "vm2"] {
+        let v: VirtualMachineInstance = ns.api().get(name).await?;
+        uids.push(v.metadata.uid.clone().unwrap_or_default());
+    }
+    let blocker: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "keeps-the-group-off", "namespace": ns.name},
+        "spec": {
+            "nodeName": b,
+            "containers": [{"name": "c", "image": "registry.invalid/none"}],
+            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchExpressions": [{
+                    "key": "kubevirt.io/created-by", "operator": "In", "values": uids}]},
+                "topologyKey": "kubernetes.io/hostname"}]}}
+        }
+    }))?;
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &blocker).await?;
+
+    let mut spec = vmm_spec("vm1");
+    spec.group = Some(commonground::api::migration::GroupMode::Together);
+    spec.unschedulable_timeout = Some("3s".into());
+    spec.max_attempts = Some(2);
+    create_vmm(&ns, "move-group", spec).await?;
+    // Two attempts of two KubeVirt migrations each, the first pair ended by virt-controller's
+    // unschedulable timeout: on this shared machine that took up to about two minutes, so
+    // the wait is longer than the single-request test's.
+    let api: Api<VirtualMachineMigration> = ns.api();
+    let done = wait_for_object(
+        &api,
+        "move-group",
+        2 * T,
+        "the group moved or failed",
+        |m| m.status.as_ref().is_some_and(|s| s.phase.is_final()),
+    )
+    .await;
+    if done.is_err() {
+        eprintln!("controller log:\n{}", common::controller_log());
+        eprintln!("{}", ns.dump().await);
+    }
+    let done = done?;
+    eprintln!(
+        "together replan e2e: request final after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let status = done.status.unwrap();
+    assert_eq!(status.phase, MigrationPhase::Succeeded, "{status:?}");
+    assert_eq!(status.target_node.as_deref(), Some(c.as_str()));
+    let attempts: Vec<(&str, AttemptOutcome)> = status
+        .attempts
+        .iter()
+        .map(|a| (a.node.as_str(), a.outcome))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![
+            (b.as_str(), AttemptOutcome::Failed),
+            (c.as_str(), AttemptOutcome::Succeeded)
+        ],
+        "{:?}",
+        status.attempts
+    );
+    assert!(
+        status.attempts[0].reason.contains("never ran on"),
+        "{:?}",
+        status.attempts[0]
+    );
+    assert_eq!(status.members.len(), 1);
+    assert_eq!(status.members[0].phase, "Succeeded");
+    let member_vmim = status.members[0]
+        .kubevirt_migration
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        member_vmim,
+        format!("{}-m-vm2", status.attempts[1].kubevirt_migration),
+        "the member moved by a migration of the second attempt"
+    );
+    for name in ["vm1", "vm2"] {
+        let v: VirtualMachineInstance = ns.api().get(name).await?;
+        assert_eq!(
+            v.node_name(),
+            Some(c.as_str()),
+            "{name} moved with the group"
+        );
+    }
+    // Two KubeVirt migrations per attempt, each pinned to the attempt's node; nothing else.
+    let vmims: Api<VirtualMachineInstanceMigration> = ns.api();
+    let made = vmims.list(&ListParams::default()).await?.items;
+    let mut seen: Vec<(String, String, String)> = made
+        .iter()
+        .map(|m| {
+            (
+                m.spec.vmi_name.clone(),
+                m.spec
+                    .added_node_selector
+                    .as_ref()
+                    .and_then(|s| s.get("kubernetes.io/hostname").cloned())
+                    .unwrap_or_default(),
+                m.phase().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let expected =
+        |vm: &str, node: &str, phase: &str| (vm.to_string(), node.to_string(), phase.to_string());
+    let mut want = vec![
+        expected("vm1", &b, "Failed"),
+        expected("vm1", &c, "Succeeded"),
+        expected("vm2", &b, "Failed"),
+        expected("vm2", &c, "Succeeded"),
+    ];
+    want.sort();
+    assert_eq!(seen, want);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_made_under_another_cluster_key_is_flagged_on_the_digest_and_by_an_event(
 ) -> anyhow::Result<()> {

@@ -333,3 +333,170 @@ async fn load_override_annotation_pushes_a_vm_off_the_node() -> anyhow::Result<(
     assert_eq!((d.from.as_str(), d.to.as_str()), (a.as_str(), b.as_str()));
     Ok(())
 }
+
+/// Non-VM work of fake node `node`: a shell spinning on one CPU, its command line marked with
+/// the node (`--e2e-node <node>`, as the stand-in's memory helpers are) so that only that
+/// node's agent counts it. Stopped when dropped.
+fn host_work(node: &str) -> common::Component {
+    common::Component::start_program(
+        std::path::Path::new("/bin/sh"),
+        &[
+            "-c",
+            "while :; do :; done",
+            "host-work",
+            commonground_e2e::memory::NODE_ARG,
+            node,
+        ],
+        &format!("host-work-{node}"),
+    )
+}
+
+/// CPU cores of a node's published load beyond its VMs' (what the policy counts as host load).
+fn host_cores(d: &commonground::api::NodeRegionDigest) -> Option<f64> {
+    let s = d.status.as_ref()?;
+    Some(s.load.cpu_cores - s.vms.iter().map(|v| v.load.cpu_cores).sum::<f64>())
+}
+
+/// Two nodes of two VMs each, every figure published by the nodes' agents from real
+/// processes: no move while only idle VMs run; once one node's non-VM work (a process burning
+/// a CPU) is measured by its agent, a policy counting host load moves a VM off that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_work_the_agent_measures_pushes_a_vm_off_the_node() -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure_controller_for_process();
+    let ns = TestCluster::get()
+        .fresh_namespace("rebalance-hostload")
+        .await?;
+    let mut cfg = ns.standin_config();
+    cfg.memory = Some(TestNamespace::memory_config(env!(
+        "CARGO_BIN_EXE_vm-memory"
+    )));
+    let _standin = ns.start_standin(cfg);
+    let (a, b) = (ns.node_name("a"), ns.node_name("b"));
+    let digests: Api<commonground::api::NodeRegionDigest> = Api::all(ns.client.clone());
+    for n in [&a, &b] {
+        // Digests left over from an earlier run with the same names would confuse the waits.
+        let _ = digests.delete(n, &DeleteParams::default()).await;
+    }
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    // Node a has CPU for two VMs only, so the next two start on b.
+    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1100m", "64Gi"))
+        .await?;
+    for (vms, node) in [(["vm-a", "vm-b"], &a), (["vm-c", "vm-d"], &b)] {
+        if node == &b {
+            ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+        }
+        for vm in vms {
+            ns.create_vmi(ns.vmi(vm, "1Gi", "500m")).await?;
+        }
+        for vm in vms {
+            wait_for_object(&vmis, vm, T, "VMI running on its node", |v| {
+                v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && v.node_name() == Some(node.as_str())
+                    && v.condition_true("LiveMigratable")
+            })
+            .await?;
+        }
+    }
+    let _agents = [common::start_agent(&a), common::start_agent(&b)];
+    for (node, vms) in [(&a, ["vm-a", "vm-b"]), (&b, ["vm-c", "vm-d"])] {
+        let published = wait_for_object(&digests, node, T, "the agent's digest", |d| {
+            d.status
+                .as_ref()
+                .is_some_and(|s| vms.iter().all(|vm| s.vms.iter().any(|v| &v.name == vm)))
+        })
+        .await;
+        on_failure(&ns, published).await?;
+    }
+
+    // Sender-initiated, counting host load; a node above 0.1 (a tenth of a core, or 800 MiB
+    // of memory at the default weights) looks for a peer.
+    let spec: RebalancePolicySpec = serde_json::from_value(serde_json::json!({
+        "mode": "SenderInitiated",
+        "interval": "2s",
+        "maxConcurrent": 1,
+        "maxConcurrentPerNode": 1,
+        "highThreshold": 0.1,
+        "includeHostLoad": true,
+        "nodeSelector": { POOL_LABEL: ns.name },
+    }))?;
+    let policies: Api<RebalancePolicy> = Api::all(ns.client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &RebalancePolicy::new(&ns.name, spec),
+        )
+        .await?;
+    let _policy = PolicyGuard {
+        api: policies.clone(),
+        name: ns.name.clone(),
+    };
+    // Idle VMs only: rounds over both nodes decide nothing.
+    let quiet = wait_for_object(&policies, &ns.name, T, "a round without decisions", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            s.loads.contains_key(&a) && s.loads.contains_key(&b) && s.decisions.is_empty()
+        })
+    })
+    .await;
+    let quiet = on_failure(&ns, quiet).await?.status.unwrap();
+    eprintln!("loads with idle VMs only: {:?}", quiet.loads);
+
+    // Work on node a that is no VM. Its agent measures it over its next intervals (one
+    // second each); the refresh annotation asks it to publish now instead of at its
+    // once-a-minute pace: what it publishes is its own measurement.
+    let _work = host_work(&a);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    digests
+        .patch(
+            &a,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                commonground::agent::publish::REFRESH_ANNOTATION:
+                    commonground::api::time::now_rfc3339()}}})),
+        )
+        .await?;
+    let measured = wait_for_object(&digests, &a, T, "node a's host work published", |d| {
+        host_cores(d).is_some_and(|c| c > 0.1)
+    })
+    .await;
+    let measured = on_failure(&ns, measured).await?;
+    let host_a = host_cores(&measured).unwrap();
+    let host_b = host_cores(&digests.get(&b).await?).unwrap_or_default();
+    eprintln!("host CPU measured by the agents: {a}: {host_a:.3} cores, {b}: {host_b:.3} cores");
+    assert!(host_b < 0.1, "node b runs no host work: {host_b}");
+
+    let decided = wait_for_object(&policies, &ns.name, T, "a rebalancing decision", |p| {
+        p.status.as_ref().is_some_and(|s| !s.decisions.is_empty())
+    })
+    .await;
+    let status = on_failure(&ns, decided).await?.status.unwrap();
+    eprintln!("loads with the host work: {:?}", status.loads);
+    let d = &status.decisions[0];
+    assert_eq!((d.from.as_str(), d.to.as_str()), (a.as_str(), b.as_str()));
+    assert!(d.reason.contains("sender-initiated"), "{}", d.reason);
+    assert!(
+        status.loads[&a] > 0.1 && status.loads[&a] > 1.25 * status.loads[&b],
+        "{:?}",
+        status.loads
+    );
+    let moved = d.vm.rsplit('/').next().unwrap_or_default().to_string();
+    assert!(["vm-a", "vm-b"].contains(&moved.as_str()), "{}", d.vm);
+    let name = d
+        .migration
+        .clone()
+        .expect("not a dry run: a migration is named");
+    let vmms: Api<VirtualMachineMigration> = ns.api();
+    let done = wait_for_object(&vmms, &name, T, "the rebalancing migration finished", |m| {
+        m.status.as_ref().is_some_and(|s| s.phase.is_final())
+    })
+    .await;
+    let s = on_failure(&ns, done).await?.status.unwrap();
+    assert_eq!(s.phase, MigrationPhase::Succeeded, "{s:?}");
+    let vmi: VirtualMachineInstance = ns.api().get(&moved).await?;
+    assert_eq!(vmi.node_name(), Some(b.as_str()));
+    eprintln!(
+        "rebalance e2e (measured host load): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -287,6 +287,29 @@ pub fn find_qemu_processes_with(
     Ok(out)
 }
 
+/// Every process on the host whose command line has `node_arg.0` followed by `node_arg.1`,
+/// QEMU or not: where several (fake) nodes share one host, the processes that make up one
+/// node, whose sum is its load.
+pub fn processes_with(node_arg: (&str, &str)) -> std::io::Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(argv) = read_argv(pid) else { continue };
+        if argv_has(&argv, node_arg.0, node_arg.1) {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,6 +183,41 @@ pub fn node_rates(earlier: &NodeCounters, later: &NodeCounters) -> LoadRates {
     }
 }
 
+/// Counters of every process of a node that shares its host with other (fake) nodes, by pid,
+/// at one instant: where several nodes share one host, the host's `/proc/stat` is every
+/// node's, and only the processes that belong to a node tell its load apart.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessSetCounters {
+    pub processes: std::collections::BTreeMap<i32, ProcessCounters>,
+}
+
+/// The counters of `pids`, skipping those that exit while they are read.
+pub fn sample_processes(pids: &[i32]) -> ProcessSetCounters {
+    ProcessSetCounters {
+        processes: pids
+            .iter()
+            .filter_map(|&pid| sample_process(pid).ok().map(|c| (pid, c)))
+            .collect(),
+    }
+}
+
+/// The load of a set of processes between two samples: the CPU and I/O each process present
+/// in both used in between, over that process's own interval, summed; the resident memory of
+/// those in the later sample. A process that started in between is counted from the next
+/// interval on, one that ended in between is no longer counted.
+pub fn process_set_rates(earlier: &ProcessSetCounters, later: &ProcessSetCounters) -> LoadRates {
+    let mut sum = LoadRates::default();
+    for (pid, after) in &later.processes {
+        sum.memory_bytes += after.rss_bytes;
+        if let Some(before) = earlier.processes.get(pid) {
+            let r = rates(before, after);
+            sum.cpu_cores += r.cpu_cores;
+            sum.io_bytes_per_second += r.io_bytes_per_second;
+        }
+    }
+    sum
+}
+
 /// CPU cores idle on a node of `cpus` CPUs while `busy_cores` of them were busy (never
 /// negative: readings of one interval can round past the total).
 pub fn idle_cores(cpus: u64, busy_cores: f64) -> f64 {
@@ -221,6 +256,50 @@ mod tests {
         assert_eq!(idle_cores(8, 2.5), 5.5);
         assert_eq!(idle_cores(4, 4.01), 0.0);
         assert_eq!(idle_cores(1, 0.0), 1.0);
+    }
+
+    #[test]
+    fn a_process_sets_load_sums_the_processes_present_in_both_samples() {
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_secs(2);
+        let ticks = clock_ticks() as u64;
+        let c = |cpu_ticks: u64, io_bytes: u64, rss_bytes: u64, at: Instant| ProcessCounters {
+            cpu_ticks,
+            io_bytes,
+            rss_bytes,
+            at,
+        };
+        let earlier = ProcessSetCounters {
+            processes: [
+                (10, c(0, 0, 100, t0)),
+                (11, c(ticks, 1000, 100, t0)),
+                // Ends before the later sample.
+                (12, c(0, 0, 100, t0)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let later = ProcessSetCounters {
+            processes: [
+                // One core for 2 s.
+                (10, c(2 * ticks, 0, 4096, t1)),
+                // Half a core, 500 bytes/s.
+                (11, c(2 * ticks, 2000, 4096, t1)),
+                // Started in between: its memory counts now, its CPU from the next interval.
+                (13, c(50 * ticks, 0, 4096, t1)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let r = process_set_rates(&earlier, &later);
+        assert!((r.cpu_cores - 1.5).abs() < 1e-9, "{r:?}");
+        assert!((r.io_bytes_per_second - 500.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.memory_bytes, 3 * 4096);
+        assert_eq!(
+            process_set_rates(&ProcessSetCounters::default(), &later).cpu_cores,
+            0.0,
+            "nothing to compare with yet"
+        );
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub struct AgentArgs {
     /// Only processes whose command line has this argument followed by the node name. For
     /// several fake nodes on one host (the e2e suite and the local demo pass `--e2e-node`, which
     /// the stand-in's memory helpers carry); a real node has its own /proc and needs none.
+    /// The node's whole load is then measured over those processes (VMs and other work) from
+    /// their /proc/<pid>/stat, since the host's /proc/stat is every fake node's.
     #[arg(long, hide = true, allow_hyphen_values = true)]
     pub process_node_arg: Option<String>,
     /// Run this node's end of the migration relay, listening here (chart `relay.enabled`).
@@ -421,14 +423,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         );
     }
     let mut node_uid = facts.uid;
-    let mut scanner = Some(NodeScanner::new(
-        node.clone(),
-        facts.work_group,
-        geometry,
-        key,
-        mode,
-        RescanPolicy::for_interval(interval),
-    ));
+    let mut scanner = Some(
+        NodeScanner::new(
+            node.clone(),
+            facts.work_group,
+            geometry,
+            key,
+            mode,
+            RescanPolicy::for_interval(interval),
+        )
+        .scoped_to_processes(args.process_node_arg.clone()),
+    );
     if let Some(s) = scanner.as_mut() {
         resume_memory_groups(&digests, &node, s).await;
     }

@@ -36,6 +36,10 @@ pub struct NodeScanner {
     node_rates: load::LoadRates,
     /// `node_rates` come from two readings (not the defaults before the second one).
     node_measured: bool,
+    /// Where several (fake) nodes share one host: the argument that, followed by the node
+    /// name, marks this node's processes; the node's load is then theirs, not the host's.
+    process_scope: Option<String>,
+    process_counters: Option<load::ProcessSetCounters>,
     /// Memory groups over time, and accesses to shared memory after a member left.
     pub shared: SharedAccessMonitor,
 }
@@ -61,8 +65,20 @@ impl NodeScanner {
             node_counters: load::sample_node().ok(),
             node_rates: load::LoadRates::default(),
             node_measured: false,
+            process_scope: None,
+            process_counters: None,
             shared: SharedAccessMonitor::default(),
         }
+    }
+
+    /// With `node_arg`, the node's whole load is measured over the processes whose command
+    /// line has that argument followed by the node name (the VMs and any other work of this
+    /// node), each from its `/proc/<pid>/stat` and `/proc/<pid>/io`, instead of over the
+    /// host's `/proc/stat`, which every node sharing the host would report alike. The node's
+    /// CPU count and memory size stay the host's.
+    pub fn scoped_to_processes(mut self, node_arg: Option<String>) -> Self {
+        self.process_scope = node_arg;
+        self
     }
 
     /// One interval: start tracking new VMs among `processes` that are in `on_node`, refresh
@@ -167,13 +183,36 @@ impl NodeScanner {
             .map(|(vm, pid)| ((*vm).clone(), *pid))
             .collect();
         self.shared.arm(&pids, self.mode, Instant::now());
-        if let Ok(c) = load::sample_node() {
-            if let Some(prev) = &self.node_counters {
-                self.node_rates = load::node_rates(prev, &c);
-                self.node_measured = true;
+        self.measure_node();
+    }
+
+    /// The node's whole load over the last interval: the host's, or its processes' (see
+    /// [`NodeScanner::scoped_to_processes`]).
+    fn measure_node(&mut self) {
+        let Ok(c) = load::sample_node() else {
+            return;
+        };
+        match &self.process_scope {
+            None => {
+                if let Some(prev) = &self.node_counters {
+                    self.node_rates = load::node_rates(prev, &c);
+                    self.node_measured = true;
+                }
             }
-            self.node_counters = Some(c);
+            Some(arg) => {
+                let pids = discover::processes_with((arg, &self.node)).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot list /proc");
+                    Vec::new()
+                });
+                let now = load::sample_processes(&pids);
+                if let Some(prev) = &self.process_counters {
+                    self.node_rates = load::process_set_rates(prev, &now);
+                    self.node_measured = true;
+                }
+                self.process_counters = Some(now);
+            }
         }
+        self.node_counters = Some(c);
     }
 
     /// What would be published now.

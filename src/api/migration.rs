@@ -87,7 +87,10 @@ pub struct VirtualMachineMigrationSpec {
     /// How many targets may be tried (default 3). When KubeVirt's migration fails because
     /// its target pod never ran on the chosen node (it stayed unschedulable until KubeVirt's
     /// timeout) or failed on that node, the request plans again without the node, until this
-    /// many attempts have been made. Each attempt is listed in `status.attempts`.
+    /// many attempts have been made. Each attempt is listed in `status.attempts`. With
+    /// `group: Together` the whole group is planned again, once every member's migration of
+    /// the failed attempt has ended, and only while every member is still on the source (a
+    /// member that already moved splits the group, which then is not tried again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: Option<u32>,
@@ -356,6 +359,19 @@ pub struct EstimateStatus {
     /// Why that transport.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub transport_reason: String,
+    /// Bytes per second of the default migration network the duration is estimated at
+    /// (before any network path added for the time budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_second: Option<u64>,
+    /// Where that rate came from: `Measured` (the source relay's rate on its last migration
+    /// to the target's relay, no older than the controller's `--measured-rate-max-age`),
+    /// `Configured` (`--migration-bandwidth`) or `BandwidthPerMigration` (KubeVirt's cap,
+    /// lower than either).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bandwidth_source: String,
+    /// Why that rate, in words (a measurement too old to use is named here).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub bandwidth_reason: String,
 }
 
 #[cfg(test)]

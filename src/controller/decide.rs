@@ -285,14 +285,80 @@ pub struct FailedAttempt {
     pub message: String,
 }
 
+/// A member of a `group: Together` request once the requested VM's migration of the current
+/// attempt failed: what KubeVirt shows of the member's own migration and where it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberAttempt {
+    pub name: String,
+    /// The member's KubeVirt migration of this attempt was made.
+    pub migration_made: bool,
+    /// KubeVirt's phase of it, when the watch shows it.
+    pub kubevirt_phase: Option<String>,
+    /// The member's VMI still exists and runs on the request's source node.
+    pub on_source: bool,
+    /// KubeVirt shows the member's VMI migrating.
+    pub migrating: bool,
+}
+
+/// Where a `Together` group stands after a failed attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupAfterFailure {
+    /// A member's migration of the attempt has not ended (or the watch does not show it yet):
+    /// wait; nothing is started or recorded meanwhile, so no KubeVirt migration is duplicated.
+    Wait(String),
+    /// Every member is still on the source and none is migrating: the whole group can be
+    /// planned again.
+    Intact,
+    /// A member left the source (its migration succeeded, or its VMI is gone): the group is
+    /// split, and moving it again would start from two nodes. Not retried; says why.
+    Split(String),
+}
+
+/// Decides, for a `Together` request whose current attempt failed, whether the group can be
+/// tried again as a whole: only once every member's migration of the attempt has ended, and
+/// only while every member is still on the source.
+pub fn group_after_failure(members: &[MemberAttempt]) -> GroupAfterFailure {
+    let running: Vec<String> = members
+        .iter()
+        .filter(|m| {
+            m.migrating
+                || (m.migration_made
+                    && !matches!(m.kubevirt_phase.as_deref(), Some("Succeeded" | "Failed")))
+        })
+        .map(|m| m.name.clone())
+        .collect();
+    if !running.is_empty() {
+        return GroupAfterFailure::Wait(format!(
+            "waiting for the migrations of group members {} to end before the next attempt",
+            running.join(", ")
+        ));
+    }
+    let left: Vec<String> = members
+        .iter()
+        .filter(|m| !m.on_source)
+        .map(|m| m.name.clone())
+        .collect();
+    if left.is_empty() {
+        GroupAfterFailure::Intact
+    } else {
+        GroupAfterFailure::Split(format!(
+            "group members {} are no longer on the source node, so the group cannot move \
+             together again",
+            left.join(", ")
+        ))
+    }
+}
+
 /// Decides on the current attempt, which KubeVirt reports failed: a failure of the target
 /// node (its pod never ran, or failed there) is tried again on the next-best node while
-/// attempts remain; an abort, a group moving together, or the last attempt end the request.
+/// attempts remain; an abort, a `Together` group that is split (`split`: why, from
+/// [`group_after_failure`]), or the last attempt end the request.
 pub fn failed_attempt(
     spec: &VirtualMachineMigrationSpec,
     status: &VirtualMachineMigrationStatus,
     node: &str,
     end: &AttemptEnd,
+    split: Option<&str>,
 ) -> FailedAttempt {
     let given = end.failure_reason.as_deref().unwrap_or("no reason given");
     let cause = failure_cause(end);
@@ -309,11 +375,18 @@ pub fn failed_attempt(
     };
     let attempt = current_attempt(status);
     let max = max_attempts(spec);
-    let replan =
-        cause != FailureCause::Aborted && spec.group != Some(GroupMode::Together) && attempt < max;
+    let retriable = cause != FailureCause::Aborted;
+    let replan = retriable && split.is_none() && attempt < max;
+    let whole = if spec.group == Some(GroupMode::Together) {
+        "the group "
+    } else {
+        ""
+    };
     let message = if replan {
-        format!("attempt {attempt} of {max} failed: {why}; planning again without {node}")
-    } else if max > 1 && cause != FailureCause::Aborted && spec.group != Some(GroupMode::Together) {
+        format!("attempt {attempt} of {max} failed: {why}; planning {whole}again without {node}")
+    } else if let (true, true, Some(split)) = (retriable, attempt < max, split) {
+        format!("KubeVirt migration failed: {why}; not tried again: {split}")
+    } else if max > 1 && retriable {
         format!("KubeVirt migration failed: {why}; {attempt} of {max} attempts made")
     } else {
         format!("KubeVirt migration failed: {why}")
@@ -909,7 +982,7 @@ mod tests {
         status
             .attempts
             .push(attempt("b", "m", AttemptOutcome::Running));
-        let first = failed_attempt(&spec(), &status, "b", &never_scheduled());
+        let first = failed_attempt(&spec(), &status, "b", &never_scheduled(), None);
         assert!(first.replan);
         assert!(first.why.contains("never ran on b"), "{}", first.why);
         assert!(
@@ -931,7 +1004,7 @@ mod tests {
             failure_reason: Some("libvirt error".into()),
             ..Default::default()
         };
-        let last = failed_attempt(&spec(), &status, "d", &on_node);
+        let last = failed_attempt(&spec(), &status, "d", &on_node, None);
         assert!(!last.replan);
         assert_eq!(
             last.message,
@@ -941,18 +1014,18 @@ mod tests {
     }
 
     #[test]
-    fn aborts_single_attempts_and_groups_moving_together_are_not_replanned() {
+    fn aborts_and_single_attempts_are_not_replanned() {
         let status = in_phase(MigrationPhase::Migrating);
         let aborted = AttemptEnd {
             abort_requested: true,
             ..Default::default()
         };
-        let v = failed_attempt(&spec(), &status, "b", &aborted);
+        let v = failed_attempt(&spec(), &status, "b", &aborted, None);
         assert!(!v.replan);
         assert!(v.message.contains("aborted"), "{}", v.message);
         let mut once = spec();
         once.max_attempts = Some(1);
-        let v = failed_attempt(&once, &status, "b", &never_scheduled());
+        let v = failed_attempt(&once, &status, "b", &never_scheduled(), None);
         assert!(!v.replan);
         assert!(
             v.message
@@ -960,12 +1033,99 @@ mod tests {
             "{}",
             v.message
         );
-        let mut together = spec();
-        together.group = Some(GroupMode::Together);
-        assert!(!failed_attempt(&together, &status, "b", &never_scheduled()).replan);
         let mut zero = spec();
         zero.max_attempts = Some(0);
         assert_eq!(max_attempts(&zero), 1, "at least one attempt");
+    }
+
+    fn member(name: &str, phase: Option<&str>, on_source: bool) -> MemberAttempt {
+        MemberAttempt {
+            name: name.into(),
+            migration_made: true,
+            kubevirt_phase: phase.map(str::to_string),
+            on_source,
+            migrating: false,
+        }
+    }
+
+    #[test]
+    fn a_together_group_whose_members_all_stayed_is_replanned_as_a_whole() {
+        let members = [
+            member("m1", Some("Failed"), true),
+            // Never made (the attempt failed before it): nothing of it runs.
+            MemberAttempt {
+                migration_made: false,
+                ..member("m2", None, true)
+            },
+        ];
+        assert_eq!(group_after_failure(&members), GroupAfterFailure::Intact);
+        let mut together = spec();
+        together.group = Some(GroupMode::Together);
+        let mut status = in_phase(MigrationPhase::Migrating);
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Running));
+        let v = failed_attempt(&together, &status, "b", &never_scheduled(), None);
+        assert!(v.replan);
+        assert!(
+            v.message.ends_with("planning the group again without b"),
+            "{}",
+            v.message
+        );
+        assert_eq!(group_after_failure(&[]), GroupAfterFailure::Intact);
+    }
+
+    #[test]
+    fn a_together_group_waits_for_every_member_migration_of_the_attempt_to_end() {
+        for running in [
+            member("m1", Some("Running"), true),
+            member("m1", Some("Scheduling"), true),
+            // Made, but the watch does not show it yet.
+            member("m1", None, true),
+            MemberAttempt {
+                migrating: true,
+                ..member("m1", Some("Failed"), true)
+            },
+        ] {
+            let members = [member("m0", Some("Failed"), true), running.clone()];
+            match group_after_failure(&members) {
+                GroupAfterFailure::Wait(why) => {
+                    assert!(why.contains("m1") && !why.contains("m0"), "{why}")
+                }
+                other => panic!("{running:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_split_together_group_is_not_replanned() {
+        let members = [
+            member("m1", Some("Failed"), true),
+            member("m2", Some("Succeeded"), false),
+        ];
+        let GroupAfterFailure::Split(why) = group_after_failure(&members) else {
+            panic!("a member moved: the group is split");
+        };
+        assert!(why.contains("m2") && !why.contains("m1"), "{why}");
+        let mut together = spec();
+        together.group = Some(GroupMode::Together);
+        let mut status = in_phase(MigrationPhase::Migrating);
+        status
+            .attempts
+            .push(attempt("b", "m", AttemptOutcome::Running));
+        let v = failed_attempt(&together, &status, "b", &never_scheduled(), Some(&why));
+        assert!(!v.replan);
+        assert!(
+            v.message.contains("not tried again") && v.message.contains("m2"),
+            "{}",
+            v.message
+        );
+        // A member whose VMI is gone also splits it.
+        let gone = [member("m3", Some("Failed"), false)];
+        assert!(matches!(
+            group_after_failure(&gone),
+            GroupAfterFailure::Split(_)
+        ));
     }
 
     #[test]

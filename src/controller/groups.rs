@@ -12,7 +12,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 
 use super::error::Result;
-use super::kubevirt::{create_kubevirt_migration, vmim_name};
+use super::kubevirt::{attempt_vmim_name, create_kubevirt_migration};
 use super::labels;
 use super::Context;
 use crate::api::kubevirt::VirtualMachineInstance;
@@ -66,19 +66,21 @@ pub fn members(ctx: &Context, vmi: &VirtualMachineInstance) -> Vec<Arc<VirtualMa
         .collect()
 }
 
-/// Deterministic name of a member's KubeVirt migration.
-pub fn member_vmim_name(vmm: &VirtualMachineMigration, member: &str) -> String {
-    labels::bounded_name(&format!("{}-m-{member}", vmim_name(vmm)))
+/// Deterministic name of a member's KubeVirt migration in the request's `attempt` (1 for the
+/// first; `Together` groups tried again get one per attempt, as the requested VM does).
+pub fn member_vmim_name(vmm: &VirtualMachineMigration, member: &str, attempt: u32) -> String {
+    labels::bounded_name(&format!("{}-m-{member}", attempt_vmim_name(vmm, attempt)))
 }
 
-/// Creates (idempotently) a member's KubeVirt migration to `target`.
+/// Creates (idempotently) a member's KubeVirt migration of `attempt` to `target`.
 pub async fn start_member(
     ctx: &Context,
     vmm: &VirtualMachineMigration,
     member: &str,
     target: &str,
+    attempt: u32,
 ) -> Result<String> {
-    let name = member_vmim_name(vmm, member);
+    let name = member_vmim_name(vmm, member, attempt);
     create_kubevirt_migration(ctx, vmm, &name, member, target).await?;
     Ok(name)
 }
@@ -103,6 +105,34 @@ pub fn refresh_members(ctx: &Context, ns: &str, members: &mut [MemberStatus]) ->
         m.phase = phase;
     }
     (all_ok, any_failed)
+}
+
+/// Together, after the requested VM's migration of an attempt failed: each member's own
+/// migration as the watch shows it, and whether the member is still on `source`.
+pub fn member_attempts(
+    ctx: &Context,
+    ns: &str,
+    source: &str,
+    members: &[MemberStatus],
+) -> Vec<crate::controller::decide::MemberAttempt> {
+    members
+        .iter()
+        .map(|m| {
+            let vmim = m.kubevirt_migration.as_deref().and_then(|name| {
+                ctx.view
+                    .vmims
+                    .get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+            });
+            let vmi = ctx.view.vmi(ns, &m.name);
+            crate::controller::decide::MemberAttempt {
+                name: m.name.clone(),
+                migration_made: m.kubevirt_migration.is_some(),
+                kubevirt_phase: vmim.and_then(|v| v.phase().map(str::to_string)),
+                on_source: vmi.as_ref().is_some_and(|v| v.node_name() == Some(source)),
+                migrating: vmi.as_ref().is_some_and(|v| v.is_migrating()),
+            }
+        })
+        .collect()
 }
 
 /// Follow: members on the source that touched the shared memory since the

@@ -418,30 +418,31 @@ fn estimate(
         .as_deref()
         .and_then(|t| ctx.view.digest_status(t));
     // What the source's relay measured on its last migration to the target's relay, over the
-    // configured figure.
-    if let Some((measured, when)) =
-        status::measured_bandwidth(source_digest.as_ref(), target_digest.as_ref())
-    {
-        status.notes.push(format!(
-            "estimate at {}/s, measured by the relay on the migration to {} that ended {when}",
-            crate::plan::hardware::human_bytes(measured as u64),
-            plan.target_node.as_deref().unwrap_or_default()
-        ));
-        base.bandwidth = measured;
-    }
-    // KubeVirt throttles the migration to its bandwidthPerMigration, where one is set.
+    // configured figure while it is recent enough; KubeVirt throttles the migration to its
+    // bandwidthPerMigration, where one is set.
+    let measured = status::measured_bandwidth(
+        source_digest.as_ref(),
+        target_digest.as_ref(),
+        time::Timestamp::now(),
+    );
     let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
-    if let Some(cap) = ctx.view.bandwidth_cap(&vm) {
-        let capped = crate::plan::estimate::capped_bandwidth(base.bandwidth, Some(&cap));
-        if capped < base.bandwidth {
-            status.notes.push(format!(
-                "estimate at {}/s, the bandwidthPerMigration of {}",
-                crate::plan::hardware::human_bytes(cap.bytes_per_second),
-                cap.source
-            ));
-            base.bandwidth = capped;
-        }
-    }
+    let cap = ctx.view.bandwidth_cap(&vm);
+    let choice = crate::plan::estimate::choose_bandwidth(
+        ctx.transfer.bandwidth,
+        measured.as_ref().map(|m| m.0),
+        ctx.transfer.measured_rate_max_age,
+        cap.as_ref(),
+    );
+    let bandwidth_reason = status::bandwidth_reason(
+        &choice,
+        ctx.transfer.bandwidth,
+        ctx.transfer.measured_rate_max_age,
+        plan.target_node.as_deref().unwrap_or_default(),
+        measured.as_ref().map(|m| m.1.as_str()),
+        cap.as_ref(),
+    );
+    status.notes.push(format!("estimate at {bandwidth_reason}"));
+    base.bandwidth = choice.bytes_per_second;
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
             (&plan.source_node, source_digest.as_ref()),
@@ -474,6 +475,9 @@ fn estimate(
             .unwrap_or_default(),
     );
     estimate.transport_reason = transport_reason;
+    estimate.bandwidth_bytes_per_second = Some(choice.bytes_per_second.round() as u64);
+    estimate.bandwidth_source = format!("{:?}", choice.source);
+    estimate.bandwidth_reason = bandwidth_reason;
     status.estimate = Some(estimate);
     Ok(decision)
 }
@@ -556,7 +560,8 @@ async fn start(
         target,
         why,
     } = chosen;
-    let name = attempt_vmim_name(vmm, decide::current_attempt(&status));
+    let attempt = decide::current_attempt(&status);
+    let name = attempt_vmim_name(vmm, attempt);
     if let Some(d) = decision {
         let ready = paths::activate(ctx, vmm, &mut status, d, &source, &target).await?;
         if !ready {
@@ -610,7 +615,8 @@ async fn start(
         // The whole group goes to the same node now (KubeVirt's limits apply per VMI; the
         // group is one decision).
         for m in &mut status.members {
-            m.kubevirt_migration = Some(groups::start_member(ctx, vmm, &m.name, &target).await?);
+            m.kubevirt_migration =
+                Some(groups::start_member(ctx, vmm, &m.name, &target, attempt).await?);
             m.start_time.get_or_insert_with(time::now_rfc3339);
             m.reason = "moves together with the requested VM".into();
         }
@@ -797,7 +803,27 @@ async fn follow(
                 failure_reason: state.failure_reason.clone(),
                 abort_requested: state.abort_requested.unwrap_or(false),
             };
-            let verdict = decide::failed_attempt(&vmm.spec, &status, &pinned, &end);
+            // Together: the group moves again only as a whole, once every member's migration
+            // of this attempt has ended, and only while every member is still on the source.
+            let split = if vmm.spec.group == Some(GroupMode::Together) && !status.members.is_empty()
+            {
+                let source = status.source_node.clone().unwrap_or_default();
+                let members = groups::member_attempts(ctx, &ns, &source, &status.members);
+                match decide::group_after_failure(&members) {
+                    decide::GroupAfterFailure::Wait(why) => {
+                        status.phase = MigrationPhase::Migrating;
+                        status.reason = Some(why);
+                        write_status(ctx, vmm, &status).await?;
+                        return Ok(Action::requeue(Duration::from_secs(2)));
+                    }
+                    decide::GroupAfterFailure::Intact => None,
+                    decide::GroupAfterFailure::Split(why) => Some(why),
+                }
+            } else {
+                None
+            };
+            let verdict =
+                decide::failed_attempt(&vmm.spec, &status, &pinned, &end, split.as_deref());
             status.failure_reason = state.failure_reason.clone();
             let ended = state
                 .end_timestamp
@@ -839,6 +865,16 @@ async fn replan(
     paths::cleanup(ctx, vmm, &mut status).await?;
     // The next attempt sets up the paths its own target needs.
     status.paths.retain(|p| p.removed_time.is_none());
+    // Together: the members move again with the requested VM, by migrations of the next
+    // attempt's own names.
+    if vmm.spec.group == Some(GroupMode::Together) {
+        for m in &mut status.members {
+            m.kubevirt_migration = None;
+            m.phase = "Waiting".into();
+            m.start_time = None;
+            m.reason = String::new();
+        }
+    }
     status.phase = MigrationPhase::Pending;
     status.reason = Some(message.clone());
     set_condition(
@@ -872,7 +908,7 @@ async fn follow_group(
         .map(|m| m.name.clone())
         .collect();
     for name in groups::touched_shared_memory(ctx, &source, &ns, &waiting) {
-        let vmim = groups::start_member(ctx, vmm, &name, &target).await?;
+        let vmim = groups::start_member(ctx, vmm, &name, &target, 1).await?;
         if let Some(m) = status.members.iter_mut().find(|m| m.name == name) {
             m.kubevirt_migration = Some(vmim);
             m.start_time = Some(time::now_rfc3339());

@@ -57,6 +57,17 @@ pub struct ControllerArgs {
         default_value_t = 1.25e9
     )]
     pub migration_bandwidth: f64,
+    /// How long a node-to-node rate measured by the relays stands in for
+    /// `--migration-bandwidth` after the migration it was measured on (a Go duration such as
+    /// `1h` or `30m`; above zero). An older measurement may describe a network that has
+    /// changed since, so the configured rate is used again.
+    #[arg(
+        long,
+        env = "COMMONGROUND_MEASURED_RATE_MAX_AGE",
+        default_value = "1h",
+        value_parser = positive_duration
+    )]
+    pub measured_rate_max_age: Duration,
     /// Downtime limit of the stop-and-copy phase, for time estimates.
     #[arg(long, env = "COMMONGROUND_DOWNTIME_LIMIT_MS", default_value_t = 300.0)]
     pub downtime_limit_ms: f64,
@@ -91,6 +102,15 @@ pub struct ControllerArgs {
         default_value = "plain"
     )]
     pub log_format: LogFormat,
+}
+
+/// A flag's Go duration (`90s`, `1h30m`), refused when zero.
+fn positive_duration(text: &str) -> std::result::Result<Duration, String> {
+    match crate::view::quantity::duration(text) {
+        Ok(d) if d.is_zero() => Err(format!("{text:?} is zero; give a duration above zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub async fn run(args: ControllerArgs) -> Result<()> {
@@ -157,6 +177,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             bandwidth: args.migration_bandwidth,
             downtime_limit_ms: args.downtime_limit_ms,
             cores_per_gbps: args.cores_per_gbps,
+            measured_rate_max_age: args.measured_rate_max_age,
         },
     ));
 
@@ -249,4 +270,43 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "commonground".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        controller: ControllerArgs,
+    }
+
+    #[test]
+    fn measured_rates_are_used_for_an_hour_unless_told_otherwise() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(
+            cli.controller.measured_rate_max_age,
+            Duration::from_secs(3600)
+        );
+        let cli = Cli::try_parse_from(["x", "--measured-rate-max-age=1h30m"]).unwrap();
+        assert_eq!(
+            cli.controller.measured_rate_max_age,
+            Duration::from_secs(5400)
+        );
+    }
+
+    #[test]
+    fn a_zero_or_malformed_maximum_age_is_refused() {
+        for bad in ["0s", "0", "an hour", "-1h", ""] {
+            let err = Cli::try_parse_from(["x", &format!("--measured-rate-max-age={bad}")])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(
+                err.to_string().contains("--measured-rate-max-age"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 }

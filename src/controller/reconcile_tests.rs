@@ -6,6 +6,7 @@
 //! rebalancer's requests.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::Method;
 use serde_json::{json, Value};
@@ -77,6 +78,7 @@ fn context(fake: &FakeApi, fixed: Fixed) -> Arc<Context> {
         bandwidth: 1.25e9,
         downtime_limit_ms: 300.0,
         cores_per_gbps: 0.25,
+        measured_rate_max_age: Duration::from_secs(3600),
     };
     Arc::new(Context::new(
         client,
@@ -717,14 +719,14 @@ async fn a_follow_request_within_its_deadline_keeps_waiting_for_members() {
     assert_eq!(shared.status, "False");
 }
 
-#[tokio::test]
-async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
-    let fake = FakeApi::new();
+/// A request for vm1 (4 GiB) from a to b, whose relay a measured at 100 MB/s on a migration
+/// that ended at `measured_at`.
+fn measured_to_b(measured_at: &str) -> (Fixed, Value) {
     let mut vmm = request(Value::Null);
     vmm["spec"]["dryRun"] = json!(true);
     let mut a = digest("a", &[("vm1", 1.0)]);
     a["status"]["transfers"] = json!([{"peerRelay": "10.0.0.2:4480", "bytes": 1u64 << 30,
-        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": "2026-01-01T00:00:00Z"}]);
+        "seconds": 10.0, "bytesPerSecond": 1.0e8, "time": measured_at}]);
     let mut b = digest("b", &[]);
     b["status"]["relay"] = json!({"address": "10.0.0.2:4443", "protocolVersion": 1,
         "regionPages": 16});
@@ -732,6 +734,13 @@ async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
         digests: objects(&[a, b]),
         ..cluster(std::slice::from_ref(&vmm))
     };
+    (fixed, vmm)
+}
+
+#[tokio::test]
+async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
+    let fake = FakeApi::new();
+    let (fixed, vmm) = measured_to_b(&crate::api::time::now_rfc3339());
     let ctx = context(&fake, fixed);
     let after = reconcile_request(&fake, &ctx, &vmm).await;
     let status = after.status.unwrap();
@@ -743,7 +752,179 @@ async fn the_estimate_uses_the_rate_the_sources_relay_measured_to_the_target() {
         "{:?}",
         status.notes
     );
+    let estimate = status.estimate.unwrap();
+    assert_eq!(estimate.bandwidth_source, "Measured");
+    assert_eq!(estimate.bandwidth_bytes_per_second, Some(100_000_000));
     // 4 GiB at the measured 100 MB/s instead of the configured 1.25 GB/s.
-    let seconds = status.estimate.unwrap().duration_seconds.unwrap();
+    let seconds = estimate.duration_seconds.unwrap();
     assert!(seconds > 30.0, "{seconds}");
+}
+
+#[tokio::test]
+async fn a_rate_measured_longer_ago_than_the_maximum_age_gives_way_to_the_configured_one() {
+    let fake = FakeApi::new();
+    let two_hours_ago = crate::api::time::format_rfc3339(
+        crate::api::time::Timestamp::now() - Duration::from_secs(7200),
+    );
+    let (fixed, vmm) = measured_to_b(&two_hours_ago);
+    let ctx = context(&fake, fixed);
+    let after = reconcile_request(&fake, &ctx, &vmm).await;
+    let estimate = after.status.unwrap().estimate.unwrap();
+    assert_eq!(estimate.bandwidth_source, "Configured");
+    assert_eq!(estimate.bandwidth_bytes_per_second, Some(1_250_000_000));
+    assert!(
+        estimate
+            .bandwidth_reason
+            .contains("older than the maximum age of 3600s")
+            && estimate.bandwidth_reason.contains(&two_hours_ago),
+        "{}",
+        estimate.bandwidth_reason
+    );
+    // 4 GiB at the configured 1.25 GB/s.
+    let seconds = estimate.duration_seconds.unwrap();
+    assert!(seconds < 5.0, "{seconds}");
+}
+
+/// vm1 and vm2 labelled into one memory group on node a; nodes a, b and c; a `Together`
+/// request for vm1 that may try two targets; `vmims` are what the view shows of KubeVirt's
+/// migrations.
+fn together_cluster(vmm: &Value, vmims: &[Value]) -> Fixed {
+    let grouped = |name: &str| {
+        let mut v = vmi(name, "a");
+        v["metadata"]["labels"] = json!({(crate::api::migration::MEMORY_GROUP_LABEL): "g"});
+        v
+    };
+    Fixed {
+        vmis: objects(&[grouped("vm1"), grouped("vm2")]),
+        vmims: objects(vmims),
+        ..three_nodes(std::slice::from_ref(vmm))
+    }
+}
+
+#[tokio::test]
+async fn a_together_group_is_replanned_as_a_whole_only_once_every_member_migration_ended() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["group"] = json!("Together");
+    vmm["spec"]["maxAttempts"] = json!(2);
+    let ctx = context(&fake, together_cluster(&vmm, &[]));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let status = first.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("b"));
+    let member_name = format!("{}-m-vm2", super::kubevirt::vmim_name(&first));
+    assert_eq!(
+        status.members[0].kubevirt_migration.as_deref(),
+        Some(member_name.as_str())
+    );
+    assert_eq!(creates(&fake, VMIMS), 2, "{:?}", fake.writes());
+
+    // KubeVirt gives up on vm1's target pod on b while vm2's migration is still scheduling:
+    // the request waits, records nothing and makes nothing.
+    let path = vmim_path(&first);
+    let mut main = fake.get(&path).unwrap();
+    main["status"] = never_scheduled();
+    fake.insert(&path, main);
+    let member_path = format!("{VMIMS}/{member_name}");
+    let mut member = fake.get(&member_path).unwrap();
+    member["status"] = json!({"phase": "Scheduling"});
+    let now = serde_json::to_value(&first).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    fake.forget_requests();
+    let waiting = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&waiting), "Migrating");
+    let status = waiting.status.clone().unwrap();
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("group members vm2"),
+        "{status:?}"
+    );
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Running);
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
+
+    // vm2's migration fails the same way; both VMs are still on a: the group plans again.
+    member["status"] = never_scheduled();
+    fake.insert(&member_path, member.clone());
+    let now = serde_json::to_value(&waiting).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    let replanning = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&replanning), "Pending");
+    let status = replanning.status.clone().unwrap();
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("planning the group again without b"),
+        "{status:?}"
+    );
+    assert_eq!(status.members[0].kubevirt_migration, None);
+    assert_eq!(creates(&fake, VMIMS), 0, "not in the same step");
+
+    // The next reconcile moves both to c, by migrations of the second attempt.
+    let now = serde_json::to_value(&replanning).unwrap();
+    let ctx = context(&fake, together_cluster(&now, std::slice::from_ref(&member)));
+    let second = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&second), "Migrating");
+    let status = second.status.clone().unwrap();
+    assert_eq!(status.target_node.as_deref(), Some("c"));
+    let name2 = format!("{}-2", super::kubevirt::vmim_name(&second));
+    assert_eq!(status.kubevirt_migration.as_deref(), Some(name2.as_str()));
+    let member2 = format!("{name2}-m-vm2");
+    assert_eq!(
+        status.members[0].kubevirt_migration.as_deref(),
+        Some(member2.as_str())
+    );
+    for (path, vmi) in [
+        (format!("{VMIMS}/{name2}"), "vm1"),
+        (format!("{VMIMS}/{member2}"), "vm2"),
+    ] {
+        let made = fake.get(&path).unwrap_or_else(|| panic!("{path} made"));
+        assert_eq!(made["spec"]["vmiName"], vmi);
+        assert_eq!(
+            made["spec"]["addedNodeSelector"]["kubernetes.io/hostname"],
+            "c"
+        );
+    }
+    assert_eq!(creates(&fake, VMIMS), 2, "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn a_together_group_split_by_a_member_that_moved_is_not_replanned() {
+    let fake = FakeApi::new();
+    let mut vmm = request(Value::Null);
+    vmm["spec"]["group"] = json!("Together");
+    vmm["spec"]["maxAttempts"] = json!(3);
+    let ctx = context(&fake, together_cluster(&vmm, &[]));
+    let first = reconcile_request(&fake, &ctx, &vmm).await;
+    let path = vmim_path(&first);
+    let mut main = fake.get(&path).unwrap();
+    main["status"] = never_scheduled();
+    fake.insert(&path, main);
+    let member_name = format!("{}-m-vm2", super::kubevirt::vmim_name(&first));
+    let mut member = fake.get(&format!("{VMIMS}/{member_name}")).unwrap();
+    member["status"] = json!({"phase": "Succeeded"});
+    let now = serde_json::to_value(&first).unwrap();
+    // vm2 now runs on b.
+    let mut fixed = together_cluster(&now, std::slice::from_ref(&member));
+    fixed.vmis[1].status.as_mut().unwrap().node_name = Some("b".into());
+    let ctx = context(&fake, fixed);
+    fake.forget_requests();
+    let done = reconcile_request(&fake, &ctx, &now).await;
+    assert_eq!(phase(&done), "Failed");
+    let status = done.status.unwrap();
+    assert_eq!(status.attempts[0].outcome, AttemptOutcome::Failed);
+    assert!(
+        status
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not tried again: group members vm2 are no longer on the source node"),
+        "{status:?}"
+    );
+    assert_eq!(creates(&fake, VMIMS), 0, "{:?}", fake.writes());
 }

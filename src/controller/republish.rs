@@ -283,6 +283,7 @@ mod tests {
                 bandwidth: 1.25e9,
                 downtime_limit_ms: 300.0,
                 cores_per_gbps: 0.25,
+                measured_rate_max_age: std::time::Duration::from_secs(3600),
             },
         ));
         reconcile_kubevirt_migration(Arc::new(m), ctx.clone())

@@ -2,7 +2,10 @@
 
 use crate::api::digest::{NodeRegionDigestStatus, RelayEndpoint};
 use crate::api::migration::{CandidateStatus, EstimateStatus, WorkGroupStatus};
-use crate::plan::estimate::{estimate, EstimateInput, Transport};
+use crate::plan::estimate::{
+    estimate, BandwidthCap, BandwidthChoice, BandwidthSource, EstimateInput, MeasuredRate,
+    MeasurementUse, Transport,
+};
 use crate::plan::hardware::human_bytes;
 use crate::plan::{Plan, Verdict};
 
@@ -103,6 +106,8 @@ pub struct TransferModel {
     pub downtime_limit_ms: f64,
     /// CPU cores a target needs per Gbit/s of extra migration stream.
     pub cores_per_gbps: f64,
+    /// A measured node-to-node rate older than this is not used (`--measured-rate-max-age`).
+    pub measured_rate_max_age: std::time::Duration,
 }
 
 /// The estimate input for a plan over the default network, stock transport.
@@ -123,12 +128,14 @@ pub fn estimate_input(
 }
 
 /// The rate the source's relay measured on its last completed migration to the target's
-/// relay, with when: the target relay's advertised address as the source end named it, or the
-/// same host (the path mode reaches the relay on virt-handler's address, with its own port).
+/// relay, its age as of `now` and its end time as published: the target relay's advertised
+/// address as the source end named it, or the same host (the path mode reaches the relay on
+/// virt-handler's address, with its own port).
 pub fn measured_bandwidth(
     source: Option<&NodeRegionDigestStatus>,
     target: Option<&NodeRegionDigestStatus>,
-) -> Option<(f64, String)> {
+    now: crate::api::time::Timestamp,
+) -> Option<(MeasuredRate, String)> {
     let address = &target?.relay.as_ref()?.address;
     let host = |a: &str| {
         a.rsplit_once(':')
@@ -144,7 +151,62 @@ pub fn measured_bandwidth(
                 .find(|t| host(&t.peer_relay) == host(address))
         })
         .filter(|t| t.bytes_per_second.is_finite() && t.bytes_per_second > 0.0)
-        .map(|t| (t.bytes_per_second, t.time.clone()))
+        .map(|t| {
+            let age = crate::api::time::parse_rfc3339(&t.time)
+                .map(|end| crate::api::time::elapsed(end, now));
+            (
+                MeasuredRate {
+                    bytes_per_second: t.bytes_per_second,
+                    age,
+                },
+                t.time.clone(),
+            )
+        })
+}
+
+/// Why the estimate runs at the rate `choice` chose, in words for status: the measurement
+/// (with the migration to `target` it came from, ended at `measured_at`) or the configured
+/// rate, a measurement passed over for its age, and KubeVirt's cap where it is lower.
+pub fn bandwidth_reason(
+    choice: &BandwidthChoice,
+    configured: f64,
+    max_age: std::time::Duration,
+    target: &str,
+    measured_at: Option<&str>,
+    cap: Option<&BandwidthCap>,
+) -> String {
+    let rate = |r: f64| format!("{}/s", human_bytes(r as u64));
+    let at = measured_at.unwrap_or("an unknown time");
+    let mut why =
+        match choice.measurement {
+            MeasurementUse::Used(m) => format!(
+                "{} measured by the relay on the migration to {target} that ended {at}",
+                rate(m.bytes_per_second)
+            ),
+            MeasurementUse::TooOld(m) => format!(
+            "{} configured (--migration-bandwidth); the {} measured on the migration to {target} \
+             that ended {at} is {}, older than the maximum age of {}s",
+            rate(configured),
+            rate(m.bytes_per_second),
+            m.age
+                .map_or("of unknown age".to_string(), |a| format!("{}s old", a.as_secs())),
+            max_age.as_secs()
+        ),
+            MeasurementUse::Absent => format!(
+                "{} configured (--migration-bandwidth); no rate measured to {target}",
+                rate(configured)
+            ),
+        };
+    if choice.source == BandwidthSource::BandwidthPerMigration {
+        if let Some(c) = cap {
+            why.push_str(&format!(
+                "; capped at {} by the bandwidthPerMigration of {}",
+                rate(c.bytes_per_second as f64),
+                c.source
+            ));
+        }
+    }
+    why
 }
 
 /// The transport a migration from `source` to `target` gets, and why: the skipping transport
@@ -223,6 +285,9 @@ pub fn estimate_status(plan: &Plan, input: &EstimateInput, paths: Vec<String>) -
         paths,
         transport: format!("{:?}", input.transport),
         transport_reason: String::new(),
+        bandwidth_bytes_per_second: None,
+        bandwidth_source: String::new(),
+        bandwidth_reason: String::new(),
     }
 }
 
@@ -245,9 +310,13 @@ mod transport_tests {
 
     #[test]
     fn the_rate_measured_to_the_targets_relay_is_found_by_address_or_host() {
+        let now = crate::api::time::parse_rfc3339("2026-01-01T01:00:00Z").unwrap();
+        let rate = |s: &NodeRegionDigestStatus, t: Option<&NodeRegionDigestStatus>| {
+            measured_bandwidth(Some(s), t, now).map(|m| m.0.bytes_per_second)
+        };
         let target = node(Some((true, 16)), "k"); // relay at 10.0.0.1:4443
         let mut source = node(Some((true, 16)), "k");
-        assert_eq!(measured_bandwidth(Some(&source), Some(&target)), None);
+        assert_eq!(rate(&source, Some(&target)), None);
         let transfer = |peer: &str, rate: f64| crate::api::digest::TransferStatus {
             peer_relay: peer.into(),
             bytes: 1 << 30,
@@ -256,26 +325,79 @@ mod transport_tests {
             time: "2026-01-01T00:00:00Z".into(),
         };
         source.transfers = vec![transfer("10.0.0.9:4443", 1e9)];
-        assert_eq!(
-            measured_bandwidth(Some(&source), Some(&target)),
-            None,
-            "another node's relay"
-        );
+        assert_eq!(rate(&source, Some(&target)), None, "another node's relay");
         source.transfers.push(transfer("10.0.0.1:4480", 2e8));
         assert_eq!(
-            measured_bandwidth(Some(&source), Some(&target)).map(|m| m.0),
+            rate(&source, Some(&target)),
             Some(2e8),
             "same host, the path's own port"
         );
         source.transfers.push(transfer("10.0.0.1:4443", 3e8));
         assert_eq!(
-            measured_bandwidth(Some(&source), Some(&target)).map(|m| m.0),
+            rate(&source, Some(&target)),
             Some(3e8),
             "the exact address first"
         );
-        assert_eq!(measured_bandwidth(Some(&source), None), None);
+        assert_eq!(rate(&source, None), None);
         let no_relay = node(None, "k");
-        assert_eq!(measured_bandwidth(Some(&source), Some(&no_relay)), None);
+        assert_eq!(rate(&source, Some(&no_relay)), None);
+    }
+
+    #[test]
+    fn a_measured_rate_carries_its_age_from_the_published_end_time() {
+        let target = node(Some((true, 16)), "k");
+        let mut source = node(Some((true, 16)), "k");
+        let transfer = |time: &str| crate::api::digest::TransferStatus {
+            peer_relay: "10.0.0.1:4443".into(),
+            bytes: 1 << 30,
+            seconds: 1.0,
+            bytes_per_second: 3e8,
+            time: time.into(),
+        };
+        let now = crate::api::time::parse_rfc3339("2026-01-01T01:00:00Z").unwrap();
+        source.transfers = vec![transfer("2026-01-01T00:30:00Z")];
+        let (m, at) = measured_bandwidth(Some(&source), Some(&target), now).unwrap();
+        assert_eq!(m.age, Some(std::time::Duration::from_secs(1800)));
+        assert_eq!(at, "2026-01-01T00:30:00Z");
+        source.transfers = vec![transfer("not a time")];
+        let (m, _) = measured_bandwidth(Some(&source), Some(&target), now).unwrap();
+        assert_eq!(m.age, None, "an unreadable end time leaves the age unknown");
+        // A clock ahead of the controller's: not in the past, so no age to hold against it.
+        source.transfers = vec![transfer("2026-01-01T01:05:00Z")];
+        let (m, _) = measured_bandwidth(Some(&source), Some(&target), now).unwrap();
+        assert_eq!(m.age, Some(std::time::Duration::ZERO));
+    }
+
+    #[test]
+    fn the_bandwidth_reason_names_the_source_and_a_measurement_passed_over() {
+        use crate::plan::estimate::choose_bandwidth;
+        let hour = std::time::Duration::from_secs(3600);
+        let m = |age: u64| MeasuredRate {
+            bytes_per_second: 3e8,
+            age: Some(std::time::Duration::from_secs(age)),
+        };
+        let fresh = choose_bandwidth(1.25e9, Some(m(60)), hour, None);
+        let why = bandwidth_reason(&fresh, 1.25e9, hour, "n2", Some("T1"), None);
+        assert!(
+            why.contains("measured") && why.contains("n2") && why.contains("T1"),
+            "{why}"
+        );
+        let stale = choose_bandwidth(1.25e9, Some(m(7200)), hour, None);
+        let why = bandwidth_reason(&stale, 1.25e9, hour, "n2", Some("T1"), None);
+        assert!(
+            why.contains("configured") && why.contains("7200s old") && why.contains("3600s"),
+            "{why}"
+        );
+        let cap = BandwidthCap {
+            bytes_per_second: 1 << 20,
+            source: "MigrationPolicy slow".into(),
+        };
+        let capped = choose_bandwidth(1.25e9, None, hour, Some(&cap));
+        let why = bandwidth_reason(&capped, 1.25e9, hour, "n2", None, Some(&cap));
+        assert!(
+            why.contains("no rate measured") && why.contains("MigrationPolicy slow"),
+            "{why}"
+        );
     }
 
     #[test]

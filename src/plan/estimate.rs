@@ -97,6 +97,80 @@ pub fn capped_bandwidth(network: f64, cap: Option<&BandwidthCap>) -> f64 {
     }
 }
 
+/// Where the bandwidth of an estimate came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BandwidthSource {
+    /// The rate measured on an earlier migration between the same two nodes.
+    Measured,
+    /// The configured rate of the default migration network (`--migration-bandwidth`).
+    Configured,
+    /// KubeVirt's `bandwidthPerMigration`, lower than the measured or configured rate.
+    BandwidthPerMigration,
+}
+
+/// A node-to-node rate measured on an earlier migration, and how long ago that migration
+/// ended (`None` when its end time cannot be read).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MeasuredRate {
+    pub bytes_per_second: f64,
+    pub age: Option<std::time::Duration>,
+}
+
+/// What became of a measured rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MeasurementUse {
+    /// There is none (or none that is a positive finite rate).
+    Absent,
+    /// Used: no older than the maximum age.
+    Used(MeasuredRate),
+    /// Older than the maximum age (or of unknown age): the configured rate is used instead.
+    TooOld(MeasuredRate),
+}
+
+/// The bandwidth an estimate uses, where it came from, and what became of a measurement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BandwidthChoice {
+    pub bytes_per_second: f64,
+    pub source: BandwidthSource,
+    pub measurement: MeasurementUse,
+}
+
+/// The bandwidth of a migration's default network: a measured rate no older than `max_age`,
+/// else the `configured` one; either way capped by KubeVirt's `bandwidthPerMigration`. A rate
+/// measured long ago may describe a network that has changed since (other traffic, a new
+/// link), so past `max_age` it no longer overrides the configuration. A measurement of
+/// unknown age counts as too old.
+pub fn choose_bandwidth(
+    configured: f64,
+    measured: Option<MeasuredRate>,
+    max_age: std::time::Duration,
+    cap: Option<&BandwidthCap>,
+) -> BandwidthChoice {
+    let measurement = match measured {
+        Some(m) if m.bytes_per_second.is_finite() && m.bytes_per_second > 0.0 => match m.age {
+            Some(age) if age <= max_age => MeasurementUse::Used(m),
+            _ => MeasurementUse::TooOld(m),
+        },
+        _ => MeasurementUse::Absent,
+    };
+    let (network, source) = match measurement {
+        MeasurementUse::Used(m) => (m.bytes_per_second, BandwidthSource::Measured),
+        MeasurementUse::Absent | MeasurementUse::TooOld(_) => {
+            (configured, BandwidthSource::Configured)
+        }
+    };
+    let capped = capped_bandwidth(network, cap);
+    BandwidthChoice {
+        bytes_per_second: capped,
+        source: if capped < network {
+            BandwidthSource::BandwidthPerMigration
+        } else {
+            source
+        },
+        measurement,
+    }
+}
+
 pub fn estimate(input: &EstimateInput) -> Result<Estimate, EstimateError> {
     if !(input.bandwidth.is_finite() && input.bandwidth > 0.0) {
         return Err(EstimateError::Bandwidth(input.bandwidth));
@@ -230,6 +304,90 @@ mod tests {
         let mut i = EstimateInput::new(GIB, 0.0, 1.0);
         i.zero_bytes = 2 * GIB;
         assert!(estimate(&i).is_err());
+    }
+
+    fn measured(rate: f64, age_secs: Option<u64>) -> MeasuredRate {
+        MeasuredRate {
+            bytes_per_second: rate,
+            age: age_secs.map(std::time::Duration::from_secs),
+        }
+    }
+
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    #[test]
+    fn a_measured_rate_within_the_maximum_age_is_used() {
+        let m = measured(3e8, Some(3599));
+        let c = choose_bandwidth(1.25e9, Some(m), HOUR, None);
+        assert_eq!(c.bytes_per_second, 3e8);
+        assert_eq!(c.source, BandwidthSource::Measured);
+        assert_eq!(c.measurement, MeasurementUse::Used(m));
+        let at_the_limit = choose_bandwidth(1.25e9, Some(measured(3e8, Some(3600))), HOUR, None);
+        assert_eq!(at_the_limit.source, BandwidthSource::Measured);
+    }
+
+    #[test]
+    fn a_measured_rate_older_than_the_maximum_age_falls_back_to_the_configured_one() {
+        let m = measured(3e8, Some(3601));
+        let c = choose_bandwidth(1.25e9, Some(m), HOUR, None);
+        assert_eq!(c.bytes_per_second, 1.25e9);
+        assert_eq!(c.source, BandwidthSource::Configured);
+        assert_eq!(c.measurement, MeasurementUse::TooOld(m));
+    }
+
+    #[test]
+    fn a_measured_rate_of_unknown_age_counts_as_too_old() {
+        let m = measured(3e8, None);
+        let c = choose_bandwidth(1.25e9, Some(m), HOUR, None);
+        assert_eq!(
+            (c.bytes_per_second, c.source, c.measurement),
+            (
+                1.25e9,
+                BandwidthSource::Configured,
+                MeasurementUse::TooOld(m)
+            )
+        );
+    }
+
+    #[test]
+    fn without_a_usable_measurement_the_configured_rate_is_used() {
+        for m in [
+            None,
+            Some(measured(0.0, Some(1))),
+            Some(measured(f64::NAN, Some(1))),
+        ] {
+            let c = choose_bandwidth(1.25e9, m, HOUR, None);
+            assert_eq!(
+                (c.bytes_per_second, c.source, c.measurement),
+                (1.25e9, BandwidthSource::Configured, MeasurementUse::Absent),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kubevirts_cap_below_either_rate_is_the_source() {
+        let cap = BandwidthCap {
+            bytes_per_second: 64 << 20,
+            source: "KubeVirt CR".into(),
+        };
+        let fresh = choose_bandwidth(1.25e9, Some(measured(3e8, Some(10))), HOUR, Some(&cap));
+        assert_eq!(fresh.bytes_per_second, (64u64 << 20) as f64);
+        assert_eq!(fresh.source, BandwidthSource::BandwidthPerMigration);
+        assert!(matches!(fresh.measurement, MeasurementUse::Used(_)));
+        let stale = choose_bandwidth(1.25e9, Some(measured(3e8, Some(7200))), HOUR, Some(&cap));
+        assert_eq!(stale.source, BandwidthSource::BandwidthPerMigration);
+        assert!(matches!(stale.measurement, MeasurementUse::TooOld(_)));
+        // A cap above the measured rate leaves the measurement in charge.
+        let high = BandwidthCap {
+            bytes_per_second: 1 << 40,
+            ..cap
+        };
+        let c = choose_bandwidth(1.25e9, Some(measured(3e8, Some(10))), HOUR, Some(&high));
+        assert_eq!(
+            (c.bytes_per_second, c.source),
+            (3e8, BandwidthSource::Measured)
+        );
     }
 
     #[test]
