@@ -61,6 +61,10 @@ pub struct SimulateArgs {
     /// Migrations to replay.
     #[arg(long, default_value_t = 500)]
     pub migrations: usize,
+    /// Share of the synthetic nodes on which KSM runs (0 to 1): the report counts the memory
+    /// KSM could merge after each policy's migrations.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_fraction)]
+    pub ksm_nodes: f64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ impl Default for SimulateArgs {
             region_size: crate::plan::region::DEFAULT_REGION_PAGES,
             mix: Mix::Middle,
             migrations: 500,
+            ksm_nodes: 0.5,
             json: false,
             snapshot: None,
             write_snapshot: None,
@@ -212,6 +217,14 @@ pub fn simulate(args: &SimulateArgs) -> Result<String, SimulateError> {
 }
 
 /// The synthetic cluster the flags describe.
+/// A share between 0 and 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a share between 0 and 1")),
+    }
+}
+
 fn synthetic_config(args: &SimulateArgs) -> SyntheticConfig {
     SyntheticConfig {
         nodes: args.nodes,
@@ -221,6 +234,7 @@ fn synthetic_config(args: &SimulateArgs) -> SyntheticConfig {
         seed: args.seed,
         region_pages: args.region_size,
         mix: args.mix,
+        ksm_fraction: args.ksm_nodes,
         ..Default::default()
     }
 }

@@ -22,6 +22,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::plan::cluster::{NodeFacts, VmRequest};
 use crate::plan::hardware::check_node;
+use crate::plan::ksm;
 use crate::plan::{PlanOptions, Planner, Scope};
 
 /// Exact knowledge of the content: regions of VM `vm` (index into the workload's requests)
@@ -57,6 +58,8 @@ pub struct PolicyRun {
     pub name: &'static str,
     pub bytes_to_transfer: Vec<u64>,
     pub common_bytes: Vec<u64>,
+    /// Of `common_bytes`, what KSM could merge on the chosen node (0 where it does not run).
+    pub ksm_merged_bytes: Vec<u64>,
     pub decision_ns: Vec<u64>,
     /// Migrations for which the policy found no target.
     pub no_target: usize,
@@ -223,11 +226,14 @@ pub fn replay(w: &Workload, migrations: usize, seed: u64, bar: &ProgressBar) -> 
                 Some(n) => {
                     let common = common_of(n);
                     run.common_bytes.push(common);
+                    run.ksm_merged_bytes
+                        .push(ksm::mergeable_bytes(common, ksm::ksm_runs(&nodes[n])));
                     run.bytes_to_transfer.push(total - zero - common);
                 }
                 None => {
                     run.no_target += 1;
                     run.common_bytes.push(0);
+                    run.ksm_merged_bytes.push(0);
                     run.bytes_to_transfer.push(total - zero);
                 }
             }

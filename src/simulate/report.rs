@@ -47,6 +47,11 @@ pub struct PolicySummary {
     pub decision_ms_p50: f64,
     pub decision_ms_p99: f64,
     pub no_target: usize,
+    /// Memory KSM could merge on the chosen nodes, summed over the migrations: what the fleet
+    /// saves after them where KSM runs (each migration sampled from the same cluster state).
+    pub ksm_merged_bytes_total: u64,
+    /// `ksm_merged_bytes_total` minus least_allocated's (kube-scheduler's default).
+    pub ksm_gain_vs_least_allocated_bytes: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -87,6 +92,12 @@ pub fn summarize(r: &Replay) -> Summary {
             .find(|p| p.name == name)
             .map(|p| mean_u64(&p.bytes_to_transfer))
     };
+    let ksm_total = |p: &super::policies::PolicyRun| p.ksm_merged_bytes.iter().sum::<u64>();
+    let least_allocated_ksm = r
+        .policies
+        .iter()
+        .find(|p| p.name == "least_allocated")
+        .map(ksm_total);
     let random = mean_of("random");
     let oracle = mean_of("oracle");
     let policies = r
@@ -111,6 +122,9 @@ pub fn summarize(r: &Replay) -> Summary {
                     decision_ms_p50: percentile(&ms, 0.5),
                     decision_ms_p99: percentile(&ms, 0.99),
                     no_target: p.no_target,
+                    ksm_merged_bytes_total: ksm_total(p),
+                    ksm_gain_vs_least_allocated_bytes: least_allocated_ksm
+                        .map(|la| ksm_total(p) as i64 - la as i64),
                 },
             )
         })
@@ -201,6 +215,17 @@ pub fn table(s: &Summary) -> String {
             p.no_target
         ));
     }
+    out.push_str(&format!(
+        "memory KSM could merge on the chosen nodes after the {} migrations (GiB, in all):",
+        s.migrations
+    ));
+    for (name, p) in &s.policies {
+        out.push_str(&format!(
+            " {name} {};",
+            gib(p.ksm_merged_bytes_total as f64)
+        ));
+    }
+    out.push('\n');
     for (label, e) in [
         ("all candidates", &s.estimate_error_pp),
         ("oracle's choice", &s.estimate_error_pp_at_oracle_choice),

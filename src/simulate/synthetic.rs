@@ -124,6 +124,10 @@ pub struct SyntheticConfig {
     pub digest_limit_bytes: usize,
     /// Keep the per-VM layer bitsets for exact overlaps (memory and time: skip for benches).
     pub exact: bool,
+    /// Share of the nodes on which KSM runs (labelled `kubevirt.io/ksm-enabled=true`), chosen
+    /// by the seed apart from every other choice, so the rest of the cluster is the same
+    /// whatever the share.
+    pub ksm_fraction: f64,
 }
 
 impl Default for SyntheticConfig {
@@ -139,6 +143,7 @@ impl Default for SyntheticConfig {
             base_threshold: DEFAULT_THRESHOLD,
             digest_limit_bytes: DIGEST_LIMIT_BYTES,
             exact: true,
+            ksm_fraction: 0.5,
         }
     }
 }
@@ -409,6 +414,11 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<SyntheticCluster, SimulateError
             let mut labels: BTreeMap<String, String> = BTreeMap::new();
             labels.insert(KUBEVIRT_SCHEDULABLE_LABEL.into(), "true".into());
             labels.insert(DEFAULT_WORK_GROUP_LABEL.into(), group.clone());
+            let ksm_draw =
+                mix64(cfg.seed ^ mix64(0x4B53_4D00_0000 + i as u64)) as f64 / u64::MAX as f64;
+            if ksm_draw < cfg.ksm_fraction {
+                labels.insert(crate::plan::ksm::KSM_ENABLED_LABEL.into(), "true".into());
+            }
             NodeFacts {
                 name: format!("node-{i:04}"),
                 labels,

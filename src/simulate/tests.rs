@@ -276,3 +276,44 @@ fn region_sweep_finds_everything_at_one_page_and_never_more_with_larger_regions(
     }
     assert!(sweep::REGION_SIZES.contains(&s.recommended_region_pages));
 }
+
+#[test]
+fn ksm_merged_memory_follows_the_share_of_nodes_running_ksm() {
+    let total = |v: &serde_json::Value, name: &str| {
+        v["policies"][name]["ksm_merged_bytes_total"]
+            .as_u64()
+            .unwrap()
+    };
+    let none = run_json(&SimulateArgs {
+        ksm_nodes: 0.0,
+        ..tiny_args(5)
+    });
+    for name in ["commonground", "least_allocated", "random", "oracle"] {
+        assert_eq!(total(&none, name), 0, "{name}: no node runs KSM");
+    }
+    // KSM everywhere: what it merges is exactly the memory in common at the chosen nodes.
+    let all = run_json(&SimulateArgs {
+        ksm_nodes: 1.0,
+        ..tiny_args(5)
+    });
+    let migrations = all["migrations"].as_f64().unwrap();
+    for name in ["commonground", "least_allocated"] {
+        let common = all["policies"][name]["common_bytes_mean"].as_f64().unwrap() * migrations;
+        let merged = total(&all, name) as f64;
+        assert!(
+            (merged - common).abs() <= 1.0 + common * 1e-9,
+            "{name}: {merged} vs {common}"
+        );
+    }
+    let gain = all["policies"]["commonground"]["ksm_gain_vs_least_allocated_bytes"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        gain > 0,
+        "placing by memory in common merges more than least-allocated: {gain}"
+    );
+    assert_eq!(
+        all["policies"]["least_allocated"]["ksm_gain_vs_least_allocated_bytes"].as_i64(),
+        Some(0)
+    );
+}
