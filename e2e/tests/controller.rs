@@ -530,6 +530,32 @@ async fn bench_one_thousand_dry_run_requests_planned() -> anyhow::Result<()> {
 }
 
 /// Two VMs labelled into one memory group on the source.
+/// [`group_on_source`], two empty nodes `b` and `c` in its work group, and the source's digest
+/// with the members' contents (500 regions each, keys from `base` and `base + 10,000,000`):
+/// (source, b, c, vm1's keys, vm2's keys).
+async fn together_group_and_two_nodes(
+    ns: &TestNamespace,
+    base: u64,
+) -> anyhow::Result<(String, String, Vec<u64>, Vec<u64>)> {
+    let source = group_on_source(ns).await?;
+    let (b, c) = (ns.node_name("b"), ns.node_name("c"));
+    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
+    ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
+    let (c1, c2) = (keys(base, 500), keys(base + 10_000_000, 500));
+    publish_digest(
+        &ns.client,
+        &source,
+        "wg-1",
+        vec![
+            vm_summary(&ns.name, "vm1", GIB, &c1),
+            vm_summary(&ns.name, "vm2", GIB, &c2),
+        ],
+        &[],
+    )
+    .await?;
+    Ok((b, c, c1, c2))
+}
+
 async fn group_on_source(ns: &TestNamespace) -> anyhow::Result<String> {
     let source = ns.node_name("src");
     ns.create_fake_node(FakeNode::new(&source, "wg-1")).await?;
@@ -559,22 +585,7 @@ async fn together_group_moves_every_member_to_one_node() -> anyhow::Result<()> {
     ensure_controller();
     let ns = TestCluster::get().fresh_namespace("vmm-together").await?;
     let _standin = ns.start_standin(ns.standin_config());
-    let source = group_on_source(&ns).await?;
-    let (b, c) = (ns.node_name("b"), ns.node_name("c"));
-    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
-    ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
-    let (c1, c2) = (keys(10_000_000, 500), keys(20_000_000, 500));
-    publish_digest(
-        &ns.client,
-        &source,
-        "wg-1",
-        vec![
-            vm_summary(&ns.name, "vm1", GIB, &c1),
-            vm_summary(&ns.name, "vm2", GIB, &c2),
-        ],
-        &[],
-    )
-    .await?;
+    let (b, c, c1, c2) = together_group_and_two_nodes(&ns, 10_000_000).await?;
     // b holds all of vm1 but nothing of vm2; c holds 70% of both: the union prefers c.
     publish_digest(&ns.client, &b, "wg-1", vec![], &c1).await?;
     let mut both: Vec<u64> = c1[..350].to_vec();
@@ -961,22 +972,7 @@ async fn a_together_group_the_scheduler_rejects_moves_as_a_whole_to_the_next_bes
         .fresh_namespace("vmm-together-replan")
         .await?;
     let _standin = ns.start_standin(ns.standin_config());
-    let source = group_on_source(&ns).await?;
-    let (b, c) = (ns.node_name("b"), ns.node_name("c"));
-    ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
-    ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
-    let (c1, c2) = (keys(40_000_000, 500), keys(50_000_000, 500));
-    publish_digest(
-        &ns.client,
-        &source,
-        "wg-1",
-        vec![
-            vm_summary(&ns.name, "vm1", GIB, &c1),
-            vm_summary(&ns.name, "vm2", GIB, &c2),
-        ],
-        &[],
-    )
-    .await?;
+    let (b, c, c1, c2) = together_group_and_two_nodes(&ns, 40_000_000).await?;
     // b holds 70% of both, c 30%: b is the first choice.
     for (node, n) in [(&b, 350), (&c, 150)] {
         let mut held: Vec<u64> = c1[..n].to_vec();

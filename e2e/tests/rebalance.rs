@@ -256,6 +256,32 @@ async fn dry_run_policy_records_decisions_and_creates_nothing() -> anyhow::Resul
     Ok(())
 }
 
+/// Node `a` with CPU for two VMs only, running vm-a and vm-b, then node `b` with vm-c and
+/// vm-d, each VMI waited for until it runs live-migratable on its node. Each launcher pod
+/// asks for the VM's 500m plus KubeVirt's console-log sidecar (5m), so two need 1010m.
+async fn two_vms_on_each_of(ns: &TestNamespace, a: &str, b: &str) -> anyhow::Result<()> {
+    let vmis: Api<VirtualMachineInstance> = ns.api();
+    ns.create_fake_node(FakeNode::new(a, "wg-1").capacity("1100m", "64Gi"))
+        .await?;
+    for (vms, node) in [(["vm-a", "vm-b"], a), (["vm-c", "vm-d"], b)] {
+        if node == b {
+            ns.create_fake_node(FakeNode::new(b, "wg-1")).await?;
+        }
+        for vm in vms {
+            ns.create_vmi(ns.vmi(vm, "1Gi", "500m")).await?;
+        }
+        for vm in vms {
+            wait_for_object(&vmis, vm, T, "VMI running on its node", |v| {
+                v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && v.node_name() == Some(node)
+                    && v.condition_true("LiveMigratable")
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Two nodes of equal load: no move, until an administrator annotates one with a load
 /// override; then the policy sends a VM from it to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,27 +292,7 @@ async fn load_override_annotation_pushes_a_vm_off_the_node() -> anyhow::Result<(
         .await?;
     let _standin = ns.start_standin(ns.standin_config());
     let (a, b) = (ns.node_name("a"), ns.node_name("b"));
-    let vmis: Api<VirtualMachineInstance> = ns.api();
-    // Node a has CPU for two VMs only, so the next two start on b. Each launcher pod asks
-    // for the VM's 500m plus KubeVirt's console-log sidecar (5m), so two need 1010m.
-    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1100m", "64Gi"))
-        .await?;
-    for (vms, node) in [(["vm-a", "vm-b"], &a), (["vm-c", "vm-d"], &b)] {
-        if node == &b {
-            ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
-        }
-        for vm in vms {
-            ns.create_vmi(ns.vmi(vm, "1Gi", "500m")).await?;
-        }
-        for vm in vms {
-            wait_for_object(&vmis, vm, T, "VMI running on its node", |v| {
-                v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && v.node_name() == Some(node.as_str())
-                    && v.condition_true("LiveMigratable")
-            })
-            .await?;
-        }
-    }
+    two_vms_on_each_of(&ns, &a, &b).await?;
     for (node, vms, base) in [(&a, ["vm-a", "vm-b"], 1), (&b, ["vm-c", "vm-d"], 3)] {
         let summaries = vms
             .iter()
@@ -378,26 +384,7 @@ async fn host_work_the_agent_measures_pushes_a_vm_off_the_node() -> anyhow::Resu
         // Digests left over from an earlier run with the same names would confuse the waits.
         let _ = digests.delete(n, &DeleteParams::default()).await;
     }
-    let vmis: Api<VirtualMachineInstance> = ns.api();
-    // Node a has CPU for two VMs only, so the next two start on b.
-    ns.create_fake_node(FakeNode::new(&a, "wg-1").capacity("1100m", "64Gi"))
-        .await?;
-    for (vms, node) in [(["vm-a", "vm-b"], &a), (["vm-c", "vm-d"], &b)] {
-        if node == &b {
-            ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
-        }
-        for vm in vms {
-            ns.create_vmi(ns.vmi(vm, "1Gi", "500m")).await?;
-        }
-        for vm in vms {
-            wait_for_object(&vmis, vm, T, "VMI running on its node", |v| {
-                v.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && v.node_name() == Some(node.as_str())
-                    && v.condition_true("LiveMigratable")
-            })
-            .await?;
-        }
-    }
+    two_vms_on_each_of(&ns, &a, &b).await?;
     let _agents = [common::start_agent(&a), common::start_agent(&b)];
     for (node, vms) in [(&a, ["vm-a", "vm-b"]), (&b, ["vm-c", "vm-d"])] {
         let published = wait_for_object(&digests, node, T, "the agent's digest", |d| {

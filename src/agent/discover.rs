@@ -264,25 +264,14 @@ pub fn find_qemu_processes_with(
     node_arg: Option<(&str, &str)>,
 ) -> std::io::Result<Vec<QemuProcess>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(argv) = read_argv(pid) else { continue };
-        if let Some((arg, value)) = node_arg {
-            if !argv_has(&argv, arg, value) {
-                continue;
-            }
+    for_each_process(|pid, argv| {
+        if node_arg.is_some_and(|(arg, value)| !argv_has(argv, arg, value)) {
+            return;
         }
-        if let Some(vm) = vm_from_argv(&argv) {
+        if let Some(vm) = vm_from_argv(argv) {
             out.push(QemuProcess { pid, vm });
         }
-    }
+    })?;
     out.sort_by_key(|p| p.pid);
     Ok(out)
 }
@@ -292,6 +281,18 @@ pub fn find_qemu_processes_with(
 /// node, whose sum is its load.
 pub fn processes_with(node_arg: (&str, &str)) -> std::io::Result<Vec<i32>> {
     let mut out = Vec::new();
+    for_each_process(|pid, argv| {
+        if argv_has(argv, node_arg.0, node_arg.1) {
+            out.push(pid);
+        }
+    })?;
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Calls `visit(pid, argv)` for every process in /proc whose command line can be read (those
+/// that exit while we look are skipped).
+fn for_each_process(mut visit: impl FnMut(i32, &[String])) -> std::io::Result<()> {
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -301,13 +302,11 @@ pub fn processes_with(node_arg: (&str, &str)) -> std::io::Result<Vec<i32>> {
         else {
             continue;
         };
-        let Ok(argv) = read_argv(pid) else { continue };
-        if argv_has(&argv, node_arg.0, node_arg.1) {
-            out.push(pid);
+        if let Ok(argv) = read_argv(pid) {
+            visit(pid, &argv);
         }
     }
-    out.sort_unstable();
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
