@@ -706,7 +706,7 @@ async fn follow_group_member_that_touches_shared_memory_follows_to_the_same_node
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow::Result<()> {
-    use commonground::api::kubevirt::{MigrationPolicy, NodeNetworkConfigurationPolicy};
+    use commonground::api::kubevirt::MigrationPolicy;
     use commonground::api::network::{Activation, MigrationNetworkSpec, NadReference};
     use commonground::api::MigrationNetwork;
     ensure_controller();
@@ -738,8 +738,6 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
                 bandwidth: bandwidth.into(),
                 setup_time: setup.into(),
                 activation,
-                interface: Some("eth2".into()),
-                bond: Some("mig0".into()),
                 node_selector: pool.clone(),
             },
         );
@@ -752,7 +750,7 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
     networks
         .create(
             &PostParams::default(),
-            &net("fast", "250Mi", "2s", Activation::Nmstate),
+            &net("fast", "250Mi", "2s", Activation::Preattached),
         )
         .await?;
     networks
@@ -762,22 +760,24 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
         )
         .await?;
 
+    // The administrator's policy for this namespace: the per-migration policy must keep its
+    // settings and change only the bandwidth.
+    let policies: Api<MigrationPolicy> = Api::all(ns.client.clone());
+    let admin_name = format!("{}-admin", ns.name);
+    let admin: MigrationPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": admin_name,
+                     "labels": {"e2e.commonground.dev/test": ns.name}},
+        "spec": {"selectors": {"namespaceSelector": {"kubernetes.io/metadata.name": ns.name}},
+                 "allowAutoConverge": true, "completionTimeoutPerGiB": 321,
+                 "allowWorkloadDisruption": true}
+    }))?;
+    policies.create(&PostParams::default(), &admin).await?;
+
     let mut spec = vmm_spec("vm1");
     spec.max_duration = Some("5s".into());
     spec.path_setup_budget = Some("10s".into());
     let vmm = create_vmm(&ns, "move-fast", spec).await?;
-    // The nmstate policies appear; acting as nmstate, mark them enacted.
-    let preparing = vmm_in_phase(
-        &ns,
-        "move-fast",
-        &[MigrationPhase::PreparingPaths, MigrationPhase::Failed],
-    )
-    .await?;
-    assert_eq!(
-        preparing.status.as_ref().unwrap().phase,
-        MigrationPhase::PreparingPaths
-    );
-    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ns.client.clone());
     let owner = {
         let uid: String = vmm
             .metadata
@@ -790,25 +790,7 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
             .collect();
         format!("cg-{uid}")
     };
-    let selector =
-        ListParams::default().labels(&format!("commonground.dev/migration-paths={owner}"));
-    let created = until("two nmstate policies (source and target)", T, || async {
-        let l = nncps.list(&selector).await.ok()?;
-        (l.items.len() == 2).then_some(l.items)
-    })
-    .await?;
-    for p in created {
-        let status = serde_json::json!({"status": {"conditions": [{"type": "Available", "status": "True", "reason": "SuccessfullyConfigured"}]}});
-        nncps
-            .patch_status(
-                &p.name_any(),
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&status),
-            )
-            .await?;
-    }
     // While it migrates: the per-migration MigrationPolicy and the VMI label exist, the path is claimed.
-    let policies: Api<MigrationPolicy> = Api::all(ns.client.clone());
     let policy = until("the per-migration MigrationPolicy", T, || async {
         policies.get_opt(&owner).await.ok()?
     })
@@ -817,6 +799,16 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
     assert!(
         bw.ends_with("Mi") && bw.trim_end_matches("Mi").parse::<u64>()? > 300,
         "raised bandwidth {bw}"
+    );
+    assert_eq!(policy.spec.allow_auto_converge, Some(true), "{policy:?}");
+    assert_eq!(policy.spec.completion_timeout_per_gi_b, Some(321));
+    assert_eq!(
+        policy.spec.other.get("allowWorkloadDisruption"),
+        Some(&serde_json::json!(true))
+    );
+    assert_eq!(
+        policy.spec.selectors.namespace_selector, admin.spec.selectors.namespace_selector,
+        "selected by the administrator's labels and the request's, so KubeVirt takes it"
     );
     let done = vmm_in_phase(
         &ns,
@@ -840,7 +832,10 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
             && status.paths[0].removed_time.is_some()
     );
     // Nothing left behind.
-    assert!(nncps.list(&selector).await?.items.is_empty());
+    assert!(
+        policies.get_opt(&admin_name).await?.is_some(),
+        "the administrator's policy stays"
+    );
     assert!(policies.get_opt(&owner).await?.is_none());
     let vmi: VirtualMachineInstance = ns.api().get("vm1").await?;
     assert!(!vmi
@@ -863,6 +858,9 @@ async fn time_budget_adds_a_path_and_removes_every_trace_afterwards() -> anyhow:
     for n in [&fast, &slow] {
         networks.delete(n, &DeleteParams::default()).await?;
     }
+    policies
+        .delete(&admin_name, &DeleteParams::default())
+        .await?;
     Ok(())
 }
 

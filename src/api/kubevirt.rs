@@ -1,4 +1,4 @@
-//! The KubeVirt, Multus and nmstate types commonground reads or writes: only the fields it uses,
+//! The KubeVirt and Multus types commonground reads or writes: only the fields it uses,
 //! everything else preserved by the API server. Their CRDs belong to those projects.
 
 use std::collections::BTreeMap;
@@ -272,6 +272,10 @@ pub struct MigrationPolicySpec {
     pub allow_auto_converge: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_post_copy: Option<bool>,
+    /// Settings not named above (`allowWorkloadDisruption`, newer releases' fields), kept so a
+    /// copy of an administrator's policy loses none of them.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -281,30 +285,4 @@ pub struct MigrationPolicySelectors {
     pub virtual_machine_instance_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<BTreeMap<String, String>>,
-}
-
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[kube(
-    group = "nmstate.io",
-    version = "v1",
-    kind = "NodeNetworkConfigurationPolicy",
-    plural = "nodenetworkconfigurationpolicies",
-    status = "NncpStatus",
-    schema = "disabled",
-    derive = "Default",
-    derive = "PartialEq"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct NncpSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub desired_state: serde_json::Value,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct NncpStatus {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<VmiCondition>,
 }

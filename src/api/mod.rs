@@ -1,5 +1,5 @@
 //! Kubernetes API types: commonground's own CRDs (group `commonground.dev`, `v1alpha1`) and the
-//! KubeVirt, Multus and nmstate types we read or write. Doc comments on CRD fields become the
+//! KubeVirt and Multus types we read or write. Doc comments on CRD fields become the
 //! schema descriptions that `kubectl explain` shows.
 
 // kube-derive takes repeated `printcolumn`/`category` attributes by design.

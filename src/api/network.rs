@@ -40,16 +40,10 @@ pub struct MigrationNetworkSpec {
     #[serde(default = "default_setup")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub setup_time: String,
-    /// `Preattached` (usable as is) or `Nmstate` (commonground applies a
-    /// NodeNetworkConfigurationPolicy that brings `interface` into `bond` on both nodes).
+    /// `Preattached`: the network is already attached on the nodes that have it and usable as
+    /// is. (commonground does not change a node's network configuration.)
     #[serde(default)]
     pub activation: Activation,
-    /// For `Nmstate`: the spare interface to add.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<String>,
-    /// For `Nmstate`: the migration bond the interface joins.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bond: Option<String>,
     /// Nodes that have this path: label selector (matchLabels).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub node_selector: std::collections::BTreeMap<String, String>,
@@ -65,12 +59,18 @@ pub struct NadReference {
     pub name: String,
 }
 
+/// How a path becomes usable.
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]
 pub enum Activation {
+    /// Attached on the nodes already; nothing to do but use it.
     #[default]
     Preattached,
+    /// Removed: commonground used to edit the node's bond through nmstate. The schema no
+    /// longer admits it; an object stored before still reads, and the controller leaves such
+    /// a path out with a reason instead of touching the node.
+    #[schemars(skip)]
     Nmstate,
 }
 

@@ -563,7 +563,7 @@ async fn start(
     let attempt = decide::current_attempt(&status);
     let name = attempt_vmim_name(vmm, attempt);
     if let Some(d) = decision {
-        let ready = paths::activate(ctx, vmm, &mut status, d, &source, &target).await?;
+        let ready = paths::activate(ctx, vmm, &mut status, d).await?;
         if !ready {
             let waited = status
                 .paths

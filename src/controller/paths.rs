@@ -1,31 +1,34 @@
 //! Extra migration paths in the cluster: choose them with the planning core's loop,
-//! activate them (claim the MigrationNetwork, apply nmstate policies where needed, raise the
-//! migration's bandwidth with a per-migration KubeVirt MigrationPolicy that selects only this
-//! VMI), and remove every trace afterwards, whatever the outcome. Every object is named after
-//! the request, so a restarted controller finds and cleans up what an earlier one created.
+//! activate them (claim the MigrationNetwork, raise the migration's bandwidth with a
+//! per-migration KubeVirt MigrationPolicy that selects only this VMI), and remove every trace
+//! afterwards, whatever the outcome. Every object is named after the request, so a restarted
+//! controller finds and cleans up what an earlier one created.
+//!
+//! Paths are networks the nodes already have (`activation: Preattached`). commonground never
+//! edits a node's network: the removed `Nmstate` activation rewrote a migration bond's port
+//! list through nmstate, which replaces the list (dropping the ports already in it), let two
+//! paths on one node write over one bond, and was not undone by deleting the policy.
 
 use std::collections::BTreeMap;
 
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::error::Result;
 use super::labels;
-use super::validate::{self, MigrationBudget};
+use super::validate::{self, MigrationBudget, NetworkFigures};
 use super::Context;
-use crate::api::kubevirt::{
-    MigrationPolicy, MigrationPolicySelectors, MigrationPolicySpec, NncpSpec,
-    NodeNetworkConfigurationPolicy, VirtualMachineInstance, HOSTNAME_LABEL,
-};
+use crate::api::kubevirt::{MigrationPolicy, MigrationPolicySpec, VirtualMachineInstance};
 use crate::api::migration::{PathUseStatus, VirtualMachineMigrationStatus};
-use crate::api::network::Activation;
+use crate::api::network::{Activation, MigrationNetworkSpec};
 use crate::api::{time, write};
 use crate::api::{MigrationNetwork, VirtualMachineMigration, FIELD_MANAGER};
 use crate::plan::estimate::EstimateInput;
 use crate::plan::paths::{choose_paths, PathBudget, PathDecision, PathOption};
 use crate::plan::{NodeFacts, Plan};
-use crate::view::quantity;
+use crate::view::{bandwidth, quantity};
 
 /// Label on every object created for one request's paths, and on its VMI while it migrates.
 pub const PATH_OWNER_LABEL: &str = "commonground.dev/migration-paths";
@@ -82,7 +85,7 @@ pub fn decide(
         .networks
         .state()
         .iter()
-        .filter_map(|n| match validate::network_spec(&n.spec) {
+        .filter_map(|n| match usable(&n.spec) {
             Ok(figures) => Some((n, figures)),
             Err(e) => {
                 ignored.push(format!("MigrationNetwork {} left out: {e}", n.name_any()));
@@ -124,46 +127,41 @@ pub fn decide(
     )
 }
 
+/// The figures of a path the controller can use, or why it cannot.
+fn usable(spec: &MigrationNetworkSpec) -> std::result::Result<NetworkFigures, String> {
+    if spec.activation != Activation::Preattached {
+        return Err(format!(
+            "spec.activation {:?} is no longer supported (commonground does not edit a node's \
+             network); attach the network on the nodes and use Preattached",
+            spec.activation
+        ));
+    }
+    validate::network_spec(spec).map_err(|e| e.to_string())
+}
+
 /// Brings the decided paths up; true once every path is usable and the bandwidth raised.
 pub async fn activate(
     ctx: &Context,
     vmm: &VirtualMachineMigration,
     status: &mut VirtualMachineMigrationStatus,
     decision: &PathDecision,
-    source: &str,
-    target: &str,
 ) -> Result<bool> {
     if decision.added.is_empty() {
         return Ok(true);
     }
-    let mut all_ready = true;
     for name in &decision.added {
         let Some(network) = ctx.view.networks.get(&ObjectRef::new(name)) else {
             continue;
         };
         record_path(status, &network);
         claim(ctx, vmm, &network).await?;
-        let ready = match network.spec.activation {
-            Activation::Preattached => true,
-            Activation::Nmstate => {
-                let mut ready = true;
-                for (side, node) in [("src", source), ("dst", target)] {
-                    ready &= nmstate_ready(ctx, vmm, &network, side, node).await?;
-                }
-                ready
-            }
-        };
-        if ready {
-            if let Some(p) = status.paths.iter_mut().find(|p| &p.network == name) {
-                p.ready_time.get_or_insert_with(time::now_rfc3339);
-            }
+        // A preattached path is usable once claimed.
+        if let Some(p) = status.paths.iter_mut().find(|p| &p.network == name) {
+            p.ready_time.get_or_insert_with(time::now_rfc3339);
         }
-        all_ready &= ready;
     }
-    if all_ready {
-        raise_bandwidth(ctx, vmm, decision.bandwidth).await?;
-    }
-    Ok(all_ready)
+    raise_bandwidth(ctx, vmm, decision.bandwidth).await?;
+    Ok(true)
 }
 
 /// Records in the request's status that this path is being added (once).
@@ -197,78 +195,64 @@ async fn claim(
     Ok(())
 }
 
-/// The nmstate policy that adds the path's interface to the migration bond on one node:
-/// made when missing (not ready yet), ready once nmstate reports it `Available`.
-async fn nmstate_ready(
-    ctx: &Context,
-    vmm: &VirtualMachineMigration,
-    network: &MigrationNetwork,
-    side: &str,
-    node: &str,
-) -> Result<bool> {
-    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
-    let owner = path_owner_id(vmm);
-    let nncp_name = labels::bounded_name(&format!("{owner}-{}-{side}", network.name_any()));
-    if let Some(p) = nncps.get_opt(&nncp_name).await? {
-        return Ok(p.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.r#type == "Available" && c.status == "True")
-        }));
-    }
-    let mut p = NodeNetworkConfigurationPolicy::new(
-        &nncp_name,
-        NncpSpec {
-            node_selector: Some([(HOSTNAME_LABEL.to_string(), node.to_string())].into()),
-            desired_state: serde_json::json!({"interfaces": [{
-                "name": network.spec.bond.clone().unwrap_or_else(|| "migration0".into()),
-                "type": "bond",
-                "state": "up",
-                "link-aggregation": {
-                    "mode": "balance-rr",
-                    "port": [network.spec.interface.clone().unwrap_or_default()]
-                }
-            }]}),
-        },
-    );
-    let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
-    (p.metadata.labels, p.metadata.annotations) = (Some(l), Some(a));
-    write::create_or_exists(&nncps, &p).await?;
-    Ok(false)
+/// The per-migration policy's spec: the settings of the administrator's policy KubeVirt
+/// would otherwise apply to the VMI (`admin`), with only the bandwidth changed. Its selectors
+/// are that policy's plus the request's label on the VMI, one label more than any policy that
+/// applies to the VMI, so KubeVirt, which takes the policy matching the most labels, takes it.
+pub fn path_policy_spec(
+    admin: Option<&MigrationPolicySpec>,
+    owner: &str,
+    bandwidth: f64,
+) -> MigrationPolicySpec {
+    let mut spec = admin.cloned().unwrap_or_default();
+    spec.selectors
+        .virtual_machine_instance_selector
+        .get_or_insert_with(BTreeMap::new)
+        .insert(PATH_OWNER_LABEL.to_string(), owner.to_string());
+    spec.bandwidth_per_migration = Some(format!(
+        "{}Mi",
+        (bandwidth / (1u64 << 20) as f64).floor() as u64
+    ));
+    spec
 }
 
 /// Makes the bandwidth real for KubeVirt: a MigrationPolicy that selects only this VMI (by
-/// the request's label, set on the VMI here) and raises its `bandwidthPerMigration`.
+/// the request's label, set on the VMI here) and raises its `bandwidthPerMigration`, keeping
+/// every other setting of the administrator's policy it displaces for this migration.
 async fn raise_bandwidth(
     ctx: &Context,
     vmm: &VirtualMachineMigration,
     bandwidth: f64,
 ) -> Result<()> {
     let owner = path_owner_id(vmm);
+    let namespace = vmm.namespace().unwrap_or_default();
     let policies: Api<MigrationPolicy> = Api::all(ctx.client.clone());
     if policies.get_opt(&owner).await?.is_none() {
+        let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+        let namespace_labels = namespaces
+            .get_opt(&namespace)
+            .await?
+            .and_then(|n| n.metadata.labels);
+        let vmi_labels = ctx
+            .view
+            .vmi(&namespace, &vmm.spec.vmi_name)
+            .and_then(|v| v.metadata.labels.clone())
+            .unwrap_or_default();
+        let known = ctx.view.policies.state();
+        let admin = bandwidth::applicable_policy(
+            &vmi_labels,
+            namespace_labels.as_ref(),
+            known.iter().map(|p| &**p),
+        );
         let mut policy = MigrationPolicy::new(
             &owner,
-            MigrationPolicySpec {
-                selectors: MigrationPolicySelectors {
-                    virtual_machine_instance_selector: Some(
-                        [(PATH_OWNER_LABEL.to_string(), owner.clone())].into(),
-                    ),
-                    namespace_selector: None,
-                },
-                bandwidth_per_migration: Some(format!(
-                    "{}Mi",
-                    (bandwidth / (1u64 << 20) as f64).floor() as u64
-                )),
-                ..Default::default()
-            },
+            path_policy_spec(admin.map(|p| &p.spec), &owner, bandwidth),
         );
         let (l, a) = labels::owner_marks(PATH_OWNER_LABEL, &vmm.metadata);
         (policy.metadata.labels, policy.metadata.annotations) = (Some(l), Some(a));
         write::create_or_exists(&policies, &policy).await?;
     }
-    let vmis: Api<VirtualMachineInstance> =
-        Api::namespaced(ctx.client.clone(), &vmm.namespace().unwrap_or_default());
+    let vmis: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &namespace);
     let label: BTreeMap<&str, &str> = [(PATH_OWNER_LABEL, owner.as_str())].into();
     vmis.patch(
         &vmm.spec.vmi_name,
@@ -290,12 +274,6 @@ pub async fn cleanup(
     }
     let owner = path_owner_id(vmm);
     let me = who(vmm);
-    let selector =
-        ListParams::default().labels(&labels::owner_selector(PATH_OWNER_LABEL, &vmm.metadata));
-    let nncps: Api<NodeNetworkConfigurationPolicy> = Api::all(ctx.client.clone());
-    for p in nncps.list(&selector).await? {
-        write::delete_ignore_missing(&nncps, &p.name_any(), &DeleteParams::default()).await?;
-    }
     let policies: Api<MigrationPolicy> = Api::all(ctx.client.clone());
     write::delete_ignore_missing(&policies, &owner, &DeleteParams::default()).await?;
     let vmis: Api<VirtualMachineInstance> =
@@ -335,6 +313,90 @@ pub async fn cleanup(
 mod tests {
     use super::*;
     use crate::api::migration::VirtualMachineMigrationSpec;
+
+    fn admin_policy() -> MigrationPolicySpec {
+        serde_json::from_value(serde_json::json!({
+            "selectors": {"virtualMachineInstanceSelector": {"tier": "db"},
+                          "namespaceSelector": {"team": "a"}},
+            "bandwidthPerMigration": "64Mi",
+            "completionTimeoutPerGiB": 300,
+            "allowAutoConverge": true,
+            "allowWorkloadDisruption": true
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_path_policy_keeps_the_administrators_settings_and_changes_only_the_bandwidth() {
+        let admin = admin_policy();
+        let ours = path_policy_spec(Some(&admin), "cg-1", 3.0 * (1u64 << 30) as f64);
+        assert_eq!(ours.bandwidth_per_migration.as_deref(), Some("3072Mi"));
+        assert_eq!(ours.completion_timeout_per_gi_b, Some(300));
+        assert_eq!(ours.allow_auto_converge, Some(true));
+        assert_eq!(
+            ours.other.get("allowWorkloadDisruption"),
+            Some(&serde_json::json!(true))
+        );
+        assert_eq!(
+            ours.selectors.namespace_selector,
+            admin.selectors.namespace_selector
+        );
+        let vmi_sel = ours.selectors.virtual_machine_instance_selector.unwrap();
+        assert_eq!(vmi_sel.get("tier").map(String::as_str), Some("db"));
+        assert_eq!(
+            vmi_sel.get(PATH_OWNER_LABEL).map(String::as_str),
+            Some("cg-1")
+        );
+        // Without an administrator's policy: the VMI's label and the bandwidth only.
+        let alone = path_policy_spec(None, "cg-1", (1u64 << 30) as f64);
+        assert_eq!(alone.completion_timeout_per_gi_b, None);
+        assert_eq!(alone.bandwidth_per_migration.as_deref(), Some("1024Mi"));
+        assert_eq!(
+            alone
+                .selectors
+                .virtual_machine_instance_selector
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn kubevirt_takes_the_path_policy_over_the_one_it_displaces() {
+        let mut admin = MigrationPolicy::new("admin", admin_policy());
+        admin.metadata.labels = None;
+        let mut ours =
+            MigrationPolicy::new("cg-1", path_policy_spec(Some(&admin.spec), "cg-1", 1e9));
+        ours.metadata.labels = None; // as KubeVirt sees it: it does not skip commonground's own
+        let vmi: BTreeMap<String, String> = [
+            ("tier".to_string(), "db".to_string()),
+            (PATH_OWNER_LABEL.to_string(), "cg-1".to_string()),
+        ]
+        .into();
+        let ns: BTreeMap<String, String> = [("team".to_string(), "a".to_string())].into();
+        let chosen = bandwidth::applicable_policy(&vmi, Some(&ns), [&admin, &ours]).unwrap();
+        assert_eq!(chosen.metadata.name.as_deref(), Some("cg-1"));
+        // Another VMI the administrator's policy selects keeps it.
+        let other: BTreeMap<String, String> = [("tier".to_string(), "db".to_string())].into();
+        let chosen = bandwidth::applicable_policy(&other, Some(&ns), [&admin, &ours]).unwrap();
+        assert_eq!(chosen.metadata.name.as_deref(), Some("admin"));
+    }
+
+    #[test]
+    fn a_stored_nmstate_path_is_left_out_with_a_reason() {
+        let mut spec: MigrationNetworkSpec = serde_json::from_value(serde_json::json!({
+            "networkAttachmentDefinition": {"namespace": "kubevirt", "name": "spare"},
+            "bandwidth": "1Gi",
+            "activation": "Nmstate",
+            "interface": "ens2f1",
+            "bond": "migration0"
+        }))
+        .unwrap();
+        let e = usable(&spec).unwrap_err();
+        assert!(e.contains("no longer supported"), "{e}");
+        spec.activation = Activation::Preattached;
+        assert_eq!(usable(&spec).unwrap().bandwidth, 1 << 30);
+    }
 
     #[test]
     fn owner_id_is_a_valid_stable_label_value() {

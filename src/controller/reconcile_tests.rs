@@ -22,7 +22,6 @@ use crate::view::{ClusterView, Fixed, ViewConfig};
 const VMMS: &str = "/apis/commonground.dev/v1alpha1/namespaces/ns/virtualmachinemigrations";
 const VMIMS: &str = "/apis/kubevirt.io/v1/namespaces/ns/virtualmachineinstancemigrations";
 const POLICIES: &str = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies";
-const NNCPS: &str = "/apis/nmstate.io/v1/nodenetworkconfigurationpolicies";
 const REBALANCE: &str = "/apis/commonground.dev/v1alpha1/rebalancepolicies";
 
 fn node(name: &str) -> Value {
@@ -498,13 +497,6 @@ async fn deleting_a_request_in_flight_aborts_kubevirt_removes_its_paths_and_lets
         json!({"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
                "metadata": {"name": owner}, "spec": {"selectors": {}}}),
     );
-    let nncp = format!("{owner}-fast-src");
-    fake.insert(
-        &format!("{NNCPS}/{nncp}"),
-        json!({"apiVersion": "nmstate.io/v1", "kind": "NodeNetworkConfigurationPolicy",
-               "metadata": {"name": nncp, "labels": {super::paths::PATH_OWNER_LABEL: owner}},
-               "spec": {"desiredState": {}}}),
-    );
     let mut deleting = serde_json::to_value(&migrating).unwrap();
     deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     deleting["status"]["paths"] = json!([{"network": "fast", "bandwidthBytesPerSecond": 1e9}]);
@@ -519,10 +511,6 @@ async fn deleting_a_request_in_flight_aborts_kubevirt_removes_its_paths_and_lets
     assert!(
         fake.get(&format!("{POLICIES}/{owner}")).is_none(),
         "bandwidth policy removed"
-    );
-    assert!(
-        fake.get(&format!("{NNCPS}/{nncp}")).is_none(),
-        "nmstate policy removed"
     );
     assert!(
         fake.get(&format!("{VMMS}/move")).is_none(),

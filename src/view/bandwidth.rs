@@ -25,15 +25,15 @@ fn parse(v: &serde_json::Value) -> Option<u64> {
     }
 }
 
-/// The cap for a VMI with `vmi_labels` in a namespace with `namespace_labels` (`None` when
-/// the namespace's labels are not known: policies that select namespaces are then left out).
-pub fn bandwidth_cap<'a>(
+/// The administrator's MigrationPolicy KubeVirt applies to a VMI with `vmi_labels` in a
+/// namespace with `namespace_labels` (`None` when the namespace's labels are not known:
+/// policies that select namespaces are then left out), commonground's own left out.
+pub fn applicable_policy<'a>(
     vmi_labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
     policies: impl IntoIterator<Item = &'a MigrationPolicy>,
-    kubevirt: Option<&KubeVirt>,
-) -> Option<BandwidthCap> {
-    let mut best: Option<(usize, &str, u64)> = None;
+) -> Option<&'a MigrationPolicy> {
+    let mut best: Option<(usize, &str, &MigrationPolicy)> = None;
     for p in policies {
         if p.metadata
             .labels
@@ -42,40 +42,60 @@ pub fn bandwidth_cap<'a>(
         {
             continue;
         }
-        let Some(bw) = p
-            .spec
-            .bandwidth_per_migration
-            .as_deref()
-            .and_then(|b| quantity::bytes(b).ok())
-        else {
+        let Some(weight) = selector_weight(p, vmi_labels, namespace_labels) else {
             continue;
         };
-        let sel = &p.spec.selectors;
-        let vmi_sel = sel
-            .virtual_machine_instance_selector
-            .clone()
-            .unwrap_or_default();
-        let ns_sel = sel.namespace_selector.clone().unwrap_or_default();
-        let all_in = |want: &BTreeMap<String, String>, have: Option<&BTreeMap<String, String>>| {
-            want.is_empty() || have.is_some_and(|h| want.iter().all(|(k, v)| h.get(k) == Some(v)))
-        };
-        if !all_in(&vmi_sel, Some(vmi_labels)) || !all_in(&ns_sel, namespace_labels) {
-            continue;
-        }
-        let weight = vmi_sel.len() + ns_sel.len();
         let name = p.metadata.name.as_deref().unwrap_or("");
         let better = match best {
             None => true,
             Some((w, n, _)) => weight > w || (weight == w && name < n),
         };
         if better {
-            best = Some((weight, name, bw));
+            best = Some((weight, name, p));
         }
     }
-    if let Some((_, name, bw)) = best {
+    best.map(|(_, _, p)| p)
+}
+
+/// The number of selector labels by which the policy applies, or `None` when it does not.
+pub fn selector_weight(
+    policy: &MigrationPolicy,
+    vmi_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<usize> {
+    let sel = &policy.spec.selectors;
+    let empty = BTreeMap::new();
+    let vmi_sel = sel
+        .virtual_machine_instance_selector
+        .as_ref()
+        .unwrap_or(&empty);
+    let ns_sel = sel.namespace_selector.as_ref().unwrap_or(&empty);
+    let all_in = |want: &BTreeMap<String, String>, have: Option<&BTreeMap<String, String>>| {
+        want.is_empty() || have.is_some_and(|h| want.iter().all(|(k, v)| h.get(k) == Some(v)))
+    };
+    (all_in(vmi_sel, Some(vmi_labels)) && all_in(ns_sel, namespace_labels))
+        .then(|| vmi_sel.len() + ns_sel.len())
+}
+
+/// The cap for a VMI: the applicable policy's `bandwidthPerMigration` where it sets one (a
+/// policy overrides only the settings it has), else the KubeVirt CR's.
+pub fn bandwidth_cap<'a>(
+    vmi_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    policies: impl IntoIterator<Item = &'a MigrationPolicy>,
+    kubevirt: Option<&KubeVirt>,
+) -> Option<BandwidthCap> {
+    let policy = applicable_policy(vmi_labels, namespace_labels, policies);
+    if let Some((p, bw)) = policy.and_then(|p| {
+        let bw = quantity::bytes(p.spec.bandwidth_per_migration.as_deref()?).ok()?;
+        Some((p, bw))
+    }) {
         return Some(BandwidthCap {
             bytes_per_second: bw,
-            source: format!("MigrationPolicy {name}"),
+            source: format!(
+                "MigrationPolicy {}",
+                p.metadata.name.as_deref().unwrap_or("")
+            ),
         });
     }
     let bw = kubevirt?
@@ -136,6 +156,18 @@ mod tests {
         let vmi = labels(&[("tier", "db")]);
         let cap = bandwidth_cap(&vmi, None, &policies, Some(&kv)).unwrap();
         assert_eq!(cap.source, "MigrationPolicy broad");
+    }
+
+    #[test]
+    fn a_matching_policy_without_a_bandwidth_leaves_the_kubevirt_cr_cap() {
+        let mut narrow = policy("narrow", json!({"tier": "db", "size": "big"}), "1Mi");
+        narrow.spec.bandwidth_per_migration = None;
+        let policies = [policy("broad", json!({"tier": "db"}), "64Mi"), narrow];
+        let kv = kubevirt(json!("32Mi"));
+        let vmi = labels(&[("tier", "db"), ("size", "big")]);
+        let cap = bandwidth_cap(&vmi, None, &policies, Some(&kv)).unwrap();
+        assert_eq!(cap.source, "the KubeVirt CR");
+        assert_eq!(cap.bytes_per_second, 32 << 20);
     }
 
     #[test]
