@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::api::kubevirt::{KubeVirt, VirtualMachineInstance};
+use crate::api::kubevirt::VirtualMachineInstance;
 use crate::relay::intercept::memory_stream_targets;
 
 /// The route for one destination: the migration it belongs to and the target relay.
@@ -77,25 +77,6 @@ pub fn changes(
         .copied()
         .collect();
     (add, remove)
-}
-
-/// Why KubeVirt's migrations cannot be relayed, if they cannot: the relay reads QEMU's stream,
-/// so KubeVirt's TLS between the handlers must be off in the KubeVirt CR.
-pub fn kubevirt_blocks_relay(kubevirts: &[&KubeVirt]) -> Option<&'static str> {
-    if kubevirts.is_empty() {
-        return Some("no KubeVirt CR found");
-    }
-    let tls_off = kubevirts.iter().all(|kv| {
-        kv.spec
-            .configuration
-            .migrations
-            .as_ref()
-            .and_then(|m| m.disable_tls)
-            == Some(true)
-    });
-    (!tls_off).then_some(
-        "KubeVirt encrypts migrations between its handlers (spec.configuration.migrations.disableTLS is not true): the relay cannot read the stream",
-    )
 }
 
 /// The pid of the virt-handler process among `processes` (pid, command name), if exactly one
@@ -206,27 +187,6 @@ mod tests {
         let (add, remove) = changes(&desired, &BTreeMap::new());
         assert!(add.is_empty());
         assert_eq!(remove, vec![a, b, c]);
-    }
-
-    #[test]
-    fn only_kubevirt_with_migration_tls_off_can_be_relayed() {
-        let kv = |migrations: serde_json::Value| -> KubeVirt {
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt",
-                "metadata": {"name": "kubevirt", "namespace": "kubevirt"},
-                "spec": {"configuration": {"migrations": migrations}},
-            }))
-            .unwrap()
-        };
-        let off = kv(serde_json::json!({"disableTLS": true}));
-        let on = kv(serde_json::json!({"disableTLS": false}));
-        let unset = kv(serde_json::json!({}));
-        assert_eq!(kubevirt_blocks_relay(&[&off]), None);
-        assert!(kubevirt_blocks_relay(&[&on])
-            .unwrap()
-            .contains("disableTLS"));
-        assert!(kubevirt_blocks_relay(&[&unset]).is_some());
-        assert!(kubevirt_blocks_relay(&[]).unwrap().contains("no KubeVirt"));
     }
 
     #[test]

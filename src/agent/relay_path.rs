@@ -15,10 +15,8 @@ use std::time::{Duration, Instant};
 
 use kube::runtime::reflector::Store;
 
-use super::migration_path::{
-    changes, desired_routes, host_processes, kubevirt_blocks_relay, virt_handler_pid, PathRoute,
-};
-use crate::api::kubevirt::{KubeVirt, VirtualMachineInstance};
+use super::migration_path::{changes, desired_routes, host_processes, virt_handler_pid, PathRoute};
+use crate::api::kubevirt::{kubevirt_blocks_relay, KubeVirt, VirtualMachineInstance};
 use crate::relay::path::{NodePath, PathConfig};
 use crate::relay::NodeRelayParts;
 

@@ -447,6 +447,7 @@ fn estimate(
         Some(target) => status::transport(
             (&plan.source_node, source_digest.as_ref()),
             (target, target_digest.as_ref()),
+            ctx.view.kubevirt_blocks_relay(),
         ),
         None => (base.transport, "no target yet".to_string()),
     };

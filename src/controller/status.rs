@@ -212,24 +212,26 @@ pub fn bandwidth_reason(
 /// The transport a migration from `source` to `target` gets, and why: the skipping transport
 /// only when both nodes run the migration relay in KubeVirt's migration path, with the same
 /// cluster key and region size; otherwise stock (every non-zero page is sent).
-pub fn transport(
-    source: (&str, Option<&NodeRegionDigestStatus>),
-    target: (&str, Option<&NodeRegionDigestStatus>),
+pub fn transport<'a>(
+    source: (&str, Option<&'a NodeRegionDigestStatus>),
+    target: (&str, Option<&'a NodeRegionDigestStatus>),
+    kubevirt_blocks: Option<&str>,
 ) -> (Transport, String) {
-    fn relay_of<'a>(
-        (name, d): (&str, Option<&'a NodeRegionDigestStatus>),
-    ) -> Result<(&'a NodeRegionDigestStatus, &'a RelayEndpoint), String> {
+    let relay_of = |(name, d): (&str, Option<&'a NodeRegionDigestStatus>)| -> Result<(&'a NodeRegionDigestStatus, &'a RelayEndpoint), String> {
         match d {
             None => Err(format!("node {name} publishes no digest")),
             Some(d) => match &d.relay {
                 None => Err(format!("node {name} does not run the migration relay")),
-                Some(r) if !r.in_migration_path => Err(format!(
-                    "the relay on node {name} is not in KubeVirt's migration path"
-                )),
+                Some(r) if !r.in_migration_path => Err(match kubevirt_blocks {
+                    Some(cause) => format!(
+                        "the relay on node {name} is not in KubeVirt's migration path ({cause})"
+                    ),
+                    None => format!("the relay on node {name} is not in KubeVirt's migration path"),
+                }),
                 Some(r) => Ok((d, r)),
             },
         }
-    }
+    };
     let (s, t) = match (relay_of(source), relay_of(target)) {
         (Ok(s), Ok(t)) => (s, t),
         (Err(why), _) | (_, Err(why)) => {
@@ -239,6 +241,14 @@ pub fn transport(
             )
         }
     };
+    // Both agents said they relay, but the KubeVirt CR now encrypts (the agents close their
+    // paths within a moment): the stream cannot be read, so nothing is skipped.
+    if let Some(cause) = kubevirt_blocks {
+        return (
+            Transport::Stock,
+            format!("{cause}: every non-zero page is sent"),
+        );
+    }
     if s.0.key_id != t.0.key_id {
         return (
             Transport::Stock,
@@ -403,23 +413,23 @@ mod transport_tests {
     #[test]
     fn skipping_transport_only_when_both_relays_carry_kubevirt_migrations() {
         let both = node(Some((true, 16)), "k");
-        let (t, why) = transport(("a", Some(&both)), ("b", Some(&both)));
+        let (t, why) = transport(("a", Some(&both)), ("b", Some(&both)), None);
         assert_eq!(t, Transport::SkipCommon, "{why}");
 
         let off_path = node(Some((false, 16)), "k");
-        let (t, why) = transport(("a", Some(&both)), ("b", Some(&off_path)));
+        let (t, why) = transport(("a", Some(&both)), ("b", Some(&off_path)), None);
         assert_eq!(t, Transport::Stock);
         assert!(why.contains("not in KubeVirt's migration path"), "{why}");
 
         let none = node(None, "k");
-        let (t, why) = transport(("a", Some(&none)), ("b", Some(&both)));
+        let (t, why) = transport(("a", Some(&none)), ("b", Some(&both)), None);
         assert_eq!(t, Transport::Stock);
         assert!(
             why.contains("node a does not run the migration relay"),
             "{why}"
         );
 
-        let (t, why) = transport(("a", Some(&both)), ("b", None));
+        let (t, why) = transport(("a", Some(&both)), ("b", None), None);
         assert_eq!(t, Transport::Stock);
         assert!(why.contains("node b publishes no digest"), "{why}");
     }
@@ -429,13 +439,35 @@ mod transport_tests {
         let (t, why) = transport(
             ("a", Some(&node(Some((true, 16)), "k1"))),
             ("b", Some(&node(Some((true, 16)), "k2"))),
+            None,
         );
         assert_eq!(t, Transport::Stock);
         assert!(why.contains("different cluster keys"), "{why}");
         let (t, _) = transport(
             ("a", Some(&node(Some((true, 16)), "k"))),
             ("b", Some(&node(Some((true, 32)), "k"))),
+            None,
         );
         assert_eq!(t, Transport::Stock);
+    }
+
+    #[test]
+    fn kubevirt_tls_on_means_stock_transport_and_says_why() {
+        let tls = "KubeVirt encrypts migrations between its handlers";
+        let both = node(Some((true, 16)), "k");
+        let (t, why) = transport(("a", Some(&both)), ("b", Some(&both)), Some(tls));
+        assert_eq!(t, Transport::Stock);
+        assert!(why.starts_with(tls), "{why}");
+        let off_path = node(Some((false, 16)), "k");
+        let (t, why) = transport(("a", Some(&off_path)), ("b", Some(&both)), Some(tls));
+        assert_eq!(t, Transport::Stock);
+        assert!(
+            why.contains("not in KubeVirt's migration path") && why.contains(tls),
+            "{why}"
+        );
+        // Without a relay on a node the missing relay is the reason, whatever KubeVirt does.
+        let none = node(None, "k");
+        let (_, why) = transport(("a", Some(&none)), ("b", Some(&both)), Some(tls));
+        assert!(why.contains("does not run the migration relay"), "{why}");
     }
 }

@@ -325,6 +325,15 @@ impl ClusterView {
             .vm_request(&*self.vmi(&vm.namespace, &vm.name)?)
     }
 
+    /// Why KubeVirt's migrations cannot be relayed now (its TLS between handlers on, or no
+    /// KubeVirt CR), if they cannot.
+    pub fn kubevirt_blocks_relay(&self) -> Option<&'static str> {
+        let kubevirts = self.kubevirts.state();
+        crate::api::kubevirt::kubevirt_blocks_relay(
+            &kubevirts.iter().map(|k| &**k).collect::<Vec<_>>(),
+        )
+    }
+
     /// KubeVirt's bandwidth limit for the VM's migrations, where one is set.
     pub fn bandwidth_cap(&self, vm: &VmKey) -> Option<crate::plan::estimate::BandwidthCap> {
         let vmi = self.vmi(&vm.namespace, &vm.name)?;
