@@ -307,6 +307,12 @@ pub struct CandidateStatus {
     pub load: f64,
     /// Extender score 0..10.
     pub score: u8,
+    /// Estimated migration time to this node in seconds, without added network paths: its
+    /// memory in common, the transport its relay allows and the rate to it (measured or
+    /// configured, within KubeVirt's cap). Absent for filtered nodes and when it cannot be
+    /// estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds: Option<f64>,
     /// `Chosen`, `Lost` or `Filtered`.
     pub verdict: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -395,6 +395,41 @@ async fn plan_and_start(
     start(&vmm, ctx, status, &budget, decision.as_ref(), chosen).await
 }
 
+/// Each candidate's estimated time in status, as the chosen target's is made: its memory in
+/// common, the transport the two relays allow, the rate from the source to it.
+fn candidate_times(
+    ctx: &Context,
+    plan: &Plan,
+    base: &crate::plan::estimate::EstimateInput,
+    cap: Option<&crate::plan::estimate::BandwidthCap>,
+    status: &mut VirtualMachineMigrationStatus,
+) {
+    let source_digest = ctx.view.digest_status(&plan.source_node);
+    let blocks = ctx.view.kubevirt_blocks_relay();
+    let now = time::Timestamp::now();
+    for c in &mut status.candidates {
+        if c.verdict == "Filtered" {
+            continue;
+        }
+        let digest = ctx.view.digest_status(&c.node);
+        let (transport, _) = status::transport(
+            (&plan.source_node, source_digest.as_ref()),
+            (&c.node, digest.as_ref()),
+            blocks,
+        );
+        let measured = status::measured_bandwidth(source_digest.as_ref(), digest.as_ref(), now);
+        let bandwidth = crate::plan::estimate::choose_bandwidth(
+            ctx.transfer.bandwidth,
+            measured.as_ref().map(|m| m.0),
+            ctx.transfer.measured_rate_max_age,
+            cap,
+        )
+        .bytes_per_second;
+        let input = status::candidate_input(base, c.common_bytes, transport, bandwidth);
+        c.estimated_seconds = status::seconds_for_status(&input);
+    }
+}
+
 /// The time estimate of the planned move, with the network paths added while it exceeds the
 /// request's time budget and the transport the two nodes' relays allow; written into
 /// `status`. The path decision, or why the time budget cannot be used.
@@ -452,6 +487,7 @@ fn estimate(
         None => (base.transport, "no target yet".to_string()),
     };
     base.transport = transport;
+    candidate_times(ctx, plan, &base, cap.as_ref(), status);
     // Add network paths while the estimate exceeds the time budget.
     let (decided, ignored_networks) =
         paths::decide(ctx, vmm, budget, plan, &base, ctx.transfer.cores_per_gbps);

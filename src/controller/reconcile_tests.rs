@@ -320,6 +320,12 @@ async fn a_target_pod_that_never_ran_is_replanned_on_the_next_node_once_kubevirt
     assert_eq!(status.target_node.as_deref(), Some("c"));
     let b = status.candidates.iter().find(|c| c.node == "b").unwrap();
     assert_eq!(b.verdict, "Filtered");
+    assert_eq!(b.estimated_seconds, None, "no time for a filtered node");
+    let c = status.candidates.iter().find(|c| c.node == "c").unwrap();
+    assert!(
+        c.estimated_seconds.is_some_and(|s| s > 0.0),
+        "every passing candidate has its time: {c:?}"
+    );
     assert!(
         b.reason
             .starts_with("an earlier attempt to migrate here failed"),

@@ -42,6 +42,7 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
                 },
                 load: (c.load * 1000.0).round() / 1000.0,
                 score: c.score,
+                estimated_seconds: None,
                 verdict: verdict.into(),
                 reason,
             }
@@ -125,6 +126,29 @@ pub fn estimate_input(
     input.downtime_limit_ms = model.downtime_limit_ms;
     input.transport = Transport::Stock;
     input
+}
+
+/// The estimate input for a move to another candidate: `base` (the chosen target's) with
+/// that node's memory in common, transport and bandwidth.
+pub fn candidate_input(
+    base: &EstimateInput,
+    common_bytes: u64,
+    transport: Transport,
+    bandwidth: f64,
+) -> EstimateInput {
+    let mut input = *base;
+    input.common_bytes = common_bytes.min(input.memory_bytes.saturating_sub(input.zero_bytes));
+    input.transport = transport;
+    input.bandwidth = bandwidth;
+    input
+}
+
+/// Seconds to the tenth, for status.
+pub fn seconds_for_status(input: &EstimateInput) -> Option<f64> {
+    estimate(input)
+        .ok()
+        .map(|e| (e.seconds * 10.0).round() / 10.0)
+        .filter(|s| s.is_finite())
 }
 
 /// The rate the source's relay measured on its last completed migration to the target's
@@ -449,6 +473,24 @@ mod transport_tests {
             None,
         );
         assert_eq!(t, Transport::Stock);
+    }
+
+    #[test]
+    fn a_candidate_holding_more_is_faster_only_where_regions_are_skipped() {
+        let mut base = EstimateInput::new(8 << 30, 0.0, 125e6);
+        base.zero_bytes = 2 << 30;
+        let time = |common: u64, transport: Transport| {
+            seconds_for_status(&candidate_input(&base, common, transport, 125e6)).unwrap()
+        };
+        assert!(time(4 << 30, Transport::SkipCommon) < time(1 << 30, Transport::SkipCommon));
+        assert_eq!(
+            time(4 << 30, Transport::Stock),
+            time(1 << 30, Transport::Stock)
+        );
+        // More in common than the non-zero memory is capped at it: nothing left to send.
+        assert!(time(100 << 30, Transport::SkipCommon) <= time(6 << 30, Transport::SkipCommon));
+        let slower = seconds_for_status(&candidate_input(&base, 0, Transport::Stock, 62.5e6));
+        assert!(slower.unwrap() > time(0, Transport::Stock));
     }
 
     #[test]
