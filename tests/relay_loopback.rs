@@ -8,7 +8,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{certs, guest, source_relay, target_relay, Memory};
@@ -107,39 +108,38 @@ fn memory_changed_since_the_index_is_resent_and_delivery_stays_exact() {
     assert_eq!(num(&source.wait_stats(2), "regions_resent"), 4);
 }
 
-#[test]
-fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = certs(dir.path(), "ca");
+/// QEMU's main channel and three multifd channels, with the memory of the target node.
+fn four_channels() -> ([Vec<u8>; 4], Memory) {
     let (main, contents) = guest(8, 50_000);
-    let _memory = Memory::new(&contents);
-    let target = local_target(dir.path(), &c, &[]);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let deliver = listener.local_addr().unwrap().to_string();
-    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
-
+    let memory = Memory::new(&contents);
     let channels = [
         main,
         multifd_stream(&[(0, 128)], 0),
         multifd_stream(&[(128, 64)], 0),
+        multifd_stream(&[(192, 64)], 0),
     ];
+    (channels, memory)
+}
+
+/// Opens the channels through the source relay one after the other, as QEMU does, and checks
+/// that the target QEMU (`listener`) accepts them in that order, each with its own stream.
+fn migrate_channels(source: std::net::SocketAddr, listener: &TcpListener, channels: &[Vec<u8>]) {
     let mut open = Vec::new();
-    for ch in &channels {
-        open.push(send(source.addr, &ch[..64]));
+    for ch in channels {
+        open.push(send(source, &ch[..64]));
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Accepted in the order opened, and each carries its own stream.
     let mut accepted = Vec::new();
     for _ in 0..channels.len() {
         accepted.push(listener.accept().unwrap().0);
     }
-    for (s, ch) in open.iter_mut().zip(&channels) {
+    for (s, ch) in open.iter_mut().zip(channels) {
         s.write_all(&ch[64..]).unwrap();
     }
     for s in open {
         s.shutdown(Shutdown::Write).unwrap();
     }
-    for (mut a, ch) in accepted.into_iter().zip(&channels) {
+    for (mut a, ch) in accepted.into_iter().zip(channels) {
         let mut got = Vec::new();
         a.read_to_end(&mut got).unwrap();
         assert!(
@@ -147,8 +147,126 @@ fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
             "a channel was delivered on another connection or altered"
         );
     }
+}
+
+#[test]
+fn connections_reach_the_target_in_the_order_the_source_accepted_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (channels, _memory) = four_channels();
+    let target = local_target(dir.path(), &c, &[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let deliver = listener.local_addr().unwrap().to_string();
+    let source = source_relay(dir.path(), None, &c, target.addr, &deliver, &[]);
+    migrate_channels(source.addr, &listener, &channels);
     let s = source.wait_stats(1);
-    assert_eq!(num(&s, "connections"), 3, "{s}");
+    assert_eq!(num(&s, "connections"), 4, "{s}");
+    assert!(num(&s, "regions_referenced") > 0, "{s}");
+}
+
+/// A second network path to the target relay: a TCP forwarder on a port of its own, counting
+/// the connections it carries and the bytes it carries towards the target.
+fn second_path(target: std::net::SocketAddr) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (connections, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (conns, sent) = (connections.clone(), bytes.clone());
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(mut inbound) = inbound else { return };
+            conns.fetch_add(1, Ordering::SeqCst);
+            let mut outbound = TcpStream::connect(target).unwrap();
+            let (mut back_in, mut back_out) =
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = inbound.read(&mut buf) {
+                    if n == 0 || outbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                let _ = outbound.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_out, &mut back_in);
+                let _ = back_in.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr, connections, bytes)
+}
+
+#[test]
+fn a_migration_spread_over_two_paths_arrives_exact_and_in_order_with_each_paths_bytes_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (channels, _memory) = four_channels();
+    let target = local_target(dir.path(), &c, &[]);
+    let (path, connections, bytes) = second_path(target.addr);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let deliver = listener.local_addr().unwrap().to_string();
+    let source = source_relay(
+        dir.path(),
+        None,
+        &c,
+        target.addr,
+        &deliver,
+        &["--extra-path", &path],
+    );
+    migrate_channels(source.addr, &listener, &channels);
+    let s = source.wait_stats(1);
+    assert_eq!(num(&s, "connections"), 4, "{s}");
+    // Connections 1 and 3 (two multifd channels) took the second path, 0 and 2 the first.
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "{s}");
+    let per_path = s["path_bytes"].as_object().expect("path_bytes");
+    assert_eq!(per_path.len(), 2, "{s}");
+    let on_second = per_path[&path].as_u64().unwrap();
+    let on_first = per_path[&target.addr.to_string()].as_u64().unwrap();
+    assert_eq!(on_first + on_second, num(&s, "bytes_on_wire"), "{s}");
+    // The path's own count (towards the target only) is within what the relay counted both ways.
+    let forwarded = bytes.load(Ordering::SeqCst);
+    assert!(
+        forwarded > 0 && forwarded <= on_second,
+        "{forwarded} vs {s}"
+    );
+    assert!(s.get("path_fallbacks").is_none(), "{s}");
+    assert_eq!(num(&target.wait_stats(1), "connections"), 4);
+}
+
+#[test]
+fn an_extra_path_that_cannot_be_reached_sends_its_connections_over_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), "ca");
+    let (channels, _memory) = four_channels();
+    let target = local_target(dir.path(), &c, &[]);
+    // A port nobody listens on: the path is down.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let deliver = listener.local_addr().unwrap().to_string();
+    let source = source_relay(
+        dir.path(),
+        None,
+        &c,
+        target.addr,
+        &deliver,
+        &["--extra-path", &dead],
+    );
+    migrate_channels(source.addr, &listener, &channels);
+    let s = source.wait_stats(1);
+    assert_eq!(num(&s, "path_fallbacks"), 2, "{s}");
+    assert!(s["errors"].as_array().unwrap().is_empty(), "{s}");
+    let per_path = s["path_bytes"].as_object().unwrap();
+    assert_eq!(
+        per_path.keys().collect::<Vec<_>>(),
+        vec![&target.addr.to_string()],
+        "{s}"
+    );
     assert!(num(&s, "regions_referenced") > 0, "{s}");
 }
 

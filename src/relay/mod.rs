@@ -207,14 +207,19 @@ pub struct SourceArgs {
         conflicts_with = "intercept_netns"
     )]
     pub deliver_to: Option<String>,
+    /// Another address of the target relay, on an extra network path (HOST:PORT): the
+    /// migration's connections are spread over --target-relay and these. Repeatable.
+    #[arg(long, conflicts_with = "intercept_netns")]
+    pub extra_path: Vec<String>,
     /// Intercept instead: listen (on --listen, a local HOST:PORT) inside this network
     /// namespace (`/proc/PID/ns/net` of virt-handler, or `/run/netns/NAME`), and redirect there
     /// the connections to each --route destination, for as long as this process lives.
     #[arg(long, requires = "route")]
     pub intercept_netns: Option<PathBuf>,
-    /// With --intercept-netns: DEST=RELAY, connections to DEST (HOST:PORT, the target
-    /// virt-handler's migration port) go through the target relay RELAY (HOST:PORT) and are
-    /// delivered to DEST. Repeatable.
+    /// With --intercept-netns: DEST=RELAY[,RELAY...], connections to DEST (HOST:PORT, the
+    /// target virt-handler's migration port) go through the target relay RELAY (IP:PORT) and
+    /// are delivered to DEST. Further RELAYs are the same target relay's addresses on extra
+    /// network paths: the migration's connections are spread over them. Repeatable.
     #[arg(long, requires = "intercept_netns")]
     pub route: Vec<String>,
     /// The nft program that holds the interception rules.
@@ -384,16 +389,21 @@ fn intercept_from_args(
     let table_routes = routes::InterceptRoutes::new(netns.clone());
     let mut dests = Vec::new();
     for r in &a.route {
-        let (dest, relay) = r
-            .split_once('=')
-            .ok_or_else(|| RelayError::Argument(format!("--route {r:?}: give DEST=RELAY")))?;
+        let (dest, relay) = r.split_once('=').ok_or_else(|| {
+            RelayError::Argument(format!("--route {r:?}: give DEST=RELAY[,RELAY...]"))
+        })?;
         let dest: SocketAddr = dest
             .parse()
             .map_err(|_| RelayError::Argument(format!("--route {r:?}: DEST is not HOST:PORT")))?;
-        let relay: SocketAddr = relay
-            .parse()
-            .map_err(|_| RelayError::Argument(format!("--route {r:?}: RELAY is not IP:PORT")))?;
-        table_routes.register(dest, &dest.to_string(), &relay.to_string());
+        let mut relays = Vec::new();
+        for relay in relay.split(',') {
+            let relay: SocketAddr = relay.parse().map_err(|_| {
+                RelayError::Argument(format!("--route {r:?}: RELAY {relay:?} is not IP:PORT"))
+            })?;
+            relays.push(relay.to_string());
+        }
+        let first = relays.remove(0);
+        table_routes.register(dest, &dest.to_string(), &first, &relays);
         dests.push(dest);
     }
     let std_listener = netns.listen(listen)?;
@@ -443,6 +453,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
                     let route = routes::Route {
                         migration: String::new(),
                         target_relay: target_relay.clone(),
+                        extra_paths: a.extra_path.clone(),
                         deliver_to: net::Endpoint::parse(deliver_to)?,
                     };
                     (

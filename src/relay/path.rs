@@ -155,7 +155,7 @@ impl NodePath {
             .expect("the path's source routes are intercepted");
         if !add.is_empty() {
             for (dest, migration, relay) in add {
-                routes.register(*dest, migration, relay);
+                routes.register(*dest, migration, relay, &[]);
             }
             let dests: Vec<SocketAddr> = add.iter().map(|(d, _, _)| *d).collect();
             self.table.redirect(&dests, self.config.redirect_timeout)?;

@@ -23,8 +23,26 @@ pub struct Route {
     pub migration: String,
     /// The target relay (HOST:PORT).
     pub target_relay: String,
+    /// More addresses of the same target relay, one per extra network path between the two
+    /// nodes. The migration's connections are spread over all of them (see
+    /// [`Route::relay_for`]); the target relay puts them back together by their session.
+    pub extra_paths: Vec<String>,
     /// Where the target relay delivers it.
     pub deliver_to: Endpoint,
+}
+
+impl Route {
+    /// The target relay address the migration's `index`-th connection goes to. The first
+    /// connection (QEMU's main channel, which also carries the target's filter back) takes the
+    /// first path; the others go round the paths in turn, so with QEMU's multifd channels each
+    /// path carries its share of the memory.
+    pub fn relay_for(&self, index: u32) -> &str {
+        let paths = 1 + self.extra_paths.len();
+        match index as usize % paths {
+            0 => &self.target_relay,
+            i => &self.extra_paths[i - 1],
+        }
+    }
 }
 
 /// What to do with an accepted connection.
@@ -94,14 +112,21 @@ impl InterceptRoutes {
         }
     }
 
-    /// Routes connections to `to` through `target_relay`, as part of `migration`; they are
-    /// delivered to `to` itself.
-    pub fn register(&self, to: SocketAddr, migration: &str, target_relay: &str) {
+    /// Routes connections to `to` through `target_relay` (and its `extra_paths`), as part of
+    /// `migration`; they are delivered to `to` itself.
+    pub fn register(
+        &self,
+        to: SocketAddr,
+        migration: &str,
+        target_relay: &str,
+        extra_paths: &[String],
+    ) {
         self.routes.lock().expect("routes lock").insert(
             to,
             Route {
                 migration: migration.to_string(),
                 target_relay: target_relay.to_string(),
+                extra_paths: extra_paths.to_vec(),
                 deliver_to: Endpoint::Tcp(to.to_string()),
             },
         );
@@ -135,6 +160,7 @@ mod tests {
         let route = Route {
             migration: String::new(),
             target_relay: "10.0.0.2:7443".into(),
+            extra_paths: Vec::new(),
             deliver_to: Endpoint::Tcp("10.0.0.2:4444".into()),
         };
         let routes = Routes::Fixed(route.clone());
@@ -143,17 +169,46 @@ mod tests {
     }
 
     #[test]
+    fn connections_go_round_the_paths_the_first_on_the_first() {
+        let route = Route {
+            migration: "m".into(),
+            target_relay: "10.0.0.2:7443".into(),
+            extra_paths: vec!["10.1.0.2:7443".into(), "10.2.0.2:7443".into()],
+            deliver_to: Endpoint::Tcp("10.0.0.2:4444".into()),
+        };
+        let used: Vec<&str> = (0..7).map(|i| route.relay_for(i)).collect();
+        assert_eq!(
+            used,
+            [
+                "10.0.0.2:7443",
+                "10.1.0.2:7443",
+                "10.2.0.2:7443",
+                "10.0.0.2:7443",
+                "10.1.0.2:7443",
+                "10.2.0.2:7443",
+                "10.0.0.2:7443"
+            ]
+        );
+        let single = Route {
+            extra_paths: Vec::new(),
+            ..route
+        };
+        assert!((0..5).all(|i| single.relay_for(i) == "10.0.0.2:7443"));
+    }
+
+    #[test]
     fn intercepted_connections_follow_their_destination_or_go_direct() {
         let r = InterceptRoutes::new(NetNs("/run/netns/x".into()));
         let to: SocketAddr = "10.244.1.7:43061".parse().unwrap();
         let other: SocketAddr = "10.244.1.7:43062".parse().unwrap();
-        r.register(to, "ns/vm-1/uid-1", "10.0.0.2:7443");
+        r.register(to, "ns/vm-1/uid-1", "10.0.0.2:7443", &[]);
         let routes = Routes::Intercepted(r);
         assert_eq!(
             routes.decide(Some(Ok(to))),
             Decision::Relay(Route {
                 migration: "ns/vm-1/uid-1".into(),
                 target_relay: "10.0.0.2:7443".into(),
+                extra_paths: Vec::new(),
                 deliver_to: Endpoint::Tcp("10.244.1.7:43061".into()),
             })
         );

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -248,14 +248,20 @@ async fn relay_connection(
     config: &SourceConfig,
 ) -> Result<Way, RelayError> {
     let counter = ByteCounter::default();
-    let result = relay_inner(qemu, session, index, route, config, &counter).await;
+    let used = OnceLock::new();
+    let result = relay_inner(qemu, session, index, route, config, &counter, &used).await;
     let wire = counter.total();
     config
         .metrics
         .bytes_on_wire
         .with_label_values(&["source"])
         .inc_by(wire);
-    session.stats.lock().expect("stats lock").bytes_on_wire += wire;
+    let mut stats = session.stats.lock().expect("stats lock");
+    stats.bytes_on_wire += wire;
+    if let Some(path) = used.get() {
+        *stats.path_bytes.entry(path.clone()).or_default() += wire;
+    }
+    drop(stats);
     result
 }
 
@@ -263,15 +269,44 @@ type PeerReader =
     FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<Counted<TcpStream>>>>;
 type PeerWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Counted<TcpStream>>>;
 
-/// Opens the mutual-TLS connection to the target relay and says which connection this is.
-async fn connect_peer(
+/// Opens the connection to the target relay on the path this connection takes; when an extra
+/// path cannot be reached, on the first path instead, so a path that fails never fails the
+/// migration. `used` receives the address the connection went to.
+async fn connect_on_path(
     session: &Session,
     index: u32,
     route: &Route,
     config: &SourceConfig,
     counter: &ByteCounter,
+    used: &OnceLock<String>,
 ) -> Result<(PeerReader, PeerWriter), RelayError> {
-    let relay = &route.target_relay;
+    let path = route.relay_for(index);
+    let first = route.target_relay.as_str();
+    let opened = match connect_peer(session, index, path, route, config, counter).await {
+        Err(e) if path != first => {
+            tracing::warn!(path, error = %e, "extra path unavailable; this connection takes the first path");
+            session.stats.lock().expect("stats lock").path_fallbacks += 1;
+            (
+                first,
+                connect_peer(session, index, first, route, config, counter).await,
+            )
+        }
+        r => (path, r),
+    };
+    let _ = used.set(opened.0.to_string());
+    opened.1
+}
+
+/// Opens the mutual-TLS connection to the target relay at `relay` and says which connection
+/// this is.
+async fn connect_peer(
+    session: &Session,
+    index: u32,
+    relay: &str,
+    route: &Route,
+    config: &SourceConfig,
+    counter: &ByteCounter,
+) -> Result<(PeerReader, PeerWriter), RelayError> {
     let tcp = match config.routes.intercepted() {
         // From the intercepted namespace, over the network virt-handler itself uses.
         Some(r) => {
@@ -349,9 +384,10 @@ async fn choose_way(
     route: &Route,
     config: &SourceConfig,
     counter: &ByteCounter,
+    used: &OnceLock<String>,
 ) -> Result<(Way, Option<(PeerReader, PeerWriter)>), RelayError> {
     let fails_open = config.routes.intercepted().is_some();
-    let peer = connect_peer(session, index, route, config, counter).await;
+    let peer = connect_on_path(session, index, route, config, counter, used).await;
     if index == 0 {
         let opened = match peer {
             Ok((mut frames, w)) => read_filter(&mut frames).await.map(|ids| (ids, frames, w)),
@@ -395,8 +431,9 @@ async fn relay_inner(
     route: &Route,
     config: &SourceConfig,
     counter: &ByteCounter,
+    used: &OnceLock<String>,
 ) -> Result<Way, RelayError> {
-    let (way, peer) = choose_way(session, index, route, config, counter).await?;
+    let (way, peer) = choose_way(session, index, route, config, counter, used).await?;
     let (filter, (frames, tls_w)) = match (way, peer) {
         (Way::Relay(filter), Some(peer)) => (filter, peer),
         _ => {

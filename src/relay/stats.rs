@@ -1,6 +1,7 @@
 //! What one migration through a relay did: appended as one JSON line per migration to
 //! `--stats-json`, and counted in Prometheus metrics.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -21,6 +22,12 @@ pub struct MigrationStats {
     pub bytes_from_qemu: u64,
     /// Bytes of the relay-to-relay TCP connections, both directions, TLS included.
     pub bytes_on_wire: u64,
+    /// Source: of `bytes_on_wire`, what each path (target relay address) carried.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub path_bytes: BTreeMap<String, u64>,
+    /// Source: connections whose extra path could not be reached and that took the first.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub path_fallbacks: u64,
     pub regions_referenced: u64,
     pub regions_resent: u64,
     /// Why connections (or their tails) went byte for byte, one entry per connection that did.
@@ -31,6 +38,10 @@ pub struct MigrationStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<super::store::StoreCounts>,
     pub seconds: f64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl MigrationStats {
@@ -95,25 +106,33 @@ pub struct PeerRates(
 );
 
 impl PeerRates {
-    /// Keeps the migration's rate for its peer, if it was a clean and long enough transfer.
+    /// Keeps the migration's rate for its peer, if it was a clean and long enough transfer;
+    /// spread over several paths, each path's own rate (what it carried over the migration's
+    /// time), by the target relay address it reached.
     pub fn record(&self, stats: &MigrationStats, time: &str) {
         if stats.peer.is_empty() || !stats.errors.is_empty() {
             return;
         }
-        let Some(rate) = transfer_rate(stats.bytes_on_wire, stats.seconds) else {
-            return;
+        let single = [(stats.peer.clone(), stats.bytes_on_wire)];
+        let paths: Vec<(String, u64)> = if stats.path_bytes.is_empty() {
+            single.to_vec()
+        } else {
+            stats.path_bytes.clone().into_iter().collect()
         };
-        let t = ObservedTransfer {
-            peer: stats.peer.clone(),
-            bytes: stats.bytes_on_wire,
-            seconds: stats.seconds,
-            bytes_per_second: rate,
-            time: time.to_string(),
-        };
-        self.0
-            .lock()
-            .expect("peer rates lock")
-            .insert(t.peer.clone(), t);
+        let mut rates = self.0.lock().expect("peer rates lock");
+        for (peer, bytes) in paths {
+            let Some(rate) = transfer_rate(bytes, stats.seconds) else {
+                continue;
+            };
+            let t = ObservedTransfer {
+                peer: peer.clone(),
+                bytes,
+                seconds: stats.seconds,
+                bytes_per_second: rate,
+                time: time.to_string(),
+            };
+            rates.insert(peer, t);
+        }
     }
 
     /// Every peer's last transfer, by peer.
@@ -258,5 +277,23 @@ mod tests {
         assert_eq!(seen[0].peer, "10.0.0.2:4480");
         assert_eq!(seen[0].bytes_per_second, 50.0 * 1048576.0);
         assert_eq!(seen[0].time, "t2");
+    }
+
+    #[test]
+    fn a_migration_over_several_paths_gives_each_path_its_own_rate() {
+        let rates = PeerRates::default();
+        let mut m = migration("10.0.0.2:7443", 300 << 20, 2.0);
+        m.path_bytes = [
+            ("10.0.0.2:7443".to_string(), 200 << 20),
+            ("10.1.0.2:7443".to_string(), 100 << 20),
+        ]
+        .into();
+        rates.record(&m, "t1");
+        let seen = rates.snapshot();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].peer, "10.0.0.2:7443");
+        assert_eq!(seen[0].bytes_per_second, 100.0 * 1048576.0);
+        assert_eq!(seen[1].peer, "10.1.0.2:7443");
+        assert_eq!(seen[1].bytes_per_second, 50.0 * 1048576.0);
     }
 }
