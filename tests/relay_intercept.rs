@@ -37,6 +37,7 @@ fn ip(args: &[&str]) {
 
 /// Two namespaces and a veth pair between them, removed on drop.
 struct Pair {
+    id: String,
     handler: String,
     target: String,
 }
@@ -47,23 +48,78 @@ impl Pair {
         let p = Pair {
             handler: format!("cg-ix-h{id}"),
             target: format!("cg-ix-t{id}"),
+            id,
         };
-        let (vh, vt) = (format!("cgh{id}"), format!("cgt{id}"));
         ip(&["netns", "add", &p.handler]);
         ip(&["netns", "add", &p.target]);
-        ip(&[
-            "link", "add", &vh, "netns", &p.handler, "type", "veth", "peer", "name", &vt, "netns",
-            &p.target,
-        ]);
-        for (ns, dev, addr) in [
-            (&p.handler, &vh, "10.234.0.1/30"),
-            (&p.target, &vt, "10.234.0.2/30"),
-        ] {
+        for ns in [&p.handler, &p.target] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+        }
+        p.add_path(0);
+        p
+    }
+
+    /// The handler namespace's end of path `n`.
+    fn handler_dev(&self, n: u8) -> String {
+        format!("cgh{}{n}", self.id)
+    }
+
+    /// A veth pair between the namespaces, like one more NIC on both nodes: path `n` is
+    /// 10.234.n.0/30, the handler at .1, the target at .2.
+    fn add_path(&self, n: u8) {
+        let (vh, vt) = (self.handler_dev(n), format!("cgt{}{n}", self.id));
+        ip(&[
+            "link",
+            "add",
+            &vh,
+            "netns",
+            &self.handler,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vt,
+            "netns",
+            &self.target,
+        ]);
+        for (ns, dev, host) in [(&self.handler, &vh, 1), (&self.target, &vt, 2)] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.234.{n}.{host}/30"),
+                "dev",
+                dev,
+            ]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
-        p
+    }
+
+    /// Shapes what the handler sends on path `n` to `rate` (tc's token bucket).
+    fn shape(&self, n: u8, rate: &str) {
+        let dev = self.handler_dev(n);
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.handler,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &dev,
+            ])
+            .args([
+                "root", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms",
+            ])
+            .output()
+            .expect("tc runs (iproute2)");
+        assert!(
+            out.status.success(),
+            "tc on {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
 
     fn ns(name: &str) -> NetNs {
@@ -288,6 +344,16 @@ fn intercepting_source(
     c: &common::Certs,
     target_relay: &str,
 ) -> common::Relay {
+    intercepting_source_via(dir, p, c, &[target_relay])
+}
+
+/// The same, spreading the migration over the target relay's addresses `paths`.
+fn intercepting_source_via(
+    dir: &std::path::Path,
+    p: &Pair,
+    c: &common::Certs,
+    paths: &[&str],
+) -> common::Relay {
     common::spawn_relay(
         dir,
         None,
@@ -298,7 +364,7 @@ fn intercepting_source(
             "--intercept-netns".into(),
             format!("/run/netns/{}", p.handler),
             "--route".into(),
-            format!("{TARGET_IP}:4444={target_relay}"),
+            format!("{TARGET_IP}:4444={}", paths.join(",")),
         ],
     )
 }
@@ -554,4 +620,144 @@ async fn the_node_path_takes_a_migration_lets_it_go_and_closes_clean() {
     });
     run(stream.clone()).await.unwrap();
     assert!(delivered.recv_timeout(Duration::from_secs(30)).unwrap() == stream);
+}
+
+/// QEMU's main channel and four multifd channels of 4 MiB each, none of it held by the target.
+fn five_channels() -> Vec<Vec<u8>> {
+    let mut channels = vec![common::guest(8, 11).0];
+    for _ in 0..4 {
+        channels.push(commonground::relay::stream::fixtures::multifd_stream(
+            &[(0, 128); 8],
+            0,
+        ));
+    }
+    channels
+}
+
+/// The source virt-handler of a multifd migration: opens the channels to `to` one after the
+/// other (as QEMU does), sends them all at once, and returns when every one was answered.
+fn migrate_channels(from: &NetNs, to: &str, channels: Vec<Vec<u8>>) -> Duration {
+    let to: SocketAddr = to.parse().unwrap();
+    from.run_in(move || {
+        let start = Instant::now();
+        let mut open = Vec::new();
+        for _ in &channels {
+            open.push(TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap());
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let senders: Vec<_> = open
+            .into_iter()
+            .zip(channels)
+            .map(|(mut s, bytes)| {
+                std::thread::spawn(move || {
+                    s.write_all(&bytes).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest);
+                })
+            })
+            .collect();
+        for t in senders {
+            t.join().unwrap();
+        }
+        start.elapsed()
+    })
+    .unwrap()
+}
+
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+#[test]
+fn two_shaped_paths_carry_one_migration_each_its_share_at_its_rate() {
+    // Each path is shaped to 6 MB/s from the handler's side.
+    const RATE: f64 = 6e6;
+    let p = Pair::new("p");
+    p.add_path(1);
+    p.shape(0, "48mbit");
+    p.shape(1, "48mbit");
+    let (h, t) = (p.handler_ns(), Pair::ns(&p.target));
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::certs(dir.path(), "ca");
+    // The target relay listens on both paths (every address of the target namespace).
+    let target = common::target_relay(
+        dir.path(),
+        Some(&p.target),
+        "0.0.0.0",
+        &c,
+        &[std::process::id()],
+        &[],
+    );
+    let port = target.addr.port();
+    let (first, second) = (format!("10.234.0.2:{port}"), format!("10.234.1.2:{port}"));
+    let channels = five_channels();
+    let delivered = fake_handler(&t, "10.234.0.2:4444", 2 * channels.len());
+    let collect = |n: usize| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|_| {
+                delivered
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("delivered")
+            })
+            .collect()
+    };
+
+    // One path.
+    let mut one = intercepting_source_via(dir.path(), &p, &c, &[&first]);
+    let one_wall = migrate_channels(&h, "10.234.0.2:4444", channels.clone());
+    assert!(
+        sorted(collect(channels.len())) == sorted(channels.clone()),
+        "one path: bytes differ"
+    );
+    let s1 = one.wait_stats(1);
+    let _ = one.child.kill();
+    let _ = one.child.wait();
+    wait_until("the first source's table is gone", || {
+        !tables_in(&p.handler).contains("commonground_relay")
+    });
+
+    // Two paths.
+    let two = intercepting_source_via(dir.path(), &p, &c, &[&first, &second]);
+    let two_wall = migrate_channels(&h, "10.234.0.2:4444", channels.clone());
+    assert!(
+        sorted(collect(channels.len())) == sorted(channels.clone()),
+        "two paths: bytes differ"
+    );
+    // Both sources listen on the same port, so they append to the same statistics file.
+    let s2 = two.wait_stats(2);
+
+    let rate = |s: &serde_json::Value, path: &str| -> f64 {
+        s["path_bytes"][path].as_u64().unwrap_or(0) as f64 / s["seconds"].as_f64().unwrap()
+    };
+    let (r1, r2a, r2b) = (rate(&s1, &first), rate(&s2, &first), rate(&s2, &second));
+    println!(
+        "one path: {:.1} MB/s over {one_wall:?}; two paths: {:.1} + {:.1} MB/s over {two_wall:?} (each shaped to {:.1} MB/s)",
+        r1 / 1e6,
+        r2a / 1e6,
+        r2b / 1e6,
+        RATE / 1e6
+    );
+    // The shaping holds: no path carries more than its rate (the burst and the reverse
+    // direction allowed for).
+    for r in [r1, r2a, r2b] {
+        assert!(
+            r < RATE * 1.2,
+            "a path ran above its shaped rate: {s1} {s2}"
+        );
+    }
+    // Connections 0, 2 and 4 on the first path, 1 and 3 on the second: both carry a share.
+    let (a, b) = (
+        s2["path_bytes"][&first].as_u64().unwrap(),
+        s2["path_bytes"][&second].as_u64().unwrap(),
+    );
+    assert!(a > (a + b) / 3 && b > (a + b) / 3, "{s2}");
+    // And together they move the migration faster than one path can.
+    assert!(
+        r2a + r2b > 1.5 * r1,
+        "two paths {r2a} + {r2b} against one {r1}: {s1} {s2}"
+    );
+    assert!(s2.get("path_fallbacks").is_none(), "{s2}");
 }
