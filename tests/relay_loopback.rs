@@ -198,13 +198,17 @@ fn second_path(target: std::net::SocketAddr) -> (String, Arc<AtomicU64>, Arc<Ato
     (addr, connections, bytes)
 }
 
-#[test]
-fn a_migration_spread_over_two_paths_arrives_exact_and_in_order_with_each_paths_bytes_counted() {
+/// A migration of four channels through a source relay whose `--extra-path` is made from
+/// the target relay's address: the temporary directory (the relays' files), the target relay,
+/// the extra path and the source's statistics.
+fn migrate_with_extra_path(
+    extra: impl FnOnce(std::net::SocketAddr) -> String,
+) -> (tempfile::TempDir, common::Relay, String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path(), "ca");
     let (channels, _memory) = four_channels();
     let target = local_target(dir.path(), &c, &[]);
-    let (path, connections, bytes) = second_path(target.addr);
+    let path = extra(target.addr);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let deliver = listener.local_addr().unwrap().to_string();
     let source = source_relay(
@@ -216,7 +220,19 @@ fn a_migration_spread_over_two_paths_arrives_exact_and_in_order_with_each_paths_
         &["--extra-path", &path],
     );
     migrate_channels(source.addr, &listener, &channels);
-    let s = source.wait_stats(1);
+    let stats = source.wait_stats(1);
+    (dir, target, path, stats)
+}
+
+#[test]
+fn a_migration_spread_over_two_paths_arrives_exact_and_in_order_with_each_paths_bytes_counted() {
+    let mut counters = None;
+    let (_dir, target, path, s) = migrate_with_extra_path(|target| {
+        let (path, connections, bytes) = second_path(target);
+        counters = Some((connections, bytes));
+        path
+    });
+    let (connections, bytes) = counters.unwrap();
     assert_eq!(num(&s, "connections"), 4, "{s}");
     // Connections 1 and 3 (two multifd channels) took the second path, 0 and 2 the first.
     assert_eq!(connections.load(Ordering::SeqCst), 2, "{s}");
@@ -237,28 +253,14 @@ fn a_migration_spread_over_two_paths_arrives_exact_and_in_order_with_each_paths_
 
 #[test]
 fn an_extra_path_that_cannot_be_reached_sends_its_connections_over_the_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = certs(dir.path(), "ca");
-    let (channels, _memory) = four_channels();
-    let target = local_target(dir.path(), &c, &[]);
     // A port nobody listens on: the path is down.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let deliver = listener.local_addr().unwrap().to_string();
-    let source = source_relay(
-        dir.path(),
-        None,
-        &c,
-        target.addr,
-        &deliver,
-        &["--extra-path", &dead],
-    );
-    migrate_channels(source.addr, &listener, &channels);
-    let s = source.wait_stats(1);
+    let (_dir, target, _, s) = migrate_with_extra_path(|_| {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    });
     assert_eq!(num(&s, "path_fallbacks"), 2, "{s}");
     assert!(s["errors"].as_array().unwrap().is_empty(), "{s}");
     let per_path = s["path_bytes"].as_object().unwrap();

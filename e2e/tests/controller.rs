@@ -542,18 +542,28 @@ async fn together_group_and_two_nodes(
     ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
     ns.create_fake_node(FakeNode::new(&c, "wg-1")).await?;
     let (c1, c2) = (keys(base, 500), keys(base + 10_000_000, 500));
+    publish_group(ns, &source, &c1, &c2).await?;
+    Ok((b, c, c1, c2))
+}
+
+/// The source's digest with the group's two VMs, of content `c1` and `c2`.
+async fn publish_group(
+    ns: &TestNamespace,
+    source: &str,
+    c1: &[u64],
+    c2: &[u64],
+) -> anyhow::Result<()> {
     publish_digest(
         &ns.client,
-        &source,
+        source,
         "wg-1",
         vec![
-            vm_summary(&ns.name, "vm1", GIB, &c1),
-            vm_summary(&ns.name, "vm2", GIB, &c2),
+            vm_summary(&ns.name, "vm1", GIB, c1),
+            vm_summary(&ns.name, "vm2", GIB, c2),
         ],
         &[],
     )
-    .await?;
-    Ok((b, c, c1, c2))
+    .await
 }
 
 async fn group_on_source(ns: &TestNamespace) -> anyhow::Result<String> {
@@ -627,17 +637,7 @@ async fn follow_group_member_that_touches_shared_memory_follows_to_the_same_node
     let b = ns.node_name("b");
     ns.create_fake_node(FakeNode::new(&b, "wg-1")).await?;
     let c1 = keys(30_000_000, 500);
-    publish_digest(
-        &ns.client,
-        &source,
-        "wg-1",
-        vec![
-            vm_summary(&ns.name, "vm1", GIB, &c1),
-            vm_summary(&ns.name, "vm2", GIB, &c1),
-        ],
-        &[],
-    )
-    .await?;
+    publish_group(&ns, &source, &c1, &c1).await?;
     publish_digest(&ns.client, &b, "wg-1", vec![], &c1[..100]).await?;
     let mut spec = vmm_spec("vm1");
     spec.group = Some(commonground::api::migration::GroupMode::Follow);
