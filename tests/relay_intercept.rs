@@ -336,6 +336,11 @@ fn migrate(from: &NetNs, to: &str, bytes: Vec<u8>) {
     .unwrap();
 }
 
+/// A target relay in the pair's target namespace listening on `ip`, its store this process.
+fn target_relay_in(dir: &std::path::Path, p: &Pair, c: &common::Certs, ip: &str) -> common::Relay {
+    common::target_relay(dir, Some(&p.target), ip, c, &[std::process::id()], &[])
+}
+
 /// `commonground relay source` intercepting in the pair's handler namespace, routing the
 /// target's port 4444 through `target_relay`.
 fn intercepting_source(
@@ -378,14 +383,7 @@ fn a_kubevirt_connection_crosses_the_relays_and_goes_direct_once_the_source_rela
     let (stream, contents) = common::guest(64, 7);
     let held: Vec<_> = contents.iter().step_by(2).cloned().collect();
     let _memory = common::Memory::new(&held);
-    let target = common::target_relay(
-        dir.path(),
-        Some(&p.target),
-        TARGET_IP,
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = target_relay_in(dir.path(), &p, &c, TARGET_IP);
     let delivered = fake_handler(&t, "10.234.0.2:4444", 2);
     let mut source = intercepting_source(dir.path(), &p, &c, &target.addr.to_string());
 
@@ -683,14 +681,7 @@ fn two_shaped_paths_carry_one_migration_each_its_share_at_its_rate() {
     let dir = tempfile::tempdir().unwrap();
     let c = common::certs(dir.path(), "ca");
     // The target relay listens on both paths (every address of the target namespace).
-    let target = common::target_relay(
-        dir.path(),
-        Some(&p.target),
-        "0.0.0.0",
-        &c,
-        &[std::process::id()],
-        &[],
-    );
+    let target = target_relay_in(dir.path(), &p, &c, "0.0.0.0");
     let port = target.addr.port();
     let (first, second) = (format!("10.234.0.2:{port}"), format!("10.234.1.2:{port}"));
     let channels = five_channels();

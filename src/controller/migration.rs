@@ -23,6 +23,7 @@ use super::status;
 use super::validate::MigrationBudget;
 use super::Context;
 use crate::api::conditions::{set_condition, Condition};
+use crate::api::digest::NodeRegionDigestStatus;
 use crate::api::kubevirt::{
     VirtualMachineInstance, VirtualMachineInstanceMigration, LIVE_MIGRATABLE,
 };
@@ -395,29 +396,35 @@ async fn plan_and_start(
     start(&vmm, ctx, status, &budget, decision.as_ref(), chosen).await
 }
 
+/// The status of a cached digest, if it has one.
+fn status_of(digest: &Option<Arc<NodeRegionDigest>>) -> Option<&NodeRegionDigestStatus> {
+    digest.as_deref().and_then(|d| d.status.as_ref())
+}
+
 /// Each candidate's estimated time in status, as the chosen target's is made: its memory in
 /// common, the transport the two relays allow, the rate from the source to it.
 fn candidate_times(
     ctx: &Context,
     plan: &Plan,
+    source_digest: Option<&NodeRegionDigestStatus>,
     base: &crate::plan::estimate::EstimateInput,
     cap: Option<&crate::plan::estimate::BandwidthCap>,
     status: &mut VirtualMachineMigrationStatus,
 ) {
-    let source_digest = ctx.view.digest_status(&plan.source_node);
     let blocks = ctx.view.kubevirt_blocks_relay();
     let now = time::Timestamp::now();
     for c in &mut status.candidates {
         if c.verdict == "Filtered" {
             continue;
         }
-        let digest = ctx.view.digest_status(&c.node);
+        let digest = ctx.view.digest(&c.node);
+        let target_digest = status_of(&digest);
         let (transport, _) = status::transport(
-            (&plan.source_node, source_digest.as_ref()),
-            (&c.node, digest.as_ref()),
+            (&plan.source_node, source_digest),
+            (&c.node, target_digest),
             blocks,
         );
-        let measured = status::measured_bandwidth(source_digest.as_ref(), digest.as_ref(), now);
+        let measured = status::measured_bandwidth(source_digest, target_digest, now);
         let bandwidth = crate::plan::estimate::choose_bandwidth(
             ctx.transfer.bandwidth,
             measured.as_ref().map(|m| m.0),
@@ -447,19 +454,13 @@ fn estimate(
         summary.map_or(0, |s| s.working_set_bytes),
         ctx.transfer,
     );
-    let source_digest = ctx.view.digest_status(&plan.source_node);
-    let target_digest = plan
-        .target_node
-        .as_deref()
-        .and_then(|t| ctx.view.digest_status(t));
+    let source = ctx.view.digest(&plan.source_node);
+    let target = plan.target_node.as_deref().and_then(|t| ctx.view.digest(t));
+    let (source_digest, target_digest) = (status_of(&source), status_of(&target));
     // What the source's relay measured on its last migration to the target's relay, over the
     // configured figure while it is recent enough; KubeVirt throttles the migration to its
     // bandwidthPerMigration, where one is set.
-    let measured = status::measured_bandwidth(
-        source_digest.as_ref(),
-        target_digest.as_ref(),
-        time::Timestamp::now(),
-    );
+    let measured = status::measured_bandwidth(source_digest, target_digest, time::Timestamp::now());
     let vm = VmKey::new(vmm.namespace().unwrap_or_default(), &vmm.spec.vmi_name);
     let cap = ctx.view.bandwidth_cap(&vm);
     let choice = crate::plan::estimate::choose_bandwidth(
@@ -480,14 +481,14 @@ fn estimate(
     base.bandwidth = choice.bytes_per_second;
     let (transport, transport_reason) = match plan.target_node.as_deref() {
         Some(target) => status::transport(
-            (&plan.source_node, source_digest.as_ref()),
-            (target, target_digest.as_ref()),
+            (&plan.source_node, source_digest),
+            (target, target_digest),
             ctx.view.kubevirt_blocks_relay(),
         ),
         None => (base.transport, "no target yet".to_string()),
     };
     base.transport = transport;
-    candidate_times(ctx, plan, &base, cap.as_ref(), status);
+    candidate_times(ctx, plan, source_digest, &base, cap.as_ref(), status);
     // Add network paths while the estimate exceeds the time budget.
     let (decided, ignored_networks) =
         paths::decide(ctx, vmm, budget, plan, &base, ctx.transfer.cores_per_gbps);

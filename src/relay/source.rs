@@ -240,6 +240,17 @@ const MAX_FILTER_IDS: usize = 1 << 25;
 /// Pages of references not yet acknowledged, by sequence number.
 type Retained = Arc<Mutex<BTreeMap<u64, (Vec<u8>, OwnedSemaphorePermit)>>>;
 
+/// One accepted connection on its way through the relays: its migration's session, its place
+/// in it, its route, the relay's settings, the bytes it put on the wire and the path it took.
+struct Leg<'a> {
+    session: &'a Arc<Session>,
+    index: u32,
+    route: &'a Route,
+    config: &'a SourceConfig,
+    counter: ByteCounter,
+    path: OnceLock<String>,
+}
+
 async fn relay_connection(
     qemu: Box<dyn Conn>,
     session: &Arc<Session>,
@@ -247,10 +258,16 @@ async fn relay_connection(
     route: &Route,
     config: &SourceConfig,
 ) -> Result<Way, RelayError> {
-    let counter = ByteCounter::default();
-    let used = OnceLock::new();
-    let result = relay_inner(qemu, session, index, route, config, &counter, &used).await;
-    let wire = counter.total();
+    let leg = Leg {
+        session,
+        index,
+        route,
+        config,
+        counter: ByteCounter::default(),
+        path: OnceLock::new(),
+    };
+    let result = relay_inner(qemu, &leg).await;
+    let wire = leg.counter.total();
     config
         .metrics
         .bytes_on_wire
@@ -258,7 +275,7 @@ async fn relay_connection(
         .inc_by(wire);
     let mut stats = session.stats.lock().expect("stats lock");
     stats.bytes_on_wire += wire;
-    if let Some(path) = used.get() {
+    if let Some(path) = leg.path.get() {
         *stats.path_bytes.entry(path.clone()).or_default() += wire;
     }
     drop(stats);
@@ -271,42 +288,26 @@ type PeerWriter = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<Counted<T
 
 /// Opens the connection to the target relay on the path this connection takes; when an extra
 /// path cannot be reached, on the first path instead, so a path that fails never fails the
-/// migration. `used` receives the address the connection went to.
-async fn connect_on_path(
-    session: &Session,
-    index: u32,
-    route: &Route,
-    config: &SourceConfig,
-    counter: &ByteCounter,
-    used: &OnceLock<String>,
-) -> Result<(PeerReader, PeerWriter), RelayError> {
-    let path = route.relay_for(index);
-    let first = route.target_relay.as_str();
-    let opened = match connect_peer(session, index, path, route, config, counter).await {
+/// migration. The leg keeps the address the connection went to.
+async fn connect_on_path(leg: &Leg<'_>) -> Result<(PeerReader, PeerWriter), RelayError> {
+    let path = leg.route.relay_for(leg.index);
+    let first = leg.route.target_relay.as_str();
+    let opened = match connect_peer(leg, path).await {
         Err(e) if path != first => {
             tracing::warn!(path, error = %e, "extra path unavailable; this connection takes the first path");
-            session.stats.lock().expect("stats lock").path_fallbacks += 1;
-            (
-                first,
-                connect_peer(session, index, first, route, config, counter).await,
-            )
+            leg.session.stats.lock().expect("stats lock").path_fallbacks += 1;
+            (first, connect_peer(leg, first).await)
         }
         r => (path, r),
     };
-    let _ = used.set(opened.0.to_string());
+    let _ = leg.path.set(opened.0.to_string());
     opened.1
 }
 
 /// Opens the mutual-TLS connection to the target relay at `relay` and says which connection
 /// this is.
-async fn connect_peer(
-    session: &Session,
-    index: u32,
-    relay: &str,
-    route: &Route,
-    config: &SourceConfig,
-    counter: &ByteCounter,
-) -> Result<(PeerReader, PeerWriter), RelayError> {
+async fn connect_peer(leg: &Leg<'_>, relay: &str) -> Result<(PeerReader, PeerWriter), RelayError> {
+    let config = leg.config;
     let tcp = match config.routes.intercepted() {
         // From the intercepted namespace, over the network virt-handler itself uses.
         Some(r) => {
@@ -328,7 +329,7 @@ async fn connect_peer(
         CONNECT_TIMEOUT,
         config.connector.connect(
             config.server_name.clone(),
-            Counted::new(tcp, counter.clone()),
+            Counted::new(tcp, leg.counter.clone()),
         ),
     )
     .await
@@ -338,9 +339,9 @@ async fn connect_peer(
     let mut hello = Vec::new();
     Frame::Hello {
         version: PROTOCOL_VERSION,
-        session: session.id,
-        index,
-        deliver_to: route.deliver_to.to_string(),
+        session: leg.session.id,
+        index: leg.index,
+        deliver_to: leg.route.deliver_to.to_string(),
     }
     .encode(&mut hello);
     tls_w.write_all(&hello).await.map_err(RelayError::peer_io)?;
@@ -378,17 +379,11 @@ async fn read_filter(frames: &mut PeerReader) -> Result<IdSet, RelayError> {
 
 /// The way this connection goes, and the open relay path if it goes through the relays. The
 /// first connection decides for the whole migration.
-async fn choose_way(
-    session: &Session,
-    index: u32,
-    route: &Route,
-    config: &SourceConfig,
-    counter: &ByteCounter,
-    used: &OnceLock<String>,
-) -> Result<(Way, Option<(PeerReader, PeerWriter)>), RelayError> {
-    let fails_open = config.routes.intercepted().is_some();
-    let peer = connect_on_path(session, index, route, config, counter, used).await;
-    if index == 0 {
+async fn choose_way(leg: &Leg<'_>) -> Result<(Way, Option<(PeerReader, PeerWriter)>), RelayError> {
+    let session = leg.session;
+    let fails_open = leg.config.routes.intercepted().is_some();
+    let peer = connect_on_path(leg).await;
+    if leg.index == 0 {
         let opened = match peer {
             Ok((mut frames, w)) => read_filter(&mut frames).await.map(|ids| (ids, frames, w)),
             Err(e) => Err(e),
@@ -424,16 +419,9 @@ async fn choose_way(
     }
 }
 
-async fn relay_inner(
-    qemu: Box<dyn Conn>,
-    session: &Arc<Session>,
-    index: u32,
-    route: &Route,
-    config: &SourceConfig,
-    counter: &ByteCounter,
-    used: &OnceLock<String>,
-) -> Result<Way, RelayError> {
-    let (way, peer) = choose_way(session, index, route, config, counter, used).await?;
+async fn relay_inner(qemu: Box<dyn Conn>, leg: &Leg<'_>) -> Result<Way, RelayError> {
+    let (session, route, config) = (leg.session, leg.route, leg.config);
+    let (way, peer) = choose_way(leg).await?;
     let (filter, (frames, tls_w)) = match (way, peer) {
         (Way::Relay(filter), Some(peer)) => (filter, peer),
         _ => {

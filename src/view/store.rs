@@ -300,10 +300,9 @@ impl ClusterView {
     }
 
     /// The status a node's agent last published, if any.
-    pub fn digest_status(&self, node: &str) -> Option<crate::api::digest::NodeRegionDigestStatus> {
-        self.digests
-            .get(&reflector::ObjectRef::new(node))
-            .and_then(|d| d.status.clone())
+    /// The node's digest as cached (shared, not copied: a digest carries every VM's sketch).
+    pub fn digest(&self, node: &str) -> Option<Arc<NodeRegionDigest>> {
+        self.digests.get(&reflector::ObjectRef::new(node))
     }
 
     /// The idle CPU cores the node's agent measured, when its digest has a reading.
