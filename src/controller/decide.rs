@@ -204,6 +204,7 @@ pub fn plan_options(
         only_nodes: None,
         explain_top: None,
         excluded_nodes: excluded_nodes(status),
+        move_links: None,
     }
 }
 

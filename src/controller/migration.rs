@@ -17,6 +17,7 @@ use super::error::{ControllerError, Result};
 use super::groups;
 use super::guard::Marked;
 use super::kubevirt::{attempt_vmim_name, create_kubevirt_migration};
+use super::links::SourceLinks;
 use super::paths;
 use super::republish::republish_after_migration;
 use super::status;
@@ -404,35 +405,17 @@ fn status_of(digest: &Option<Arc<NodeRegionDigest>>) -> Option<&NodeRegionDigest
 /// Each candidate's estimated time in status, as the chosen target's is made: its memory in
 /// common, the transport the two relays allow, the rate from the source to it.
 fn candidate_times(
-    ctx: &Context,
-    plan: &Plan,
-    source_digest: Option<&NodeRegionDigestStatus>,
+    links: &SourceLinks,
     base: &crate::plan::estimate::EstimateInput,
-    cap: Option<&crate::plan::estimate::BandwidthCap>,
     status: &mut VirtualMachineMigrationStatus,
 ) {
-    let blocks = ctx.view.kubevirt_blocks_relay();
-    let now = time::Timestamp::now();
     for c in &mut status.candidates {
         if c.verdict == "Filtered" {
             continue;
         }
-        let digest = ctx.view.digest(&c.node);
-        let target_digest = status_of(&digest);
-        let (transport, _) = status::transport(
-            (&plan.source_node, source_digest),
-            (&c.node, target_digest),
-            blocks,
-        );
-        let measured = status::measured_bandwidth(source_digest, target_digest, now);
-        let bandwidth = crate::plan::estimate::choose_bandwidth(
-            ctx.transfer.bandwidth,
-            measured.as_ref().map(|m| m.0),
-            ctx.transfer.measured_rate_max_age,
-            cap,
-        )
-        .bytes_per_second;
-        let input = status::candidate_input(base, c.common_bytes, transport, bandwidth);
+        let link = links.link(&c.node);
+        let input =
+            status::candidate_input(base, c.common_bytes, link.transport, link.bytes_per_second);
         c.estimated_seconds = status::seconds_for_status(&input);
     }
 }
@@ -488,7 +471,8 @@ fn estimate(
         None => (base.transport, "no target yet".to_string()),
     };
     base.transport = transport;
-    candidate_times(ctx, plan, source_digest, &base, cap.as_ref(), status);
+    let links = SourceLinks::new(&ctx.view, ctx.transfer, cap, &plan.source_node);
+    candidate_times(&links, &base, status);
     // Add network paths while the estimate exceeds the time budget.
     let (decided, ignored_networks) =
         paths::decide(ctx, vmm, budget, plan, &base, ctx.transfer.cores_per_gbps);
@@ -530,7 +514,7 @@ fn run_planner(
     vmi: &VirtualMachineInstance,
     request: crate::plan::VmRequest,
 ) -> Result<crate::plan::Plan, crate::plan::PlanError> {
-    let opts = decide::plan_options(spec, status);
+    let mut opts = decide::plan_options(spec, status);
     let group_mode = spec.group.unwrap_or_default();
     let group: Vec<Arc<VirtualMachineInstance>> = match group_mode {
         GroupMode::None => Vec::new(),
@@ -555,6 +539,21 @@ fn run_planner(
         );
         planner.plan_group(&requests, &opts)
     } else {
+        // Between candidates with similar memory in common, the shorter move goes first. A
+        // group moving together is ranked on memory, KSM and load only: its members' links
+        // and activity are not one VM's.
+        let cap = ctx.view.bandwidth_cap(&request.vm);
+        let summary = request
+            .summary
+            .as_ref()
+            .or_else(|| planner.vm_summary(&request.vm));
+        opts.move_links = Some(
+            SourceLinks::new(&ctx.view, ctx.transfer, cap, &request.source_node).move_links(
+                &request,
+                summary,
+                planner.snapshot().geometry.region_bytes(),
+            ),
+        );
         planner.plan(&request, &opts)
     }
 }

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod kubevirt;
 pub mod labels;
 pub mod leader;
+pub mod links;
 pub mod metrics;
 pub mod migration;
 pub mod paths;

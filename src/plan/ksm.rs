@@ -47,6 +47,9 @@ pub struct KsmCandidate {
     /// One standard error of `common` (0 when every region was sampled).
     pub error: f64,
     pub ksm: bool,
+    /// Its move is estimated clearly longer than the shortest among the similar candidates
+    /// (see [`super::move_time`]): KSM does not make up for a slower move.
+    pub clearly_slower: bool,
 }
 
 /// How many standard errors of the difference still count as similar.
@@ -63,6 +66,7 @@ pub fn similar(leader: &KsmCandidate, other: &KsmCandidate, nonzero: f64) -> boo
 /// The position of the candidate that should go first instead of the leader (position 0), if
 /// any: the leader has no KSM, and among the candidates ranked right after it with similar
 /// memory in common, the first where KSM runs and with something in common to merge.
+/// A KSM node whose move is clearly slower is passed over.
 /// `candidates` yields them in ranking order, leader first, and only as far as the leader's
 /// work group goes; the scan stops at the first candidate that is not similar.
 pub fn promoted(mut candidates: impl Iterator<Item = KsmCandidate>, nonzero: f64) -> Option<usize> {
@@ -74,7 +78,7 @@ pub fn promoted(mut candidates: impl Iterator<Item = KsmCandidate>, nonzero: f64
         if !similar(&leader, &c, nonzero) {
             return None;
         }
-        if c.ksm && c.common > 0.0 {
+        if c.ksm && c.common > 0.0 && !c.clearly_slower {
             return Some(pos + 1);
         }
     }
@@ -86,7 +90,12 @@ mod tests {
     use super::*;
 
     fn c(common: f64, error: f64, ksm: bool) -> KsmCandidate {
-        KsmCandidate { common, error, ksm }
+        KsmCandidate {
+            common,
+            error,
+            ksm,
+            clearly_slower: false,
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod estimate;
 pub mod hardware;
 pub mod ksm;
 pub mod launcher;
+pub mod move_time;
 pub mod overlap_index;
 pub mod paths;
 pub mod planner;

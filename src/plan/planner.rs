@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::cluster::{ClusterSnapshot, VmKey, VmRegionSummary, VmRequest};
 use super::hardware::{check_node, FilterReason};
 use super::ksm;
+use super::move_time::{self, MoveLinks};
 use super::overlap_index::OverlapIndex;
 use super::rank::{extender_scores_of, why_lost, Scored};
 use super::sketch::{RegionSketch, KEY_SPACE};
@@ -42,6 +43,10 @@ pub struct PlanOptions {
     /// Nodes left out whatever they offer, each with why (an earlier attempt to migrate
     /// there failed).
     pub excluded_nodes: Vec<(String, String)>,
+    /// How each candidate is reached from the source, to estimate its move: between
+    /// candidates with similar memory in common the clearly shorter move goes first (see
+    /// [`super::move_time`]). `None`: memory in common, KSM and load decide alone.
+    pub move_links: Option<MoveLinks>,
 }
 
 /// Sampled entries the overlap index holds at most (~400 MiB). A 100-node cluster of full
@@ -152,6 +157,8 @@ pub struct RankedNode {
     pub load: f64,
     /// Scheduler-extender score 0..=10.
     pub score: u8,
+    /// Estimated seconds of the move there, where the time rule looked at the node.
+    pub seconds: Option<f64>,
 }
 
 /// What [`Planner::rank_nodes`] decided, by node position.
@@ -191,6 +198,7 @@ struct RankKey {
     load: f64,
     name_order: u32,
     node: usize,
+    seconds: Option<f64>,
 }
 
 /// A cluster snapshot made ready for planning. Cheap to query, rebuilt when the view changes.
@@ -639,6 +647,7 @@ impl Planner {
                 load: nodes[i].effective_load(),
                 name_order: self.name_order[i],
                 node: i,
+                seconds: None,
             })
             .collect();
         keyed.sort_unstable_by(|a, b| {
@@ -648,6 +657,11 @@ impl Planner {
                 .then(a.load.total_cmp(&b.load))
                 .then(a.name_order.cmp(&b.name_order))
         });
+        if let (Some(s), Some(links)) = (summary, opts.move_links.as_ref()) {
+            if let Some(note) = self.prefer_shorter_move(s, links, &mut keyed) {
+                notes.push(note);
+            }
+        }
         if let Some(s) = summary {
             if let Some(note) = self.prefer_ksm_among_similar(s, &mut keyed) {
                 notes.push(note);
@@ -661,6 +675,7 @@ impl Planner {
                 node: k.node,
                 load: k.load,
                 score,
+                seconds: k.seconds,
             })
             .collect();
         Ok(Ranking {
@@ -683,6 +698,7 @@ impl Planner {
             load: r.load,
             has_digest: self.index.has_digest(r.node),
             ksm: ksm::ksm_runs(&self.snapshot.nodes[r.node]),
+            seconds: r.seconds,
         }
     }
 
@@ -701,9 +717,65 @@ impl Planner {
         sampling_error(common / nonzero, sampled, threshold, nonzero)
     }
 
+    /// One ranked candidate as the similarity rules (time, KSM) see it.
+    fn similar_candidate(&self, summary: &VmRegionSummary, k: &RankKey) -> ksm::KsmCandidate {
+        ksm::KsmCandidate {
+            common: k.common,
+            error: self.common_error(summary, k.node, k.common),
+            ksm: ksm::ksm_runs(&self.snapshot.nodes[k.node]),
+            clearly_slower: false,
+        }
+    }
+
+    /// [`move_time::promoted`] on the leader and the candidates right after it in the leading
+    /// work group that hold similar memory in common (at most
+    /// [`move_time::TIMED_CANDIDATES`]): each one's move is estimated over its link, and a
+    /// clearly shorter one goes first. Returns the plan note when it did.
+    fn prefer_shorter_move(
+        &self,
+        summary: &VmRegionSummary,
+        links: &MoveLinks,
+        keyed: &mut [RankKey],
+    ) -> Option<String> {
+        let leader_group = keyed.first()?.group_rank;
+        let nonzero = summary.nonzero_regions() as f64;
+        let region_bytes = self.snapshot.geometry.region_bytes() as f64;
+        let nodes = &self.snapshot.nodes;
+        let leader = self.similar_candidate(summary, &keyed[0]);
+        let timed = 1 + keyed[1..]
+            .iter()
+            .take(move_time::TIMED_CANDIDATES)
+            .take_while(|k| {
+                k.group_rank == leader_group
+                    && ksm::similar(&leader, &self.similar_candidate(summary, k), nonzero)
+            })
+            .count();
+        for k in &mut keyed[..timed] {
+            let link = (links.link_of)(&nodes[k.node].name);
+            k.seconds = links.seconds(link, (k.common * region_bytes) as u64);
+        }
+        let seconds: Vec<Option<f64>> = keyed[..timed].iter().map(|k| k.seconds).collect();
+        let pos = move_time::promoted(&seconds)?;
+        let (leader, faster) = (&keyed[0], &keyed[pos]);
+        let note = format!(
+            "{} ({:.0} regions in common) and {} ({:.0}) hold similar memory in common; the move \
+             to {} is estimated clearly shorter ({:.1} s against {:.1} s): it goes first",
+            nodes[leader.node].name,
+            leader.common,
+            nodes[faster.node].name,
+            faster.common,
+            nodes[faster.node].name,
+            faster.seconds.unwrap_or_default(),
+            leader.seconds.unwrap_or_default(),
+        );
+        keyed[..=pos].rotate_right(1);
+        Some(note)
+    }
+
     /// [`ksm::promoted`] on the ranked candidates of the leading work group: a node where
-    /// KSM runs, with memory in common similar to the leader's, moves to the front. Returns
-    /// the plan note when it did.
+    /// KSM runs, with memory in common similar to the leader's, moves to the front, unless
+    /// its move is estimated clearly longer than the shortest one the time rule found.
+    /// Returns the plan note when it did.
     fn prefer_ksm_among_similar(
         &self,
         summary: &VmRegionSummary,
@@ -712,14 +784,20 @@ impl Planner {
         let leader_group = keyed.first()?.group_rank;
         let nodes = &self.snapshot.nodes;
         let nonzero = summary.nonzero_regions() as f64;
+        let shortest = keyed
+            .iter()
+            .filter_map(|k| k.seconds)
+            .min_by(f64::total_cmp);
         let pos = ksm::promoted(
             keyed
                 .iter()
                 .take_while(|k| k.group_rank == leader_group)
                 .map(|k| ksm::KsmCandidate {
-                    common: k.common,
-                    error: self.common_error(summary, k.node, k.common),
-                    ksm: ksm::ksm_runs(&nodes[k.node]),
+                    clearly_slower: matches!(
+                        (shortest, k.seconds),
+                        (Some(best), Some(own)) if move_time::clearly_shorter(best, own)
+                    ),
+                    ..self.similar_candidate(summary, k)
                 }),
             nonzero,
         )?;

@@ -16,6 +16,9 @@ pub struct Scored {
     pub has_digest: bool,
     /// KSM runs on the node (see [`super::ksm`]).
     pub ksm: bool,
+    /// Estimated seconds of the move there, where the time rule looked (see
+    /// [`super::move_time`]).
+    pub seconds: Option<f64>,
 }
 
 /// `Less` when `a` ranks before `b`.
@@ -33,7 +36,18 @@ pub fn rank(candidates: &mut [Scored]) {
 
 /// Why `loser` ranked below `winner`, for status and Events.
 pub fn why_lost(loser: &Scored, winner: &Scored) -> String {
-    if winner.ksm && !loser.ksm && loser.common_regions >= winner.common_regions {
+    let shorter = match (winner.seconds, loser.seconds) {
+        (Some(w), Some(l)) if super::move_time::clearly_shorter(w, l) => Some((w, l)),
+        _ => None,
+    };
+    if let Some((w, l)) = shorter.filter(|_| loser.common_regions >= winner.common_regions) {
+        // Only the time rule puts a node with less in common first on a shorter move.
+        format!(
+            "memory in common similar to {}'s ({:.0} vs {:.0} regions), and the move there is \
+             estimated shorter ({w:.1} s vs {l:.1} s)",
+            winner.node, loser.common_regions, winner.common_regions
+        )
+    } else if winner.ksm && !loser.ksm && loser.common_regions >= winner.common_regions {
         // Only the KSM rule puts a node with less in common first.
         format!(
             "memory in common similar to {}'s ({:.0} vs {:.0} regions), where KSM runs and can \
@@ -107,6 +121,7 @@ mod tests {
             load,
             has_digest: true,
             ksm: false,
+            seconds: None,
         }
     }
 
@@ -132,6 +147,21 @@ mod tests {
             ..s("k", 4.9, 0.9)
         };
         assert!(why_lost(&v[0], &ksm_winner).contains("where KSM runs"));
+        let faster = Scored {
+            seconds: Some(10.0),
+            ..s("f", 4.9, 0.9)
+        };
+        let slower = Scored {
+            seconds: Some(20.0),
+            ..v[0].clone()
+        };
+        assert!(why_lost(&slower, &faster).contains("estimated shorter (10.0 s vs 20.0 s)"));
+        // Nearly as fast is no reason: the regions speak.
+        let nearly = Scored {
+            seconds: Some(10.2),
+            ..slower.clone()
+        };
+        assert!(!why_lost(&nearly, &faster).contains("estimated shorter"));
     }
 
     #[test]
