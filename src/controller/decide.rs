@@ -203,6 +203,7 @@ pub fn plan_options(
         pinned_work_group: target.work_group.clone(),
         only_nodes: None,
         explain_top: None,
+        listed: None,
         excluded_nodes: excluded_nodes(status),
         move_links: None,
     }

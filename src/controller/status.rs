@@ -51,34 +51,34 @@ pub fn candidates(plan: &Plan, top: usize) -> Vec<CandidateStatus> {
 }
 
 fn chosen_reason(plan: &Plan, c: &crate::plan::planner::Candidate) -> String {
-    let passing = plan
+    // Work groups are chosen first: the most in common is the chosen work group's.
+    let most = plan
         .candidates
         .iter()
-        .filter(|x| !matches!(x.verdict, Verdict::Filtered(_)))
-        .count();
-    if passing == 1 {
+        .filter(|x| !matches!(x.verdict, Verdict::Filtered(_)) && x.work_group == c.work_group)
+        .map(|x| x.common_bytes)
+        .max()
+        .unwrap_or(0);
+    if plan.passing == 1 {
         "the only node that passes the minimum hardware filter".into()
-    } else if c.common_bytes > 0 && c.ksm {
-        let most = plan
-            .candidates
-            .iter()
-            .filter(|x| !matches!(x.verdict, Verdict::Filtered(_)))
-            .map(|x| x.common_bytes)
-            .max()
-            .unwrap_or(0);
-        if most > c.common_bytes {
-            format!(
-                "memory in common ({}) similar to the most any candidate holds ({}), and KSM \
-                 runs here to merge it after arrival",
-                human_bytes(c.common_bytes),
-                human_bytes(most)
-            )
+    } else if c.common_bytes > 0 && most > c.common_bytes {
+        // Only the similarity rules put a node with less in common first.
+        let why = if c.ksm {
+            "KSM runs here to merge it after arrival"
         } else {
-            format!(
-                "most memory in common ({}), which KSM can merge here after arrival",
-                human_bytes(c.common_bytes)
-            )
-        }
+            "the move here is estimated clearly shorter"
+        };
+        format!(
+            "memory in common ({}) similar to the most any candidate of its work group holds \
+             ({}), and {why}",
+            human_bytes(c.common_bytes),
+            human_bytes(most)
+        )
+    } else if c.common_bytes > 0 && c.ksm {
+        format!(
+            "most memory in common ({}), which KSM can merge here after arrival",
+            human_bytes(c.common_bytes)
+        )
     } else if c.common_bytes > 0 {
         format!("most memory in common ({})", human_bytes(c.common_bytes))
     } else {

@@ -40,6 +40,10 @@ pub struct PlanOptions {
     /// Passing candidates (best first) that get a written reason for losing; the rest get a
     /// short one. Writing 5,000 reasons would dominate a scheduler-extender request.
     pub explain_top: Option<usize>,
+    /// Passing candidates a plan lists, best first, and filtered nodes it lists (default
+    /// [`DEFAULT_LISTED`]); the rest are counted. Memory in common is counted only in the
+    /// work groups that hold the listed candidates (see [`Planner::rank_nodes`]).
+    pub listed: Option<usize>,
     /// Nodes left out whatever they offer, each with why (an earlier attempt to migrate
     /// there failed).
     pub excluded_nodes: Vec<(String, String)>,
@@ -55,6 +59,9 @@ pub const DEFAULT_INDEX_BUDGET: usize = 45_000_000;
 
 /// Reasons are written for this many candidates unless the options say otherwise.
 pub const DEFAULT_EXPLAINED: usize = 32;
+
+/// Candidates a plan lists unless the options say otherwise (status shows the first five).
+pub const DEFAULT_LISTED: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PlanError {
@@ -132,8 +139,13 @@ pub struct Plan {
     pub source_work_group: String,
     pub target_node: Option<String>,
     pub target_work_group: Option<String>,
-    /// Passing candidates best first, then filtered nodes.
+    /// Passing candidates best first, then filtered nodes, as many of each as
+    /// [`PlanOptions::listed`] says.
     pub candidates: Vec<Candidate>,
+    /// Nodes that pass the filter, listed or not.
+    pub passing: usize,
+    /// Nodes the filter left out, listed or not.
+    pub filtered: usize,
     pub work_groups: Vec<WorkGroupScore>,
     /// Bytes for the chosen target (all zeros when there is none).
     pub bytes: ByteEstimate,
@@ -172,8 +184,11 @@ pub struct Ranking {
     pub ranked: Vec<RankedNode>,
     /// Nodes that failed the filter, with why.
     pub filtered: Vec<(usize, FilterReason)>,
-    /// Estimated VM regions on every node, by position.
+    /// Estimated VM regions on every node, by position (0 outside the counted work groups).
     pub common: Vec<f64>,
+    /// By work group index, whether the VM's memory in common was counted there; `None`:
+    /// everywhere.
+    pub counted_groups: Option<Vec<bool>>,
     /// Work groups with candidates, the chosen one first.
     pub work_groups: Vec<WorkGroupScore>,
     /// Distance from the source's work group, by work group index.
@@ -240,7 +255,7 @@ impl Planner {
             .collect();
         groups.sort();
         groups.dedup();
-        let group_of = snapshot
+        let group_of: Vec<usize> = snapshot
             .nodes
             .iter()
             .map(|n| groups.binary_search(&n.work_group).unwrap_or(0))
@@ -275,9 +290,9 @@ impl Planner {
                 })
                 .collect();
             let refs: Vec<Option<&RegionSketch>> = coarse.iter().map(Option::as_ref).collect();
-            OverlapIndex::build(&refs)
+            OverlapIndex::build_grouped(&refs, &group_of)
         } else {
-            OverlapIndex::build(&node_sketch)
+            OverlapIndex::build_grouped(&node_sketch, &group_of)
         };
         Self {
             node_pos,
@@ -311,16 +326,37 @@ impl Planner {
 
     /// Estimated regions of the VM on every node (index order), from the sampled overlap.
     pub fn common_regions(&self, summary: &VmRegionSummary, hits: &mut Vec<u32>) -> Vec<f64> {
-        self.index.count_hits(&summary.sketch, hits);
+        self.common_regions_in(summary, hits, None)
+    }
+
+    /// As [`Planner::common_regions`], counted only on the nodes of the work groups marked
+    /// in `groups` (by work group index; `None`: every node). Elsewhere 0.
+    fn common_regions_in(
+        &self,
+        summary: &VmRegionSummary,
+        hits: &mut Vec<u32>,
+        groups: Option<&[bool]>,
+    ) -> Vec<f64> {
+        match groups {
+            None => self.index.count_hits(&summary.sketch, hits),
+            Some(marked) => {
+                let wanted: Vec<usize> = (0..marked.len()).filter(|&g| marked[g]).collect();
+                self.index.count_hits_in(&summary.sketch, hits, &wanted);
+            }
+        }
         let nonzero = summary.nonzero_regions() as f64;
+        // Nodes share few thresholds: the sampled count is looked up once per threshold.
+        let mut last = (u64::MAX, 0u32);
         (0..self.index.node_count())
             .map(|i| {
-                let sampled = self.index.sampled_for(&summary.sketch, i);
-                if sampled == 0 {
-                    0.0
-                } else {
-                    hits[i] as f64 / sampled as f64 * nonzero
+                if hits[i] == 0 {
+                    return 0.0;
                 }
+                let threshold = self.index.node_threshold(i);
+                if last.0 != threshold {
+                    last = (threshold, self.index.sampled_for(&summary.sketch, i));
+                }
+                hits[i] as f64 / last.1 as f64 * nonzero
             })
             .collect()
     }
@@ -348,8 +384,7 @@ impl Planner {
                 // Every group's threshold covers this key: only the per-key dedup remains,
                 // and once every group has it the rest of a long posting list adds nothing.
                 let mut seen = 0;
-                for &n in holders {
-                    let n = n as usize;
+                for n in holders {
                     let grp = self.group_of[n];
                     if n != source && seen_at[grp] != k {
                         seen_at[grp] = k;
@@ -516,15 +551,6 @@ impl Planner {
                 req.vm
             ));
         }
-        let mut hits = Vec::new();
-        let mut common: Vec<f64> = match summary {
-            Some(s) => self.common_regions(s, &mut hits),
-            None => vec![0.0; nodes.len()],
-        };
-        if let Some(key) = self.vm_key_id(req) {
-            self.exclude_other_keys(key, &mut common, &mut notes);
-        }
-
         // 1. Minimum hardware configuration.
         let all: Vec<usize>;
         let considered = match considered {
@@ -637,6 +663,35 @@ impl Planner {
             }
         }
 
+        // Memory in common, counted where the ranking uses it: in the work groups, in their
+        // order, that hold the listed candidates (all of them in a small cluster). A node of a
+        // later work group ranks behind every one of those whatever it holds, so its memory in
+        // common is not counted (0) and load orders it; in a 5,000-node cluster this skips
+        // most of the posting lists.
+        let listed = opts.listed.unwrap_or(DEFAULT_LISTED);
+        let counted_groups = (passing.len() > listed).then(|| {
+            let mut marked = vec![false; self.groups.len()];
+            let mut covered = 0;
+            for w in &work_groups {
+                if covered >= listed {
+                    break;
+                }
+                if let Ok(gi) = self.groups.binary_search(&w.work_group) {
+                    marked[gi] = true;
+                }
+                covered += w.candidates;
+            }
+            marked
+        });
+        let mut hits = Vec::new();
+        let mut common: Vec<f64> = match summary {
+            Some(s) => self.common_regions_in(s, &mut hits, counted_groups.as_deref()),
+            None => vec![0.0; nodes.len()],
+        };
+        if let Some(key) = self.vm_key_id(req) {
+            self.exclude_other_keys(key, &mut common, &mut notes);
+        }
+
         // 3. Rank: work groups in their order, inside each by regions in common and load
         // (`rank_order`), the name breaking the last tie through its precomputed order.
         let mut keyed: Vec<RankKey> = passing
@@ -685,6 +740,7 @@ impl Planner {
             ranked,
             filtered,
             common,
+            counted_groups,
             work_groups,
             group_distance,
             notes,
@@ -881,8 +937,17 @@ impl Planner {
         let winner = ranking.ranked.first().map(|r| self.scored(&ranking, r));
         let chosen_group = ranking.work_groups.first().map(|w| w.work_group.as_str());
         let explain = opts.explain_top.unwrap_or(DEFAULT_EXPLAINED);
-        let mut candidates = Vec::with_capacity(ranking.ranked.len() + ranking.filtered.len());
-        for (pos, r) in ranking.ranked.iter().enumerate() {
+        let listed = opts.listed.unwrap_or(DEFAULT_LISTED);
+        // Filtered nodes are listed from the work groups where memory in common was counted,
+        // so each listed one shows what it holds.
+        let counted = |i: usize| {
+            ranking
+                .counted_groups
+                .as_ref()
+                .is_none_or(|marked| marked[self.group_of[i]])
+        };
+        let mut candidates = Vec::with_capacity(2 * listed);
+        for (pos, r) in ranking.ranked.iter().take(listed).enumerate() {
             let node = &nodes[r.node];
             let verdict = if pos == 0 {
                 Verdict::Chosen
@@ -915,7 +980,12 @@ impl Planner {
                 verdict,
             });
         }
-        for (i, reason) in &ranking.filtered {
+        for (i, reason) in ranking
+            .filtered
+            .iter()
+            .filter(|(i, _)| counted(*i))
+            .take(listed)
+        {
             let node = &nodes[*i];
             let common = ranking.common[*i];
             let common_bytes = (common * region_bytes as f64) as u64;
@@ -934,6 +1004,7 @@ impl Planner {
                 verdict: Verdict::Filtered(reason.to_string()),
             });
         }
+        let (passing, filtered) = (ranking.ranked.len(), ranking.filtered.len());
         let Ranking {
             source_group,
             work_groups,
@@ -977,6 +1048,8 @@ impl Planner {
             target_node: target.as_ref().map(|c| c.node.clone()),
             target_work_group: target.map(|c| c.work_group),
             candidates,
+            passing,
+            filtered,
             work_groups,
             bytes,
             notes,
