@@ -39,7 +39,7 @@ use self::error::{ControllerError, Result};
 use self::leader::{LeaderElector, LeaseConfig};
 use self::metrics::ControllerMetrics;
 use self::status::TransferModel;
-use crate::api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceMigration};
+use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::VirtualMachineMigration;
 use crate::telemetry::{self, LogFormat, Readiness};
 use crate::view::{ClusterView, ViewArgs};
@@ -208,7 +208,6 @@ async fn reconcilers(
     cluster_key_dir: Option<std::path::PathBuf>,
 ) {
     let key_check = keys::run(ctx.clone(), cluster_key_dir);
-    let vmms: Api<VirtualMachineMigration> = Api::all(client.clone());
     let rebalancer = Controller::new(
         Api::<crate::api::RebalancePolicy>::all(client.clone()),
         watcher::Config::default().any_semantic(),
@@ -220,16 +219,14 @@ async fn reconcilers(
         ctx.clone(),
     )
     .for_each(|_| async {});
+    // The requests, their KubeVirt migrations and the VMIs are followed through the view's
+    // own watches: each kind is watched once, whoever reconciles on it.
     let vmm_store = view.vmms.clone();
-    let controller = Controller::new(vmms, watcher::Config::default().any_semantic())
-        .owns(
-            Api::<VirtualMachineInstanceMigration>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .watches(
-            Api::<VirtualMachineInstance>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-            move |vmi: VirtualMachineInstance| {
+    let controller = Controller::for_shared_stream(view.vmm_changes(), view.vmms.clone())
+        .owns_shared_stream(view.vmim_changes())
+        .watches_shared_stream(
+            view.vmi_changes(),
+            move |vmi: Arc<VirtualMachineInstance>| {
                 // A VMI change wakes the requests that name it.
                 let ns = vmi.namespace().unwrap_or_default();
                 let name = vmi.name_any();
@@ -253,17 +250,14 @@ async fn reconcilers(
             }
         });
     // Every KubeVirt migration that succeeds, whoever started it, republishes the digests.
-    let republisher = Controller::new(
-        Api::<VirtualMachineInstanceMigration>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .graceful_shutdown_on(telemetry::shutdown_signal())
-    .run(
-        |vmim, ctx| guard::guarded(vmim, ctx, republish::reconcile_kubevirt_migration),
-        guard::error_policy,
-        ctx,
-    )
-    .for_each(|_| async {});
+    let republisher = Controller::for_shared_stream(view.vmim_changes(), view.vmims.clone())
+        .graceful_shutdown_on(telemetry::shutdown_signal())
+        .run(
+            |vmim, ctx| guard::guarded(vmim, ctx, republish::reconcile_kubevirt_migration),
+            guard::error_policy,
+            ctx,
+        )
+        .for_each(|_| async {});
     tokio::join!(controller, rebalancer, republisher, key_check);
 }
 

@@ -1039,3 +1039,53 @@ fn ksm_does_not_make_up_for_a_clearly_longer_move() {
     let plan = planner.plan(&req, &opts).unwrap();
     assert_eq!(chosen(&plan), "k", "{plan:#?}");
 }
+
+#[test]
+fn a_large_vm_is_ranked_from_its_first_samples_and_keeps_an_exact_consistent_sample() {
+    let big = vm("big", spread(0..3 * RANKING_SAMPLES as u64), 0);
+    let cut = ranking_sample(&big);
+    assert_eq!(cut.sketch.len(), RANKING_SAMPLES);
+    let threshold = cut.sketch.threshold();
+    assert_eq!(threshold, big.sketch.keys()[RANKING_SAMPLES]);
+    assert!(cut.sketch.keys().iter().all(|&k| k < threshold));
+    assert_eq!(cut.regions, big.regions, "only the sample is cut");
+    let small = vm("small", 0..100, 0);
+    assert!(matches!(
+        ranking_sample(&small),
+        std::borrow::Cow::Borrowed(_)
+    ));
+}
+
+#[test]
+fn a_large_vm_cut_to_its_ranking_sample_still_goes_where_most_of_it_is() {
+    // 48k regions; b holds 60% of them, c (nearer) 50%. The cut sample estimates each
+    // within a few hundred regions, so b, clearly ahead, still wins, with a close estimate.
+    let n = 3 * RANKING_SAMPLES as u64;
+    let keys = spread(0..n);
+    let the_vm = vm("mover", keys.clone(), 0);
+    let mut snap = ClusterSnapshot {
+        distances: three_groups(),
+        ..Default::default()
+    };
+    for (name, group, held) in [("src", "a", n), ("b1", "b", n * 6 / 10), ("c1", "c", n / 2)] {
+        let node = node(name, group, 0.3);
+        snap.digests
+            .push(digest(&node, keys[..held as usize].iter().copied()));
+        snap.nodes.push(node);
+    }
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    let plan = Planner::new(snap)
+        .plan(&request(&the_vm, "src"), &opts)
+        .unwrap();
+    assert_eq!(chosen(&plan), "b1");
+    let b = plan.candidates.iter().find(|c| c.node == "b1").unwrap();
+    let truth = (n * 6 / 10) as f64;
+    assert!(
+        (b.common_regions - truth).abs() < 0.03 * n as f64,
+        "estimated {} regions in common, truly {truth}",
+        b.common_regions
+    );
+}

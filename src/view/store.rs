@@ -69,9 +69,19 @@ pub struct ClusterView {
     /// KubeVirt's MigrationPolicies (their bandwidth limit). Not waited for: a cluster
     /// without the CRD still plans, with the KubeVirt CR's limit.
     pub policies: Store<MigrationPolicy>,
+    /// The controllers following the migration requests, KubeVirt's migrations and the VMIs:
+    /// they reconcile on the view's watches instead of opening their own.
+    followers: Followers,
     config: ViewConfig,
     version: Arc<AtomicU64>,
     cache: Arc<Mutex<Option<Cached>>>,
+}
+
+#[derive(Clone, Default)]
+struct Followers {
+    vmms: Arc<Fanout<VirtualMachineMigration>>,
+    vmims: Arc<Fanout<VirtualMachineInstanceMigration>>,
+    vmis: Arc<Fanout<VirtualMachineInstance>>,
 }
 
 struct Cached {
@@ -97,8 +107,35 @@ where
         + Sync
         + 'static,
 {
+    let (store, _, stream) = watch_shared(api, config, version);
+    (store, stream)
+}
+
+/// As [`watch`], with a [`Fanout`] that hands every object the watch changes to the
+/// controllers that reconcile on this kind: one watch of the API server, however many of
+/// them follow it.
+pub fn watch_shared<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    version: Arc<AtomicU64>,
+) -> (
+    Store<K>,
+    Arc<Fanout<K>>,
+    impl Stream<Item = ()> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
+    let fanout = Arc::new(Fanout::default());
     let kind = K::kind(&()).to_string();
+    let (cached, followers) = (reader.clone(), fanout.clone());
     let stream = watcher(api, config)
         .default_backoff()
         // Nothing reads managedFields, and they are often the larger part of a Pod, Node or
@@ -107,14 +144,66 @@ where
         .reflect(writer)
         .map(move |event| {
             match event {
-                Ok(_) => {
+                Ok(event) => {
                     version.fetch_add(1, Ordering::Relaxed);
+                    followers.applied(&cached, event);
                 }
                 // The watcher retries with backoff; say what is failing.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch error"),
             }
         });
-    (reader, stream)
+    (reader, fanout, stream)
+}
+
+/// The controllers following one watch. Each gets every object the watch applies or deletes
+/// (the cached copy, not a new one) and, when the watch lists afresh, every object it holds;
+/// a controller that subscribes late first gets everything already cached. Controllers
+/// deduplicate what they are given, so an object handed over twice costs one reconcile.
+pub struct Fanout<K> {
+    followers: Mutex<Vec<futures::channel::mpsc::UnboundedSender<Arc<K>>>>,
+}
+
+impl<K> Default for Fanout<K> {
+    fn default() -> Self {
+        Self {
+            followers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<K> Fanout<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    /// A stream of the objects the watch changes from now on, after those cached now.
+    pub fn subscribe(&self, cached: &Store<K>) -> impl Stream<Item = Arc<K>> + Send + 'static {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        // Under the lock, so no change is handed out between the copy and the registration.
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        for object in cached.state() {
+            let _ = tx.unbounded_send(object);
+        }
+        followers.push(tx);
+        rx
+    }
+
+    /// Hands an event the reflector has just applied to the followers; those gone are
+    /// forgotten.
+    fn applied(&self, cached: &Store<K>, event: watcher::Event<K>) {
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if followers.is_empty() {
+            return;
+        }
+        let objects: Vec<Arc<K>> = match event {
+            watcher::Event::Apply(o) => vec![cached
+                .get(&reflector::ObjectRef::from_obj(&o))
+                .unwrap_or_else(|| Arc::new(o))],
+            watcher::Event::Delete(o) => vec![Arc::new(o)],
+            watcher::Event::InitDone => cached.state(),
+            watcher::Event::Init | watcher::Event::InitApply(_) => return,
+        };
+        followers.retain(|tx| objects.iter().all(|o| tx.unbounded_send(o.clone()).is_ok()));
+    }
 }
 
 /// Objects for a view that no watch feeds (unit tests of the reconcilers).
@@ -162,13 +251,30 @@ impl ClusterView {
                 store
             }};
         }
+        macro_rules! followed {
+            ($api:expr) => {{
+                let config = watcher::Config::default().any_semantic();
+                let (store, fanout, stream) = watch_shared($api, config, version.clone());
+                tasks.push(stream.boxed());
+                (store, fanout)
+            }};
+        }
+        let (vmis, vmi_followers) = followed!(Api::<VirtualMachineInstance>::all(client.clone()));
+        let (vmims, vmim_followers) =
+            followed!(Api::<VirtualMachineInstanceMigration>::all(client.clone()));
+        let (vmms, vmm_followers) = followed!(Api::<VirtualMachineMigration>::all(client.clone()));
         let view = ClusterView {
             nodes: watched!(Api::<Node>::all(client.clone())),
             pods: watched!(Api::<Pod>::all(client.clone())),
             digests: watched!(Api::<NodeRegionDigest>::all(client.clone())),
-            vmis: watched!(Api::<VirtualMachineInstance>::all(client.clone())),
-            vmims: watched!(Api::<VirtualMachineInstanceMigration>::all(client.clone())),
-            vmms: watched!(Api::<VirtualMachineMigration>::all(client.clone())),
+            vmis,
+            vmims,
+            vmms,
+            followers: Followers {
+                vmms: vmm_followers,
+                vmims: vmim_followers,
+                vmis: vmi_followers,
+            },
             kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
             networks: watched!(Api::<MigrationNetwork>::all(client.clone())),
             pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone())),
@@ -199,6 +305,7 @@ impl ClusterView {
             pvcs: fixed_store(objects.pvcs),
             pvs: fixed_store(objects.pvs),
             policies: fixed_store(objects.policies),
+            followers: Followers::default(),
             config,
             version: Arc::new(AtomicU64::new(1)),
             cache: Arc::new(Mutex::new(None)),
@@ -219,6 +326,24 @@ impl ClusterView {
             self.pvcs.wait_until_ready(),
             self.pvs.wait_until_ready(),
         );
+    }
+
+    /// The migration requests as they change (those cached first), for a controller that
+    /// reconciles on them without a watch of its own.
+    pub fn vmm_changes(&self) -> impl Stream<Item = Arc<VirtualMachineMigration>> + Send + 'static {
+        self.followers.vmms.subscribe(&self.vmms)
+    }
+
+    /// KubeVirt's migrations as they change (those cached first).
+    pub fn vmim_changes(
+        &self,
+    ) -> impl Stream<Item = Arc<VirtualMachineInstanceMigration>> + Send + 'static {
+        self.followers.vmims.subscribe(&self.vmims)
+    }
+
+    /// The VMIs as they change (those cached first).
+    pub fn vmi_changes(&self) -> impl Stream<Item = Arc<VirtualMachineInstance>> + Send + 'static {
+        self.followers.vmis.subscribe(&self.vmis)
     }
 
     pub fn config(&self) -> &ViewConfig {
@@ -405,5 +530,121 @@ impl ClusterView {
             }
         }
         (total, per_node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn cm(name: &str, value: &str) -> ConfigMap {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some("ns".into());
+        c.data = Some([("v".to_string(), value.to_string())].into());
+        c
+    }
+
+    fn value(c: &ConfigMap) -> String {
+        format!(
+            "{}={}",
+            c.metadata.name.as_deref().unwrap(),
+            c.data.as_ref().unwrap()["v"]
+        )
+    }
+
+    /// What the stream holds now, without waiting.
+    fn pending(rx: &mut (impl Stream<Item = Arc<ConfigMap>> + Unpin)) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(Some(c)) = rx.next().now_or_never() {
+            out.push(value(&c));
+        }
+        out.sort();
+        out
+    }
+
+    /// Applies the event to the store, then hands it on, as the view's watch does.
+    fn apply(
+        writer: &mut reflector::store::Writer<ConfigMap>,
+        reader: &Store<ConfigMap>,
+        fanout: &Fanout<ConfigMap>,
+        event: watcher::Event<ConfigMap>,
+    ) {
+        writer.apply_watcher_event(&event);
+        fanout.applied(reader, event);
+    }
+
+    #[test]
+    fn followers_get_the_cached_objects_then_every_change_and_the_gone_are_forgotten() {
+        let (reader, mut writer) = reflector::store::<ConfigMap>();
+        let fanout = Fanout::default();
+        let mut early = Box::pin(fanout.subscribe(&reader));
+        apply(&mut writer, &reader, &fanout, watcher::Event::Init);
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::InitApply(cm("a", "1")),
+        );
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::InitApply(cm("b", "1")),
+        );
+        assert!(
+            pending(&mut early).is_empty(),
+            "nothing before the list is complete"
+        );
+        apply(&mut writer, &reader, &fanout, watcher::Event::InitDone);
+        assert_eq!(pending(&mut early), ["a=1", "b=1"]);
+
+        // A late follower starts from what is cached.
+        let mut late = Box::pin(fanout.subscribe(&reader));
+        assert_eq!(pending(&mut late), ["a=1", "b=1"]);
+
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::Apply(cm("a", "2")),
+        );
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::Delete(cm("b", "1")),
+        );
+        assert_eq!(pending(&mut early), ["a=2", "b=1"]);
+        assert_eq!(pending(&mut late), ["a=2", "b=1"]);
+
+        // The object handed on is the cached one, not a copy.
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::Apply(cm("c", "1")),
+        );
+        let handed = early.next().now_or_never().flatten().unwrap();
+        let cached = reader
+            .get(&reflector::ObjectRef::new("c").within("ns"))
+            .unwrap();
+        assert!(Arc::ptr_eq(&handed, &cached));
+
+        drop(late);
+        apply(
+            &mut writer,
+            &reader,
+            &fanout,
+            watcher::Event::Apply(cm("d", "1")),
+        );
+        assert_eq!(
+            fanout.followers.lock().unwrap().len(),
+            1,
+            "the dropped follower is gone"
+        );
+        assert_eq!(pending(&mut early), ["d=1"]);
     }
 }
