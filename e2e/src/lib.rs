@@ -18,7 +18,7 @@ pub mod standin;
 pub mod wait;
 
 pub use cluster::{TestCluster, TestNamespace};
-pub use nodes::{create_fake_node, FakeNode};
+pub use nodes::{create_bench_nodes, create_fake_node, FakeNode};
 pub use wait::{wait_for, wait_for_object};
 
 /// Label on every namespace and node the harness creates.

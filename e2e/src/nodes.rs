@@ -165,3 +165,41 @@ pub async fn create_fake_node(
     n.taints = taints;
     n.create(client).await
 }
+
+/// Creates fake nodes `bench-node-00000` .. for benchmarks (`n` of them, in `work_groups`
+/// work groups `wg-<i mod work_groups>`, 64 CPUs and 512 GiB each, labelled
+/// `bench.commonground.dev/node`), `concurrency` requests at a time; those that exist already
+/// are kept. Returns the names, in order.
+pub async fn create_bench_nodes(
+    client: &Client,
+    n: usize,
+    work_groups: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    use futures::{StreamExt, TryStreamExt};
+    let label = "bench.commonground.dev/node";
+    let existing: Api<Node> = Api::all(client.clone());
+    let have: std::collections::BTreeSet<String> = existing
+        .list_metadata(&kube::api::ListParams::default().labels(label))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let names: Vec<String> = (0..n).map(|i| format!("bench-node-{i:05}")).collect();
+    futures::stream::iter(names.iter().enumerate())
+        .filter(|(_, name)| futures::future::ready(!have.contains(*name)))
+        .map(|(i, name)| async move {
+            FakeNode::new(name, format!("wg-{}", i % work_groups))
+                .capacity("64", "512Gi")
+                .label(label, "true")
+                .create(client)
+                .await
+                .with_context(|| format!("creating node {name}"))
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(names)
+}

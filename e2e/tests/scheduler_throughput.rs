@@ -29,12 +29,12 @@ use anyhow::{anyhow, bail, Context};
 use common::Component;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use commonground_e2e::{FakeNode, TestCluster};
+use commonground_e2e::{create_bench_nodes, TestCluster};
 
 const WORK_GROUPS: usize = 8;
 /// Concurrent requests while creating nodes and pods (the API server, not the client, limits).
@@ -137,36 +137,6 @@ fn scheduler_config(
         }
     }
     Ok(serde_yaml_ng::to_string(&cfg)?)
-}
-
-/// Creates `n` fake nodes (8 work groups, roomy enough that no run fills one).
-async fn create_nodes(client: &Client, n: usize) -> anyhow::Result<()> {
-    let existing: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let have: std::collections::BTreeSet<String> = existing
-        .list_metadata(&ListParams::default().labels("bench.commonground.dev/node"))
-        .await?
-        .items
-        .into_iter()
-        .map(|n| n.name_any())
-        .collect();
-    futures::stream::iter((0..n).map(|i| format!("bench-node-{i:05}")))
-        .filter(|name| futures::future::ready(!have.contains(name)))
-        .map(|name| {
-            let client = client.clone();
-            async move {
-                let i: usize = name[11..].parse().unwrap_or(0);
-                FakeNode::new(&name, format!("wg-{}", i % WORK_GROUPS))
-                    .capacity("64", "512Gi")
-                    .label("bench.commonground.dev/node", "true")
-                    .create(&client)
-                    .await
-                    .with_context(|| format!("creating node {name}"))
-            }
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await?;
-    Ok(())
 }
 
 /// A fresh namespace holding `n` unscheduled pods of `kind` for `scheduler`.
@@ -315,7 +285,7 @@ async fn bench_scheduler_throughput_with_and_without_the_extender() -> anyhow::R
     let client = cluster.client().await?;
 
     let t = Instant::now();
-    create_nodes(&client, nodes).await?;
+    create_bench_nodes(&client, nodes, WORK_GROUPS, CREATE_CONCURRENCY).await?;
     println!(
         "BENCH scheduler: {nodes} fake nodes ready in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -44,7 +44,7 @@ impl ControllerMetrics {
         .expect("metric");
         let plan_seconds = Histogram::with_opts(
             HistogramOpts::new("plan_duration_seconds", "Time to plan one migration")
-                .buckets(exponential_buckets(0.0001, 4.0, 10).expect("buckets")),
+                .buckets(exponential_buckets(0.0001, 2.0, 18).expect("buckets")),
         )
         .expect("metric");
         let migration_seconds = Histogram::with_opts(
