@@ -87,8 +87,15 @@ struct Followers {
 struct Cached {
     version: u64,
     built: Instant,
+    /// How long building it took: rebuilds are spaced by a multiple of it.
+    took: Duration,
     planner: Arc<Planner>,
 }
+
+/// A rebuild waits at least this many times as long as the last build took, even when
+/// asked for a fresh planner: a large cluster whose pods and nodes change all the time spends
+/// at most about a fifth of a core rebuilding, and a small one rebuilds at once.
+const REBUILD_SPACING: u32 = 4;
 
 /// A reflector fed by a watch of `api` with `config` (the agent scopes its watches to its own
 /// node), and the stream that drives it: each event applied bumps `version`, each error is
@@ -241,12 +248,15 @@ impl ClusterView {
     /// Starts every watch as a background task and returns the view at once; use
     /// [`ClusterView::wait_ready`] before trusting it.
     pub fn start(client: Client, config: ViewConfig) -> Self {
+        // Only the planner's inputs (nodes, pods, digests) count as a change that rebuilds it:
+        // a request's status write or a VMI's heartbeat leaves the planner as it is.
         let version = Arc::new(AtomicU64::new(0));
+        let elsewhere = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         macro_rules! watched {
-            ($api:expr) => {{
+            ($api:expr, $counter:expr) => {{
                 let config = watcher::Config::default().any_semantic();
-                let (store, stream) = watch($api, config, version.clone());
+                let (store, stream) = watch($api, config, $counter.clone());
                 tasks.push(stream.boxed());
                 store
             }};
@@ -254,7 +264,7 @@ impl ClusterView {
         macro_rules! followed {
             ($api:expr) => {{
                 let config = watcher::Config::default().any_semantic();
-                let (store, fanout, stream) = watch_shared($api, config, version.clone());
+                let (store, fanout, stream) = watch_shared($api, config, elsewhere.clone());
                 tasks.push(stream.boxed());
                 (store, fanout)
             }};
@@ -264,9 +274,9 @@ impl ClusterView {
             followed!(Api::<VirtualMachineInstanceMigration>::all(client.clone()));
         let (vmms, vmm_followers) = followed!(Api::<VirtualMachineMigration>::all(client.clone()));
         let view = ClusterView {
-            nodes: watched!(Api::<Node>::all(client.clone())),
-            pods: watched!(Api::<Pod>::all(client.clone())),
-            digests: watched!(Api::<NodeRegionDigest>::all(client.clone())),
+            nodes: watched!(Api::<Node>::all(client.clone()), version),
+            pods: watched!(Api::<Pod>::all(client.clone()), version),
+            digests: watched!(Api::<NodeRegionDigest>::all(client.clone()), version),
             vmis,
             vmims,
             vmms,
@@ -275,11 +285,11 @@ impl ClusterView {
                 vmims: vmim_followers,
                 vmis: vmi_followers,
             },
-            kubevirts: watched!(Api::<KubeVirt>::all(client.clone())),
-            networks: watched!(Api::<MigrationNetwork>::all(client.clone())),
-            pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone())),
-            pvs: watched!(Api::<PersistentVolume>::all(client.clone())),
-            policies: watched!(Api::<MigrationPolicy>::all(client)),
+            kubevirts: watched!(Api::<KubeVirt>::all(client.clone()), elsewhere),
+            networks: watched!(Api::<MigrationNetwork>::all(client.clone()), elsewhere),
+            pvcs: watched!(Api::<PersistentVolumeClaim>::all(client.clone()), elsewhere),
+            pvs: watched!(Api::<PersistentVolume>::all(client.clone()), elsewhere),
+            policies: watched!(Api::<MigrationPolicy>::all(client), elsewhere),
             config,
             version,
             cache: Arc::new(Mutex::new(None)),
@@ -401,30 +411,34 @@ impl ClusterView {
         }
     }
 
-    /// The current planner; rebuilt when the stores changed and the last build is older
-    /// than the rebuild interval (`fresh` forces a rebuild when anything changed).
+    /// The current planner; rebuilt when the planner's inputs changed and the last build is
+    /// older than the rebuild interval (`fresh`: whatever the interval), and always at most
+    /// every [`REBUILD_SPACING`] times the last build's duration.
     pub fn planner(&self, fresh: bool) -> Arc<Planner> {
         let version = self.version.load(Ordering::Relaxed);
         // A panic while the lock was held (caught at the reconcile boundary) leaves a whole
         // value behind: the cache is replaced, never edited in place.
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.as_ref() {
+            let age = c.built.elapsed();
             let unchanged = c.version == version;
-            let recent = c.built.elapsed() < self.config.rebuild_interval;
-            if unchanged || (recent && !fresh) {
+            let recent = age < self.config.rebuild_interval;
+            let costly = age < c.took * REBUILD_SPACING;
+            if unchanged || costly || (recent && !fresh) {
                 return c.planner.clone();
             }
         }
+        let started = Instant::now();
         let planner = Arc::new(Planner::new(self.snapshot()));
         *cache = Some(Cached {
             version,
             built: Instant::now(),
+            took: started.elapsed(),
             planner: planner.clone(),
         });
         planner
     }
 
-    /// The status a node's agent last published, if any.
     /// The node's digest as cached (shared, not copied: a digest carries every VM's sketch).
     pub fn digest(&self, node: &str) -> Option<Arc<NodeRegionDigest>> {
         self.digests.get(&reflector::ObjectRef::new(node))
