@@ -91,7 +91,7 @@ fn vm_summary(i: usize) -> VmRegionSummary {
             nonzero - image,
         ));
     VmRegionSummary {
-        vm: VmKey::new(NAMESPACE, &vm_name(i)),
+        vm: VmKey::new(NAMESPACE, vm_name(i)),
         memory_bytes: VM_MEMORY,
         regions,
         zero_regions: regions - nonzero,
