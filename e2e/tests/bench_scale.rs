@@ -21,13 +21,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use common::{keys, Component};
-use commonground::api::digest::{summary_into_status, NodeRegionDigest, NodeRegionDigestSpec};
+use common::{env_usize, free_port, keys, repo_dir, Component};
 use commonground::api::kubevirt::{
     VirtualMachineInstance, CREATED_BY_LABEL, MIGRATION_JOB_UID_LABEL,
 };
@@ -55,24 +54,6 @@ const VM_MEMORY: u64 = 4 * GIB;
 /// The sampling agents publish at: one region in 16.
 const SAMPLED_BELOW: u64 = KEY_SPACE / 16;
 const PLAN_HISTOGRAM: &str = "commonground_controller_plan_duration_seconds";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ lives in the repository")
-        .to_path_buf()
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 fn vm_name(i: usize) -> String {
     format!("vm-{i:05}")
@@ -169,34 +150,7 @@ async fn publish_digest(client: &Client, i: usize, node: &str) -> anyhow::Result
         sketch: RegionSketch::from_keys(SAMPLED_BELOW, all),
         vms: vec![vm],
     };
-    let api: Api<NodeRegionDigest> = Api::all(client.clone());
-    let digest = NodeRegionDigest::new(
-        node,
-        NodeRegionDigestSpec {
-            node_name: node.into(),
-        },
-    );
-    match api.create(&PostParams::default(), &digest).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    let mut status = Default::default();
-    summary_into_status(&summary, &mut status);
-    status.page_size = 4096;
-    status.scan_time = chrono::Utc::now().to_rfc3339();
-    status.scan_mode = "Full".into();
-    let patch = json!({
-        "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
-    });
-    let size = serde_json::to_vec(&patch)?.len();
-    api.patch_status(
-        node,
-        &PatchParams::apply("bench-agent").force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(size)
+    common::publish_summary(client, &summary).await
 }
 
 /// Runs `f(i, node)` for every node, `CREATE_CONCURRENCY` at a time.

@@ -21,12 +21,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use common::Component;
+use common::{env_usize, free_port, repo_dir, Component};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::PostParams;
@@ -39,24 +39,6 @@ use commonground_e2e::{create_bench_nodes, TestCluster};
 const WORK_GROUPS: usize = 8;
 /// Concurrent requests while creating nodes and pods (the API server, not the client, limits).
 const CREATE_CONCURRENCY: usize = 16;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ lives in the repository")
-        .to_path_buf()
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// What kind of pod a run schedules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -97,6 +97,23 @@ struct Cached {
 /// at most about a fifth of a core rebuilding, and a small one rebuilds at once.
 const REBUILD_SPACING: u32 = 4;
 
+/// What a watch can cache: a typed Kubernetes object.
+pub trait Watchable:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watchable for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A reflector fed by a watch of `api` with `config` (the agent scopes its watches to its own
 /// node), and the stream that drives it: each event applied bumps `version`, each error is
 /// logged and retried with backoff. Cached objects carry no managedFields.
@@ -106,13 +123,7 @@ pub fn watch<K>(
     version: Arc<AtomicU64>,
 ) -> (Store<K>, impl Stream<Item = ()> + Send + 'static)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watchable,
 {
     let (store, _, stream) = watch_shared(api, config, version);
     (store, stream)
@@ -131,13 +142,7 @@ pub fn watch_shared<K>(
     impl Stream<Item = ()> + Send + 'static,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watchable,
 {
     let (reader, writer) = reflector::store();
     let fanout = Arc::new(Fanout::default());

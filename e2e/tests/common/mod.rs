@@ -184,7 +184,6 @@ pub async fn publish_digest(
     vms: Vec<VmRegionSummary>,
     extra_content: &[u64],
 ) -> anyhow::Result<()> {
-    let api: Api<NodeRegionDigest> = Api::all(client.clone());
     let mut all: Vec<u64> = vms.iter().flat_map(|v| v.sketch.keys().to_vec()).collect();
     all.extend_from_slice(extra_content);
     let summary = NodeRegionSummary {
@@ -195,6 +194,17 @@ pub async fn publish_digest(
         sketch: RegionSketch::from_keys(KEY_SPACE, all),
         vms,
     };
+    publish_summary(client, &summary).await.map(|_| ())
+}
+
+/// Publishes `summary` as its node's digest (spec + status) as an agent would; the size of the
+/// status written, in bytes.
+pub async fn publish_summary(
+    client: &Client,
+    summary: &NodeRegionSummary,
+) -> anyhow::Result<usize> {
+    let node = summary.node.as_str();
+    let api: Api<NodeRegionDigest> = Api::all(client.clone());
     let digest = NodeRegionDigest::new(
         node,
         NodeRegionDigestSpec {
@@ -207,11 +217,34 @@ pub async fn publish_digest(
         Err(e) => return Err(e.into()),
     }
     let mut status = NodeRegionDigestStatus::default();
-    summary_into_status(&summary, &mut status);
+    summary_into_status(summary, &mut status);
     status.page_size = 4096;
     status.scan_time = chrono::Utc::now().to_rfc3339();
     status.scan_mode = "Full".into();
     apply_digest_status(&api, node, &status).await
+}
+
+/// Reads an integer setting from the environment (benchmarks' sizes), else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The repository's root directory.
+pub fn repo_dir() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ lives in the repository")
+        .to_path_buf()
+}
+
+/// A loopback port free now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Writes a digest's status as the agent would (server-side apply, the e2e agent's manager).
@@ -219,7 +252,7 @@ async fn apply_digest_status(
     api: &Api<NodeRegionDigest>,
     node: &str,
     status: &NodeRegionDigestStatus,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let patch = serde_json::json!({
         "apiVersion": "commonground.dev/v1alpha1", "kind": "NodeRegionDigest", "status": status
     });
@@ -229,7 +262,7 @@ async fn apply_digest_status(
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(())
+    Ok(serde_json::to_vec(&patch)?.len())
 }
 
 /// Arguments of a node agent for fake node `node`: scans every second, reads only the memory
@@ -274,7 +307,7 @@ pub async fn set_vm_loads(
             v.load.memory_bytes = mem;
         }
     }
-    apply_digest_status(&api, node, &status).await
+    apply_digest_status(&api, node, &status).await.map(|_| ())
 }
 
 /// [`ensure_controller`] from a thread that lives as long as the test process.
