@@ -247,6 +247,9 @@ fn quantile_ms(sorted: &[f64], q: f64) -> f64 {
 async fn bench_scale_controller_and_extender_at_density_test_scale() -> anyhow::Result<()> {
     let n = env_usize("BENCH_SCALE_NODES", 8000);
     let decisions = env_usize("BENCH_SCALE_DECISIONS", 200);
+    if n == 0 || decisions == 0 {
+        bail!("BENCH_SCALE_NODES and BENCH_SCALE_DECISIONS must be at least 1");
+    }
     if std::env::var_os("COMMONGROUND_BIN").is_none() {
         let status = std::process::Command::new(env!("CARGO"))
             .args([

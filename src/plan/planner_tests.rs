@@ -114,6 +114,15 @@ fn snapshot_of(
     (snap, req)
 }
 
+/// The plan for `vm` on node `src`, every work group considered.
+fn plan_cluster_wide(snap: ClusterSnapshot, vm: &VmRegionSummary) -> Plan {
+    let opts = PlanOptions {
+        scope: Scope::Cluster,
+        ..Default::default()
+    };
+    Planner::new(snap).plan(&request(vm, "src"), &opts).unwrap()
+}
+
 fn verdict_of<'a>(plan: &'a Plan, node: &str) -> &'a Verdict {
     &plan
         .candidates
@@ -355,13 +364,7 @@ fn rule5_without_sampling_only_an_exact_tie_is_a_tie() {
         ("b1", "b", 0..51, 0.3),
         ("c1", "c", 0..50, 0.3),
     ]);
-    let opts = PlanOptions {
-        scope: Scope::Cluster,
-        ..Default::default()
-    };
-    let plan = Planner::new(snap)
-        .plan(&request(&the_vm, "src"), &opts)
-        .unwrap();
+    let plan = plan_cluster_wide(snap, &the_vm);
     assert!(plan.work_groups.iter().all(|w| w.regions_error == 0.0));
     assert_eq!(chosen(&plan), "b1");
 }
@@ -1073,13 +1076,7 @@ fn a_large_vm_cut_to_its_ranking_sample_still_goes_where_most_of_it_is() {
             .push(digest(&node, keys[..held as usize].iter().copied()));
         snap.nodes.push(node);
     }
-    let opts = PlanOptions {
-        scope: Scope::Cluster,
-        ..Default::default()
-    };
-    let plan = Planner::new(snap)
-        .plan(&request(&the_vm, "src"), &opts)
-        .unwrap();
+    let plan = plan_cluster_wide(snap, &the_vm);
     assert_eq!(chosen(&plan), "b1");
     let b = plan.candidates.iter().find(|c| c.node == "b1").unwrap();
     let truth = (n * 6 / 10) as f64;
